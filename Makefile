@@ -1,0 +1,35 @@
+# `make run` sets up a fresh machine and starts DosePilot on the bundled demo patient;
+# `make test` sets up and runs the whole test suite (under a virtual display when there is none).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+XVFB := $(if $(DISPLAY),,xvfb-run -a -s "-screen 0 1280x1024x24")
+export QT_API := pyside6
+export VTK_DEFAULT_OPENGL_WINDOW := vtkEGLRenderWindow
+
+.PHONY: setup system run test lint bench
+
+system:
+	bash installer/install-system-packages.sh
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build first: a bare `torch` requirement would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: system $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/dosepilot inspect resources/demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	QT_QPA_PLATFORM=xcb $(XVFB) $(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) -m benchmarks.run_all

@@ -1,0 +1,61 @@
+"""The ``dosepilot`` command line: one entry point, one subcommand per module.
+
+Each command module exposes ``register(subparsers)`` which adds its parser and sets
+``func`` (called with the parsed namespace, returning an exit code). Modules are imported by
+name so that ``engine`` has no import-time dependency on ``trainer`` or ``planner_gui``
+(DESIGN §1); a missing optional part only removes its commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "engine.commands.inspect_cmd",
+)
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one clear line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dosepilot",
+        description="DosePilot: radiotherapy planning assistant with AI dose prediction.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue  # that part of DosePilot is not installed
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"dosepilot {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

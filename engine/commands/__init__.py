@@ -1,0 +1,1 @@
+"""Thin CLI commands over engine functions (one module per subcommand)."""

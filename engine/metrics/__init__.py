@@ -1,0 +1,1 @@
+"""Dose evaluation: DVHs, benchmark scores, the clinical scorecard."""

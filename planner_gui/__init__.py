@@ -1,0 +1,1 @@
+"""The PySide6 + VTK desktop application on top of engine."""

@@ -1,0 +1,23 @@
+"""Shared fixtures. GUI tests run under Xvfb (see Makefile); pyvista renders off screen."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_API", "pyside6")
+os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def openkbp_dir() -> Path:
+    """The shared OpenKBP cases; tests that need them skip with a clear message when absent."""
+    path = SHARED_DATA / "openkbp"
+    if not (path / "train").is_dir():
+        pytest.skip(f"shared OpenKBP data not found at {path}")
+    return path

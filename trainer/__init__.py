@@ -1,0 +1,1 @@
+"""Training stages on top of engine (no Qt): VAE, cache, distill, any2any, dose, scardnft."""
