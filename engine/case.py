@@ -145,6 +145,8 @@ class Structure:
         prescription_gy: prescribed dose for targets, in Gy; None otherwise.
         color: display colour (r, g, b) 0..255, or None.
         number: the ROI number in its RTSTRUCT (0 when not from DICOM).
+        contours: the source polygons when known (from an RTSTRUCT), each an ``(N, 3)`` array of
+            LPS points in mm on one slice; lets metrics weight boundary voxels by partial volume.
     """
 
     name: str
@@ -153,9 +155,12 @@ class Structure:
     prescription_gy: float | None = None
     color: tuple[int, int, int] | None = None
     number: int = 0
+    contours: tuple[np.ndarray, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mask", _frozen(self.mask, dtype=bool))
+        object.__setattr__(self, "contours",
+                           tuple(_frozen(c, dtype=np.float64) for c in self.contours))
         object.__setattr__(self, "role", Role(self.role))
 
     def volume_cc(self, geometry: Geometry) -> float:
