@@ -121,3 +121,29 @@ def voxel_centers_lps(geometry: Geometry) -> np.ndarray:
     k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in geometry.shape),
                           indexing="ij")
     return geometry.index_to_lps(np.stack([k, j, i], axis=-1))
+
+
+def flip_axes(volume: Volume, axes: tuple[int, ...]) -> Volume:
+    """The same voxels with the array reversed along ``axes`` (0 = z, 1 = y, 2 = x).
+
+    Every voxel keeps its LPS position: the geometry's origin moves to the opposite end of each
+    flipped axis and that axis' direction is negated. Exact (no interpolation).
+    """
+    g = volume.geometry
+    if not axes:
+        return volume
+    far = [0.0, 0.0, 0.0]
+    direction = [list(row) for row in g.direction]
+    for a in axes:
+        far[a] = g.shape[a] - 1.0
+        direction[a] = [-v for v in direction[a]]
+    origin = g.index_to_lps(far)
+    new = Geometry(shape=g.shape, origin=tuple(origin), spacing=g.spacing,
+                   direction=tuple(tuple(r) for r in direction))
+    return Volume(np.flip(volume.array, axis=axes), new)
+
+
+def axes_to_flip_for_axial(geometry: Geometry) -> tuple[int, ...]:
+    """Array axes whose direction points against the axial HFS convention (+z, +y, +x)."""
+    d = np.asarray(geometry.direction)
+    return tuple(k for k in range(3) if float(d[k] @ np.asarray(AXIAL_DIRECTION[k])) < 0)
