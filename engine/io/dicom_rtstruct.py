@@ -132,7 +132,8 @@ class Rasterized:
     clipped: bool = False
 
 
-def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray], geometry: Geometry) -> Rasterized:
+def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
+              geometry: Geometry) -> Rasterized:
     """Fill closed planar contours (LPS mm) on ``geometry`` with the even-odd rule per slice.
 
     Returns the bool ``[z, y, x]`` mask; contours beyond the CT (more than half a slice away
