@@ -90,7 +90,9 @@ class VAEConfig:
         for name in ("dim_mult", "temperal_downsample", "latents_mean", "latents_std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.base_dim < 1 or self.z_dim < 1 or self.num_res_blocks < 1:
-            raise ValueError(f"VAEConfig {self.name!r}: base_dim, z_dim, num_res_blocks must be >= 1")
+            raise ValueError(
+                f"VAEConfig {self.name!r}: base_dim, z_dim, num_res_blocks must be >= 1"
+            )
         if len(self.dim_mult) != 4 or tuple(self.temperal_downsample) != (False, True, True):
             raise ValueError(
                 f"VAEConfig {self.name!r}: only the Wan 2.1 layout is supported (4 stages, "
@@ -228,8 +230,9 @@ class RMSNorm(nn.Module):
         # the channel reduction is over contiguous memory).
         inv = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
         gamma = self.gamma.reshape(1, -1, 1, 1, 1) if x.ndim == 5 else self.gamma
+        gain = gamma * self.scale
         y = x * inv
-        return y.mul_(gamma * self.scale) if not torch.is_grad_enabled() else y * (gamma * self.scale)
+        return y.mul_(gain) if not torch.is_grad_enabled() else y * gain
 
 
 class ResidualBlock(nn.Module):
@@ -350,9 +353,8 @@ class Encoder(nn.Module):
 class UpBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, mode: str | None) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [ResidualBlock(in_dim if k == 0 else out_dim, out_dim) for k in range(num_res_blocks + 1)]
-        )
+        dims = [in_dim] + [out_dim] * num_res_blocks
+        self.resnets = nn.ModuleList([ResidualBlock(d, out_dim) for d in dims])
         self.upsamplers = nn.ModuleList([Resample(out_dim, mode)]) if mode else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
