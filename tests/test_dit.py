@@ -66,7 +66,7 @@ def test_cpu_small_sequence_length_on_the_full_latent_grid():
     cfg = preset("cpu-small")
     grid = [-(-n // p) for n, p in zip((25, 16, 20), cfg.patch_size)]
     assert 7 * grid[0] * grid[1] * grid[2] == 1820
-    cos, _ = rope_angles(cfg, list(range(7)), tuple(grid))
+    cos, _ = rope_angles(cfg, tuple(range(7)), tuple(grid))
     assert cos.shape == (1820, cfg.head_dim // 2)
 
 
@@ -151,7 +151,7 @@ def test_bad_inputs_are_rejected(model):
 def test_rope_same_slot_is_wan_3d_and_slots_differ_by_a_phase():
     cfg = DiTConfig(dim=64, num_heads=2)  # head dim 32: bands (12, 10, 10), slot pairs 2
     grid = (3, 2, 2)
-    cos, sin = rope_angles(cfg, [0, 3], grid)
+    cos, sin = rope_angles(cfg, (0, 3), grid)
     n = 12
     phase = torch.atan2(sin, cos)
     delta = torch.remainder(phase[n:] - phase[:n] + torch.pi, 2 * torch.pi) - torch.pi
@@ -185,6 +185,18 @@ def test_gradients_reach_every_parameter_and_checkpointing_agrees():
     assert set(plain) == {k for k, _ in m.named_parameters()}
     assert {k for k, g in plain.items() if not g.any()} == heads_unused
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+def test_training_after_inference_mode_use():
+    """Cached RoPE tables made under inference_mode must not break a later backward."""
+    cfg = DiTConfig(dim=32, num_layers=1, num_heads=2, ffn_dim=32, in_channels=4, freq_dim=16,
+                    patch_size=(1, 3, 3))  # a config no other test uses: a fresh cache entry
+    m = DiffKT3D(cfg)
+    x, mask, t = _x(), _mask(2, 4), torch.tensor([0.5, 0.5])
+    with torch.inference_mode():
+        m(x, t, mask)
+    m(x, t, mask).square().mean().backward()
+    assert m.blocks[0].attn.to_q.weight.grad is not None
 
 
 def test_any2any_velocity_never_lets_noise_reach_conditions(model):

@@ -132,7 +132,7 @@ def test_blocks_match_diffusers_blocks_without_cross_attention(pair):
     text = torch.randn(batch, 5, dim)
     latents = torch.zeros(1, CHANNELS, grid[0], 2 * grid[1], 2 * grid[2])
     freqs_cos, freqs_sin = reference.rope(latents)
-    cos, sin = rope_angles(model.config, [0], grid)
+    cos, sin = rope_angles(model.config, (0,), grid)
     assert torch.allclose(cos, freqs_cos[0, :, 0, 0::2])
     assert torch.allclose(sin, freqs_sin[0, :, 0, 1::2])
     rope2 = (freqs_cos.repeat(1, 2, 1, 1), freqs_sin.repeat(1, 2, 1, 1))

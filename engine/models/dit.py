@@ -56,6 +56,7 @@ per slot) and modulation broadcasts per slot rather than being materialised per 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -171,13 +172,22 @@ def _band_frequencies(dims: int, theta: float) -> Tensor:
     return 1.0 / theta ** (torch.arange(0, dims, 2, dtype=torch.float64) / dims)
 
 
+@functools.lru_cache(maxsize=32)
 def rope_angles(
-    config: DiTConfig, slots: list[int], grid: tuple[int, int, int]
+    config: DiTConfig, slots: tuple[int, ...], grid: tuple[int, int, int]
 ) -> tuple[Tensor, Tensor]:
-    """cos and sin of the 4D RoPE phases, float32 [P * N, head_dim // 2] each.
+    """cos and sin of the 4D RoPE phases, float32 [P * N, head_dim // 2] each (cached; read-only).
 
     Tokens are ordered slot-major, then (depth, height, width) row-major over the patch ``grid``.
+    Built outside inference mode so that cached tables also serve training forwards.
     """
+    with torch.inference_mode(False):
+        return _rope_angles(config, slots, grid)
+
+
+def _rope_angles(
+    config: DiTConfig, slots: tuple[int, ...], grid: tuple[int, int, int]
+) -> tuple[Tensor, Tensor]:
     d_dim, h_dim, w_dim = rope_band_dims(config.head_dim)
     theta = config.rope_theta
     gd, gh, gw = grid
@@ -352,7 +362,7 @@ class DiffKT3D(nn.Module):
         h = torch.stack(tokens, dim=1).contiguous()
 
         # 2. 4D RoPE tables [P * N, head_dim // 2]
-        cos, sin = (a.to(x.device) for a in rope_angles(c, slots, grid))
+        cos, sin = (a.to(x.device) for a in rope_angles(c, tuple(slots), grid))
 
         # 3. timestep + role embedding per (sample, slot): targets at s, conditions clean (s = 0)
         roles = target_mask[:, slots].long()  # [B, P]
