@@ -22,16 +22,23 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tomllib
 
 from engine.case import Geometry, Role, Structure
-from engine.metrics.dvh import (DVH, Metric, StructureSet, compute_dvhs, metric_value,
-                                parse_metric, structure_samples)
+from engine.metrics.dvh import (
+    DVH,
+    Metric,
+    StructureSet,
+    compute_dvhs,
+    metric_value,
+    parse_metric,
+    structure_samples,
+)
 
 COMPARATORS = {"<=": lambda v, g: v <= g, "<": lambda v, g: v < g,
                ">=": lambda v, g: v >= g, ">": lambda v, g: v > g}
