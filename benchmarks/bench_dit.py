@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         r = run(name, 1 if big else args.repeats, 1 if big else None, args.threads,
                 args.tuned_malloc)
         line = (f"{name}: {r['tokens']} tokens, {r['params'] / 1e6:.1f} M params run, "
-                f"forward median {r['median_s']:.3f} s over {len(r['times_s'])} "
+                f"forward median {r['median_s']:.3f} s (min {min(r['times_s']):.3f}) "
+                f"over {len(r['times_s'])} "
                 f"(all: {', '.join(f'{s:.3f}' for s in r['times_s'])}), "
                 f"peak RSS {r['peak_rss_gb']:.2f} GB, tuned malloc {r['tuned_malloc']}")
         if big:

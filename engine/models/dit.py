@@ -26,8 +26,8 @@ Conditions are clean by construction: condition tokens always get timestep 0 and
 "condition" role, whatever ``t`` is. :func:`any2any_velocity` wraps a model into the
 ``velocity(x_s, s)`` callable of ``engine.diffusion.sample``; it reads only the target entries of
 ``x_s`` and takes condition entries from the clean latents it was given, so sampler noise can
-never reach a condition slot. For training, noise only the targets (``torch.where(target, x_s,
-x0)``) and restrict the loss to target slots (``engine.diffusion.flow_matching_loss(mask=...)``).
+never reach a condition slot. For training, :func:`noise_targets` noises the targets only; restrict
+the loss to target slots (``engine.diffusion.flow_matching_loss(mask=...)``).
 
 Architecture (numbered as the forward runs)
 --------------------------------------------
@@ -347,6 +347,7 @@ class DiffKT3D(nn.Module):
         target_mask: Tensor,
         present: Tensor | None = None,
     ) -> Tensor:
+        """[B, S, C, D, H, W] latents -> prediction at target slots (module docstring)."""
         c = self.config
         slots = self._check_inputs(x, t, target_mask, present)
         batch, _, _, depth, height, width = x.shape
@@ -425,6 +426,17 @@ class DiffKT3D(nn.Module):
 def build(config: dict) -> DiffKT3D:
     """A model from a config dict (``DiTConfig.to_dict()``); used by the checkpoint loader."""
     return DiffKT3D(DiTConfig.from_dict(config))
+
+
+def noise_targets(x0: Tensor, noise: Tensor, s: Tensor, target_mask: Tensor) -> Tensor:
+    """The training input of an Any2Any step: target slots at ``x_s``, every other slot clean.
+
+    ``x0``, ``noise`` [B, S, C, D, H, W], ``s`` [B] flow times, ``target_mask`` [B, S] bool.
+    Pair it with ``diffusion.flow_matching_loss(model(x, s, target_mask), x0, noise,
+    mask=target_mask[..., None, None, None, None])``.
+    """
+    mask = target_mask.reshape(*target_mask.shape, 1, 1, 1, 1)
+    return torch.where(mask, diffusion.add_noise(x0, noise, s), x0)
 
 
 def any2any_velocity(
