@@ -58,6 +58,18 @@ class ModelGridTransform:
         """
         return resample(Volume(array, self.patient), self.model, order=order, fill=fill).array
 
+    def dose_to_model(self, dose_gy: np.ndarray) -> np.ndarray:
+        """A patient-grid dose (Gy) on the model grid: cubic B-spline, clipped at 0."""
+        return np.maximum(self.to_model(dose_gy, order=3, fill=0.0), np.float32(0.0))
+
+    def dose_to_patient(self, dose_gy: np.ndarray) -> Volume:
+        """A model-grid dose (Gy) back on the patient grid: cubic B-spline, clipped at 0.
+
+        Patient voxels outside the model grid get 0 Gy: the model sees nothing there.
+        """
+        back = self.to_patient(dose_gy, order=3, fill=0.0)
+        return Volume(np.maximum(back.array, np.float32(0.0)), back.geometry)
+
     def to_patient(self, array: np.ndarray, order: int = 1, fill: float = 0.0) -> Volume:
         """A model-grid array (e.g. a predicted dose, Gy) resampled back onto the patient grid.
 
