@@ -143,7 +143,8 @@ def _structures(ss: DicomObject, ct: CtSeries, for_uid: str, plan: PlanInfo | No
             rx = (plan.roi_prescriptions_gy.get(roi.number) if plan else None) \
                 or prescription_from_name(roi.name)
         built.append(Structure(name=roi.name, role=role, mask=r.mask, prescription_gy=rx,
-                               color=roi.color, number=roi.number, contours=roi.contours))
+                               color=roi.color, number=roi.number,
+                               contours=tuple(roi.contours[i] for i in r.kept)))
     targets = [s for s in built if s.role is Role.TARGET]
     if plan and plan.plan.prescription_gy and len(targets) == 1 and targets[0].prescription_gy \
             is None:
@@ -252,7 +253,12 @@ def _load(root: Path, name: str | None) -> Case:
         warnings.append(f"skipped {scan.non_dicom} non-DICOM file(s)")
     ct_uid, ss = _choose_ct(cts, rtstructs, warnings)
     ct_objs = cts[ct_uid]
-    ct = read_ct_series([(o.path, o.ds) for o in ct_objs], ct_uid)
+    try:
+        ct = read_ct_series([(o.path, o.ds) for o in ct_objs], ct_uid)
+    except DicomImportError as exc:
+        if not scan.notes:
+            raise
+        raise DicomImportError(f"{exc} Unreadable files: {'; '.join(scan.notes)}") from exc
     warnings.extend(ct.notes)
     for_uid = ct_objs[0].frame_of_reference_uid
     if ss is not None:

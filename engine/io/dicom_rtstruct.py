@@ -124,9 +124,10 @@ def read_rois(ds: Dataset) -> list[RoiContours]:
 
 @dataclass(frozen=True)
 class Rasterized:
-    """A ROI's mask and how many of its contours were left out (and why)."""
+    """A ROI's mask, the indices of the contours that made it, and how many were left out."""
 
     mask: np.ndarray
+    kept: tuple[int, ...] = ()
     outside: int = 0
     off_plane: int = 0
     clipped: bool = False
@@ -145,7 +146,8 @@ def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
     ks, ja, ia, jb, ib = [], [], [], [], []
     outside = off_plane = 0
     clipped = False
-    for pts in contours:
+    kept: list[int] = []
+    for n_contour, pts in enumerate(contours):
         idx = geometry.lps_to_index(pts)
         kk = idx[:, 0]
         if np.ptp(kk) > _PLANARITY_TOL:
@@ -159,13 +161,14 @@ def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
             continue
         if j.min() < -0.5 or j.max() > ny - 0.5 or i.min() < -0.5 or i.max() > nx - 0.5:
             clipped = True
+        kept.append(n_contour)
         ks.append(np.full(len(j), k))
         ja.append(j)
         ia.append(i)
         jb.append(np.roll(j, -1))
         ib.append(np.roll(i, -1))
     if not ks:
-        return Rasterized(mask, outside, off_plane, clipped)
+        return Rasterized(mask, tuple(kept), outside, off_plane, clipped)
     k = np.concatenate(ks)
     y0, x0, y1, x1 = (np.concatenate(a) for a in (ja, ia, jb, ib))
     lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
@@ -175,7 +178,7 @@ def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
     n = np.maximum(r_stop - r_first, 0)
     keep = n > 0
     if not keep.any():
-        return Rasterized(mask, outside, off_plane, clipped)
+        return Rasterized(mask, tuple(kept), outside, off_plane, clipped)
     k, y0, x0, y1, x1, r_first, n = (a[keep] for a in (k, y0, x0, y1, x1, r_first, n))
     edge = np.repeat(np.arange(len(n)), n)
     offsets = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
@@ -195,7 +198,7 @@ def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
     toggles[uniq[count % 2 == 1]] = 1
     inside = np.bitwise_xor.accumulate(toggles.reshape(k1 - k0, r1 - r0, width + 1), axis=2)
     mask[k0:k1, r0:r1, c0:c0 + width] = inside[:, :, :width].view(bool)
-    return Rasterized(mask, outside, off_plane, clipped)
+    return Rasterized(mask, tuple(kept), outside, off_plane, clipped)
 
 
 def trace_contours(mask: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, ...]:
