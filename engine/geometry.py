@@ -50,9 +50,16 @@ def geometry_from_sitk(image: sitk.Image) -> Geometry:
                     spacing=image.GetSpacing()[::-1], direction=direction)
 
 
+def readonly(array: np.ndarray) -> np.ndarray:
+    """Mark a freshly made array (no other references) read-only, so that wrapping it in a
+    :class:`Volume` or :class:`Structure` does not copy it."""
+    array.flags.writeable = False
+    return array
+
+
 def from_sitk(image: sitk.Image) -> Volume:
     """A :class:`Volume` from a 3-D SimpleITK image (array ``[z, y, x]``)."""
-    return Volume(sitk.GetArrayFromImage(image), geometry_from_sitk(image))
+    return Volume(readonly(sitk.GetArrayFromImage(image)), geometry_from_sitk(image))
 
 
 def _output_dtype(dtype: np.dtype, order: int) -> np.dtype:
@@ -100,7 +107,7 @@ def resample(volume: Volume, target: Geometry, order: int = 1, fill: float = 0.0
     out = sitk.GetArrayFromImage(f.Execute(image))
     if src.dtype == bool and order == 0:
         out = out.astype(bool)
-    return Volume(out.astype(out_dtype, copy=False), target)
+    return Volume(readonly(out.astype(out_dtype, copy=False)), target)
 
 
 def grid_around(center_mm: tuple[float, float, float], shape: tuple[int, int, int],

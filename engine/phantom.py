@@ -35,7 +35,7 @@ from engine.case import (
     Technique,
     Volume,
 )
-from engine.geometry import grid_around, voxel_centers_lps
+from engine.geometry import grid_around
 from engine.io.dicom_export import WrittenCase, write_case_dicom
 
 
@@ -80,10 +80,11 @@ class Primitive:
     z_half: float
     cylinder: bool = False
 
-    def inside(self, p: np.ndarray) -> np.ndarray:
-        u = (p[..., 0] - self.center[0]) / self.radii_xy[0]
-        v = (p[..., 1] - self.center[1]) / self.radii_xy[1]
-        w = (p[..., 2] - self.center[2]) / self.z_half
+    def inside(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Which points are inside; ``x``, ``y``, ``z`` (mm) broadcast against each other."""
+        u = (x - self.center[0]) / self.radii_xy[0]
+        v = (y - self.center[1]) / self.radii_xy[1]
+        w = (z - self.center[2]) / self.z_half
         if self.cylinder:
             return (u * u + v * v <= 1.0) & (np.abs(w) <= 1.0)
         return u * u + v * v + w * w <= 1.0
@@ -181,21 +182,21 @@ def _beams(iso: tuple[float, float, float], spec: PhantomSpec) -> tuple[Beam, ..
 def make_phantom(spec: PhantomSpec = PhantomSpec()) -> Case:
     """The phantom as a :class:`Case` (masks = exact ground truth, contours = its polygons)."""
     g = grid_around((0.0, 0.0, 0.0), spec.shape, spec.spacing)
-    pts = voxel_centers_lps(g)
+    zs, ys, xs = g.axis_coordinates()
+    x, y, z = xs[None, None, :], ys[None, :, None], zs[:, None, None]
     organs = _anatomy(g, spec)
     rng = np.random.default_rng(spec.seed)
     ct = np.full(g.shape, -1000.0, dtype=np.float32)
-    z_planes = g.axis_coordinates()[0]
     step = 0.5 * min(g.spacing[1:])  # polygon edges of half a voxel
     structures = []
     for number, organ in enumerate(organs, start=1):
         mask = np.zeros(g.shape, dtype=bool)
         for part in organ.parts:
-            mask ^= part.inside(pts)
+            mask ^= part.inside(x, y, z)
         if organ.hu is not None:
             ct[mask] = organ.hu
-        contours = tuple(poly for z in z_planes for part in organ.parts
-                         if (poly := part.section(float(z), step)) is not None)
+        contours = tuple(poly for zk in zs for part in organ.parts
+                         if (poly := part.section(float(zk), step)) is not None)
         if mask.any():
             structures.append(Structure(organ.name, organ.role, mask, organ.prescription_gy,
                                         organ.color, number, contours))

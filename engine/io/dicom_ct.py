@@ -17,7 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from engine.case import AXIAL_DIRECTION, Geometry, Volume
-from engine.geometry import axes_to_flip_for_axial, flip_axes
+from engine.geometry import axes_to_flip_for_axial, flip_axes, readonly
 from engine.io.dicom_errors import DicomImportError
 
 # largest deviation of a direction cosine from a patient axis that still counts as axial
@@ -213,7 +213,7 @@ def read_ct_series(slices: list[tuple[Path, Dataset]], series_uid: str) -> CtSer
     geometry = Geometry(shape=raw.shape, origin=tuple(ipps_sorted[0]),
                         spacing=(dz, float(spacing_rc[0]), float(spacing_rc[1])),
                         direction=(tuple(normal), tuple(col), tuple(row)))
-    volume = Volume(raw, geometry)
+    volume = Volume(readonly(raw), geometry)
     uids = [str(ds.get("SOPInstanceUID", "")) for _, ds in items]
     flips = axes_to_flip_for_axial(geometry)
     if flips:

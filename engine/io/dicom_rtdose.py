@@ -13,7 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from engine.case import AXIAL_DIRECTION, Geometry, Volume
-from engine.geometry import axes_to_flip_for_axial, flip_axes, resample
+from engine.geometry import axes_to_flip_for_axial, flip_axes, readonly, resample
 from engine.io.dicom_ct import axial_frame, pixel_array
 from engine.io.dicom_errors import DicomImportError
 
@@ -64,7 +64,7 @@ def read_rtdose(ds: Dataset, where: str = "RTDOSE") -> DoseGrid:
     dose = (raw.astype(np.float64) * scaling).astype(np.float32)
     geometry = Geometry(shape=dose.shape, origin=tuple(ipp), spacing=(abs(dz), dy, dx),
                         direction=(tuple(axis0), tuple(col), tuple(row)))
-    volume = flip_axes(Volume(dose, geometry), axes_to_flip_for_axial(geometry))
+    volume = flip_axes(Volume(readonly(dose), geometry), axes_to_flip_for_axial(geometry))
     g = volume.geometry
     volume = Volume(volume.array, Geometry(g.shape, g.origin, g.spacing, AXIAL_DIRECTION))
     units = str(ds.get("DoseUnits", "GY") or "GY").upper()

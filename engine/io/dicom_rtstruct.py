@@ -19,6 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from engine.case import Geometry
+from engine.geometry import readonly
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def _contour_points(item: Dataset) -> np.ndarray:
         values = np.asarray(item.ContourData if value is not None else [], dtype=np.float64)
     if values.size % 3:
         raise ValueError(f"ContourData has {values.size} numbers, not a multiple of 3")
-    return values.reshape(-1, 3)
+    return readonly(values.reshape(-1, 3))
 
 
 def _color(value: object) -> tuple[int, int, int] | None:
@@ -137,9 +138,9 @@ def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
               geometry: Geometry) -> Rasterized:
     """Fill closed planar contours (LPS mm) on ``geometry`` with the even-odd rule per slice.
 
-    Returns the bool ``[z, y, x]`` mask; contours beyond the CT (more than half a slice away
-    from the first/last slice, or entirely outside the image) and contours that do not lie in a
-    slice plane are counted in ``outside`` / ``off_plane`` and left out.
+    Returns the read-only bool ``[z, y, x]`` mask; contours beyond the CT (more than half a
+    slice from the first/last slice, or entirely outside the image) and contours that do not lie
+    in a slice plane are counted in ``outside`` / ``off_plane`` and left out.
     """
     nz, ny, nx = geometry.shape
     mask = np.zeros(geometry.shape, dtype=bool)
@@ -168,7 +169,7 @@ def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
         jb.append(np.roll(j, -1))
         ib.append(np.roll(i, -1))
     if not ks:
-        return Rasterized(mask, tuple(kept), outside, off_plane, clipped)
+        return Rasterized(readonly(mask), tuple(kept), outside, off_plane, clipped)
     k = np.concatenate(ks)
     y0, x0, y1, x1 = (np.concatenate(a) for a in (ja, ia, jb, ib))
     lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
@@ -178,7 +179,7 @@ def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
     n = np.maximum(r_stop - r_first, 0)
     keep = n > 0
     if not keep.any():
-        return Rasterized(mask, tuple(kept), outside, off_plane, clipped)
+        return Rasterized(readonly(mask), tuple(kept), outside, off_plane, clipped)
     k, y0, x0, y1, x1, r_first, n = (a[keep] for a in (k, y0, x0, y1, x1, r_first, n))
     edge = np.repeat(np.arange(len(n)), n)
     offsets = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
@@ -198,7 +199,7 @@ def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
     toggles[uniq[count % 2 == 1]] = 1
     inside = np.bitwise_xor.accumulate(toggles.reshape(k1 - k0, r1 - r0, width + 1), axis=2)
     mask[k0:k1, r0:r1, c0:c0 + width] = inside[:, :, :width].view(bool)
-    return Rasterized(mask, tuple(kept), outside, off_plane, clipped)
+    return Rasterized(readonly(mask), tuple(kept), outside, off_plane, clipped)
 
 
 def trace_contours(mask: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, ...]:
