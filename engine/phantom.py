@@ -226,3 +226,36 @@ def write_phantom(out_dir: str | Path, spec: PhantomSpec = PhantomSpec(),
     """Make the phantom and write it as DICOM (CT series, RTSTRUCT, RTPLAN, RTDOSE if any)."""
     return write_case_dicom(make_phantom(spec), out_dir, spec.patient_position,
                             contour_image_refs=contour_image_refs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.phantom OUT_DIR [options]``: write a phantom patient as DICOM."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m engine.phantom",
+                                description="Write a synthetic phantom patient as DICOM.")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                   default=PhantomSpec.shape)
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("DZ", "DY", "DX"),
+                   default=PhantomSpec.spacing)
+    p.add_argument("--position", default="HFS", choices=["HFS", "HFP", "FFS", "FFP"])
+    p.add_argument("--arc", action="store_true", help="two VMAT arcs instead of static beams")
+    p.add_argument("--beams", type=int, default=PhantomSpec.n_beams)
+    p.add_argument("--extra-oars", type=int, default=0)
+    p.add_argument("--dose", action="store_true", help="add a synthetic reference dose")
+    p.add_argument("--name", default=PhantomSpec.name)
+    args = p.parse_args(argv)
+    if args.out_dir.exists() and any(args.out_dir.iterdir()):
+        p.error(f"{args.out_dir} is not empty")
+    spec = PhantomSpec(shape=tuple(args.shape), spacing=tuple(args.spacing),
+                       patient_position=args.position, arc=args.arc, n_beams=args.beams,
+                       extra_oars=args.extra_oars, with_dose=args.dose, name=args.name)
+    written = write_phantom(args.out_dir, spec)
+    print(f"wrote {len(written.ct_paths)} CT slices, RTSTRUCT ({len(written.case.structures)} "
+          f"ROIs), RTPLAN{', RTDOSE' if written.rtdose_path else ''} to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

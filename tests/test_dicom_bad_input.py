@@ -98,16 +98,18 @@ def test_truncated_rtstruct_is_skipped_with_a_warning(patient):
 
 
 def test_non_dicom_files_are_skipped(patient):
-    (patient / "notes.txt").write_text("patient notes, not DICOM\n")
+    (patient / "notes.txt").write_text("patient notes, not DICOM\n")  # a document: quiet
     (patient / "CT" / "scan.jpg").write_bytes(bytes(range(256)) * 10)
     (patient / "empty").write_bytes(b"")
+    (patient / "DICOMDIR.bak").write_bytes(b"\x08\x00\x05\x00" + b"\x00" * 4)  # DICOM-like
     case = _load(patient)
-    _warned(case, "skipped 3 non-DICOM file(s)")
+    _warned(case, "skipped 2 non-DICOM file(s)")
+    _warned(case, "DICOMDIR.bak", "no Modality or SOPClassUID")
     assert len(case.structures) == 11
 
 
 def test_folder_without_dicom(tmp_path):
-    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "a.dat").write_text("hello")
     _error(_load(tmp_path), "no CT images found", "1 non-DICOM file(s) skipped")
     _error(_load(tmp_path / "missing"), "does not exist")
 

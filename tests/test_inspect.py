@@ -38,7 +38,7 @@ def test_inspect_json_reports_ct_structures_beams_dose(phantom_dicom, capsys):
 
 def test_inspect_arc_and_warnings_in_text_and_json(tmp_path, capsys):
     write_phantom(tmp_path, PhantomSpec(shape=(8, 24, 28), arc=True, arc_step_deg=20.0))
-    (tmp_path / "readme.txt").write_text("not DICOM")
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG not DICOM")
     assert main(["inspect", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     arc = report["beams"][0]
@@ -61,3 +61,17 @@ def test_inspect_bad_folder_is_a_one_line_error(tmp_path, capsys, phantom_dicom)
     sorted((broken / "CT").glob("*.dcm"))[3].unlink()
     assert main(["inspect", str(broken), "--json"]) == 2
     assert "slice(s) missing" in capsys.readouterr().err
+
+
+def test_bundled_demo_patient_opens_cleanly(capsys):
+    from engine.resources import resource_path
+
+    demo = resource_path("demo")
+    assert sum(p.stat().st_size for p in demo.rglob("*") if p.is_file()) < 5e6
+    assert main(["inspect", str(demo), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["warnings"] == []
+    assert report["ct"]["shape"] == [40, 96, 112]
+    assert {s["name"] for s in report["structures"] if s["role"] == "target"} == {"PTV70",
+                                                                                 "PTV56"}
+    assert len(report["beams"]) == 7 and report["dose"]["max_gy"] > 60
