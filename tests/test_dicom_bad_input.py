@@ -304,3 +304,51 @@ def test_roi_type_and_name_disagree(patient):
     _warned(case, "'PTV70'", "type ORGAN but the name says target")
     assert case.structure("PTV70").role.value == "target"
     assert case.structure("BODY").role.value == "external"
+
+
+def test_pixel_encodings_give_the_same_hu(patient):
+    """Signed pixels, a per-slice RescaleSlope and RLE compression all give the same HU."""
+    from pydicom.uid import RLELossless
+
+    reference = load_dicom_case(patient).ct.array
+    paths = _ct(patient)
+
+    def signed(ds):
+        hu = ds.pixel_array.astype(np.int32) - 1024
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = "0"
+        ds.PixelData = hu.astype("<i2").tobytes()
+
+    def slope(ds):
+        raw = ds.pixel_array.astype(np.int32) - 1024
+        ds.PixelRepresentation = 1
+        ds.RescaleSlope, ds.RescaleIntercept = "2", "-1"
+        ds.PixelData = ((raw + 1) // 2).astype("<i2").tobytes()
+
+    _edit(paths[0], signed)
+    _edit(paths[1], slope)
+    _edit(paths[2], lambda ds: ds.compress(RLELossless))
+    assert pydicom.dcmread(paths[2]).file_meta.TransferSyntaxUID == RLELossless
+    case = _load(patient)
+    assert np.array_equal(case.ct.array[[0, 2]], reference[[0, 2]])
+    assert np.abs(case.ct.array[1] - reference[1]).max() <= 1.0  # slope 2 rounds odd HU
+
+
+def test_images_with_rows_along_y(patient):
+    """Rows running along y and slices stored along -z (a decubitus-like layout) load as the
+    same patient."""
+    reference = load_dicom_case(patient)
+    for path in _ct(patient):
+        def turn(ds):
+            image = ds.pixel_array
+            ds.PixelData = np.ascontiguousarray(image.T).tobytes()
+            ds.Rows, ds.Columns = ds.Columns, ds.Rows
+            ds.PixelSpacing = list(ds.PixelSpacing)[::-1]
+            ds.ImageOrientationPatient = [0, 1, 0, 1, 0, 0]
+        _edit(path, turn)
+    case = _load(patient)
+    assert case.geometry == reference.geometry
+    assert np.array_equal(case.ct.array, reference.ct.array)
+    assert case.refs.ct_sop_instance_uids == reference.refs.ct_sop_instance_uids
+    for s, r in zip(case.structures, reference.structures):
+        assert np.array_equal(s.mask, r.mask), s.name
