@@ -352,3 +352,26 @@ def test_images_with_rows_along_y(patient):
     assert case.refs.ct_sop_instance_uids == reference.refs.ct_sop_instance_uids
     for s, r in zip(case.structures, reference.structures):
         assert np.array_equal(s.mask, r.mask), s.name
+
+
+def test_per_beam_doses_are_summed(patient):
+    case = load_dicom_case(patient)
+    (patient / "RTDOSE.dcm").unlink()
+    g = case.geometry
+    for n, value in ((1, 1.0), (2, 2.5)):
+        write_rtdose(Volume(np.full(g.shape, value, np.float32), g), case,
+                     patient / f"beam{n}.dcm", summation_type="BEAM")
+    loaded = _load(patient)
+    _warned(loaded, "summed the plan's 2 per-beam doses", "beam1.dcm", "beam2.dcm")
+    assert np.allclose(loaded.dose.array, 3.5, atol=1e-4)
+
+
+def test_two_plan_doses_take_the_newest(patient):
+    case = load_dicom_case(patient)
+    g = case.geometry
+    # named to sort before RTDOSE.dcm, so only its later ContentDate can make it win
+    write_rtdose(Volume(np.full(g.shape, 4.0, np.float32), g), case, patient / "A_new.dcm")
+    _edit(patient / "A_new.dcm", lambda ds: setattr(ds, "ContentDate", "29990101"))
+    loaded = _load(patient)
+    _warned(loaded, "2 RTDOSE objects fit the CT", "using the newest (A_new.dcm)")
+    assert np.allclose(loaded.dose.array, 4.0, atol=1e-4)

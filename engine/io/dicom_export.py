@@ -426,6 +426,7 @@ def write_rtdose(dose: Volume, case: Case, path: str | Path,
     ds = new_dataset(RT_DOSE_STORAGE, uid)
     add_common_modules(ds, refs, "RTDOSE", generate_uid(), 4, description)
     ds.InstanceNumber = 1
+    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     ds.ImagePositionPatient = ds_list(g.origin)
     ds.ImageOrientationPatient = ds_list(np.concatenate([row, col]))
     ds.PixelSpacing = ds_list([g.spacing[1], g.spacing[2]])
