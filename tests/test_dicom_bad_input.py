@@ -278,6 +278,12 @@ def test_rtdose_not_covering_the_ct(patient, tmp_path):
     assert loaded.dose.array[0].max() == 0.0
 
 
+def test_rtdose_without_plan_reference_still_loads(patient):
+    _edit(patient / "RTDOSE.dcm", lambda ds: delattr(ds, "ReferencedRTPlanSequence"))
+    case = _load(patient)
+    assert case.dose is not None and case.dose.array.max() > 60
+
+
 def test_rtdose_of_another_frame_of_reference(patient):
     _edit(patient / "RTDOSE.dcm", lambda ds: setattr(ds, "FrameOfReferenceUID", generate_uid()))
     case = _load(patient)

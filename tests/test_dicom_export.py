@@ -157,6 +157,15 @@ def test_minimal_plan_when_there_is_no_source(tmp_path):
     assert arc.control_point_gantry_deg == (181.0, 270.0, 0.0, 90.0, 179.0)
 
 
+def test_missing_source_plan_gives_a_minimal_plan(loaded, tmp_path, caplog):
+    case, src = loaded
+    (src / "RTPLAN.dcm").rename(src / "moved.dcm")
+    write_rtplan(case, case.plan.with_gantry(0, 90.0), tmp_path / "plan.dcm")
+    assert "could not be re-read" in caplog.text
+    back = read_rtplan(pydicom.dcmread(tmp_path / "plan.dcm")).plan
+    assert back.beams[0].gantry_deg == 90.0 and len(back.beams) == 7
+
+
 def test_changed_beam_set_gives_a_minimal_plan(loaded, tmp_path):
     case, _ = loaded
     fewer = case.plan.with_beams(case.plan.beams[:3])

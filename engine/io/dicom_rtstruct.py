@@ -11,7 +11,6 @@ row it crosses, and a running XOR along the row turns toggles into inside/outsid
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import contourpy
@@ -20,8 +19,6 @@ from pydicom.dataset import Dataset
 
 from engine.case import Geometry
 from engine.geometry import readonly
-
-log = logging.getLogger(__name__)
 
 CONTOUR_DATA = 0x30060050
 # a contour belongs to a slice when all its vertices are this close (in slices) to one plane
