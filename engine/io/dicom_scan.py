@@ -31,7 +31,8 @@ def quiet_pydicom() -> Iterator[None]:
     """Silence pydicom's value-validation warnings (invalid UIDs, odd VRs) while reading.
 
     Clinical files often break VR rules in harmless ways; what matters to the user is reported
-    in the case's warnings instead.
+    in the case's warnings instead. Like ``warnings.catch_warnings`` it changes process-wide
+    state for its duration.
     """
     logger = logging.getLogger("pydicom")
     level = logger.level
