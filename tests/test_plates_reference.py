@@ -47,9 +47,8 @@ def reference_marks(mask, source):
         zz = np.round(np.linspace(s0, c0, n + 1)).astype(int)
         yy = np.round(np.linspace(s1, y_end, n + 1)).astype(int)
         xx = np.round(np.linspace(s2, c2, n + 1)).astype(int)
-        for z, y, x in zip(zz, yy, xx):
-            if 0 <= z < nz and 0 <= y < ny and 0 <= x < nx:
-                marked[z, y, x] = True
+        inside = (zz >= 0) & (zz < nz) & (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+        marked[zz[inside], yy[inside], xx[inside]] = True
     return marked
 
 
