@@ -23,6 +23,7 @@ gantry angle; an arc uses its control-point angles, thinned to at most one per
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -107,8 +108,26 @@ def _padded_box(box: tuple[slice, ...], shape: tuple[int, ...], pad: int = 3) ->
     return tuple(slice(max(b.start - pad, 0), min(b.stop + pad, n)) for b, n in zip(box, shape))
 
 
+def _one_beam(shape: tuple[int, int, int], surface: np.ndarray, iso: np.ndarray,
+              source: np.ndarray, weight: float
+              ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
+    """One source's weighted plate over its bounding box: ``(box, weights, closed mask)``."""
+    marks = BeamMarks(shape, surface, source)
+    box = marks.bounding_box()
+    if box is None:
+        return None
+    box = _padded_box(box, shape)
+    closed = close_like_reference(marks.render(box))
+    d2 = [((np.arange(b.start, b.stop, dtype=np.float64) - s) ** 2).astype(np.float32)
+          for b, s in zip(box, source)]
+    dist2 = d2[0][:, None, None] + (d2[1][:, None] + d2[2][None, :])[None]
+    scale = np.float32(weight * float(np.sum((source - iso) ** 2)))
+    np.divide(scale, dist2, out=dist2)
+    return box, dist2, closed
+
+
 def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index: np.ndarray,
-               weights: Sequence[float] | None = None) -> np.ndarray:
+               weights: Sequence[float] | None = None, workers: int = 2) -> np.ndarray:
     """The summed beam plate (float32, the grid's shape) for sources given as voxel indices.
 
     Args:
@@ -116,6 +135,7 @@ def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index:
         isocenter_index: isocentre ``(z, y, x)`` in voxel indices.
         sources_index: ``(n, 3)`` source positions in voxel indices (see :func:`source_index`).
         weights: per-source multiplier of its plate (default 1 each).
+        workers: threads computing beams side by side (numpy releases the GIL in its loops).
     """
     shape = tuple(int(n) for n in ptv.shape)
     plate = np.zeros(shape, dtype=np.float32)
@@ -123,20 +143,17 @@ def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index:
     weights = np.ones(len(sources)) if weights is None else np.asarray(weights, dtype=np.float64)
     surface = surface_voxels(np.asarray(ptv, dtype=bool))
     iso = np.asarray(isocenter_index, dtype=np.float64)
-    ramps = [np.arange(n, dtype=np.float64) for n in shape]
-    for source, weight in zip(sources, weights):
-        marks = BeamMarks(shape, surface, source)
-        box = marks.bounding_box()
-        if box is None:
-            continue
-        box = _padded_box(box, shape)
-        closed = close_like_reference(marks.render(box))
-        d2 = [((r[b] - s) ** 2).astype(np.float32) for r, b, s in zip(ramps, box, source)]
-        dist2 = d2[0][:, None, None] + (d2[1][:, None] + d2[2][None, :])[None]
-        scale = np.float32(weight * float(np.sum((source - iso) ** 2)))
-        np.divide(scale, dist2, out=dist2)
-        target = plate[box]
-        np.add(target, dist2, out=target, where=closed)
+    jobs = [(shape, surface, iso, s, float(w)) for s, w in zip(sources, weights)]
+    if workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(lambda job: _one_beam(*job), jobs))
+    else:
+        results = [_one_beam(*job) for job in jobs]
+    for result in results:
+        if result is not None:
+            box, values, closed = result
+            target = plate[box]
+            np.add(target, values, out=target, where=closed)
     return plate
 
 
