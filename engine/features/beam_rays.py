@@ -49,6 +49,12 @@ def surface_voxels(mask: np.ndarray) -> np.ndarray:
     return np.argwhere(mask & ~inner) + offset
 
 
+def _row_max_abs(v: np.ndarray) -> np.ndarray:
+    """``abs(v).max(axis=1)`` for ``(n, 3)`` arrays (element-wise: much faster than a reduce)."""
+    a = np.abs(v)
+    return np.maximum(np.maximum(a[:, 0], a[:, 1]), a[:, 2])
+
+
 def ray_ends(surface: np.ndarray, source: np.ndarray, shape: tuple[int, int, int]
              ) -> tuple[np.ndarray, np.ndarray]:
     """Per ray: ``c - s`` (the reference's truncated far end) and ``L = max |c - s|``."""
@@ -59,7 +65,7 @@ def ray_ends(surface: np.ndarray, source: np.ndarray, shape: tuple[int, int, int
     ratio = (y_end - s[1]) / (py - s[1])
     delta = np.stack([np.trunc(s[0] + ratio * (p[:, 0] - s[0])) - s[0], y_end - s[1],
                       np.trunc(s[2] + ratio * (p[:, 2] - s[2])) - s[2]], axis=1)
-    return delta, np.abs(delta).max(axis=1)
+    return delta, _row_max_abs(delta)
 
 
 def _sparse_tables(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +132,7 @@ def _label_rays(slope_o: np.ndarray, slope_z: np.ndarray, bin_size: float
     joined = (n_runs[:-1] == n_runs[1:]) & (overlaps == n_runs[:-1])
     joined |= (n_runs[:-1] == 0) & (n_runs[1:] == 0)
     ok = np.ones(occ.shape[1], dtype=bool)
-    for shift in range(2):  # a column is consistent when joined to its neighbours +-2
+    for shift in range(1):  # a column is consistent when joined to its neighbours +-1
         ok[: len(joined) - shift] &= joined[shift:]
         ok[shift + 1:] &= joined[: len(joined) - shift]
     return labels, ~ok[bo]
@@ -170,13 +176,14 @@ class BeamMarks:
         delta, length = ray_ends(surface, source, shape)
         delta = delta[length > 0]
         # rays with the same truncated end point are the same ray: keep one of each
-        key = delta - delta.min(axis=0)
-        span = key.max(axis=0) + 1
-        _, first = np.unique((key[:, 0] * span[1] + key[:, 1]) * span[2] + key[:, 2],
+        cols = [delta[:, k] - delta[:, k].min() for k in range(3)]
+        span = [c.max() + 1 for c in cols]
+        _, first = np.unique((cols[0] * span[1] + cols[1]) * span[2] + cols[2],
                              return_index=True)
         delta = delta[first]
-        length = np.abs(delta).max(axis=1)
-        major = np.argmax(np.abs(delta) >= length[:, None], axis=1)
+        length = _row_max_abs(delta)
+        a = np.abs(delta)  # the first axis reaching the length is the major (stepping) axis
+        major = np.where(a[:, 0] >= length, 0, np.where(a[:, 1] >= length, 1, 2))
         sign = np.sign(delta[np.arange(len(length)), major])
         slope = delta / length[:, None]
         for ax in range(3):

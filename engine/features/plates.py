@@ -67,6 +67,29 @@ def _shift_bits(packed: np.ndarray, towards_lower: bool) -> np.ndarray:
     return out
 
 
+def _dilate_axis(a: np.ndarray, axis: int) -> np.ndarray:
+    """``out[i] = a[i-1] | a[i] | a[i+1] | a[i+2]`` along ``axis`` (outside: 0)."""
+    def cut(lo: int | None, hi: int | None) -> tuple[slice, ...]:
+        return (slice(None),) * axis + (slice(lo, hi),)
+
+    out = a.copy()
+    out[cut(1, None)] |= a[cut(None, -1)]
+    out[cut(None, -1)] |= a[cut(1, None)]
+    out[cut(None, -2)] |= a[cut(2, None)]
+    return out
+
+
+def _erode_axis(a: np.ndarray, axis: int) -> np.ndarray:
+    """``out[i] = a[i-1] & a[i] & a[i+1]`` along ``axis`` (outside: 0)."""
+    def cut(lo: int | None, hi: int | None) -> tuple[slice, ...]:
+        return (slice(None),) * axis + (slice(lo, hi),)
+
+    out = np.zeros_like(a)
+    np.bitwise_and(a[cut(None, -2)], a[cut(1, -1)], out=out[cut(1, -1)])
+    out[cut(1, -1)] &= a[cut(2, None)]
+    return out
+
+
 def close_like_reference(marks: np.ndarray) -> np.ndarray:
     """``binary_erosion(binary_dilation(m, ones((4,4,4))), ones((3,3,3)))`` as scipy does it.
 
@@ -79,24 +102,12 @@ def close_like_reference(marks: np.ndarray) -> np.ndarray:
     m = np.packbits(marks, axis=2)
     if nx % 8:  # keep the padding bits out of the array: they must act as "outside" (0)
         m[..., -1] &= np.uint8((0xFF << (8 - nx % 8)) & 0xFF)
-    tail = m[..., -1].copy() if nx % 8 else None
-    for axis in (0, 1):  # pair[i] = m[i] | m[i+1]; out[i] = m[i-1] | pair[i] | pair[i+1]
-        a = np.moveaxis(m, axis, 0)
-        pair = a.copy()
-        pair[:-1] |= a[1:]
-        out = pair.copy()
-        out[1:] |= a[:-1]
-        out[:-1] |= pair[1:]
-        m = np.ascontiguousarray(np.moveaxis(out, 0, axis))
+    m = _dilate_axis(_dilate_axis(m, 0), 1)
     pair = m | _shift_bits(m, towards_lower=True)
     m = pair | _shift_bits(m, towards_lower=False) | _shift_bits(pair, towards_lower=True)
-    if tail is not None:
+    if nx % 8:
         m[..., -1] &= np.uint8((0xFF << (8 - nx % 8)) & 0xFF)
-    for axis in (0, 1):
-        a = np.moveaxis(m, axis, 0)
-        out = np.zeros_like(a)
-        out[1:-1] = a[:-2] & a[1:-1] & a[2:]
-        m = np.ascontiguousarray(np.moveaxis(out, 0, axis))
+    m = _erode_axis(_erode_axis(m, 0), 1)
     m = m & _shift_bits(m, towards_lower=True) & _shift_bits(m, towards_lower=False)
     out = np.unpackbits(m, axis=2, count=nx).view(bool)
     out[..., 0] = False
