@@ -344,21 +344,21 @@ def compute_dvhs(dose: np.ndarray, structures: StructureSet | Sequence[Structure
         hi -= 2.0 * h
         dmin[nonempty] = np.maximum(np.minimum.reduceat(hi, heads), 0.0)
 
-    # each voxel spreads its volume evenly over [lo, hi] (at least one bin wide); in bin units
-    # the cumulative volume at edge j is sum_i s_i (R(u_hi,i - j) - R(u_lo,i - j)), R = max(., 0)
+    # each voxel spreads its volume evenly over [d - h, d + h], at least one bin wide upward (so
+    # a uniform dose d still has all its volume at >= d); in bin units the cumulative volume at
+    # edge j is sum_i s_i (R(u_hi,i - j) - R(u_lo,i - j)), R = max(., 0), s = w / (u_hi - u_lo)
     inv = np.float32(1.0 / width)
-    hb = np.maximum(h, np.float32(width / 2.0))
-    hb *= inv
-    slope = w / hb
-    slope *= 0.5
+    hb = h * inv
     u = d * inv
+    lo = u - hb
+    u += hb
+    np.maximum(u, lo + np.float32(1.0), out=u)
+    slope = w / (u - lo)
+    np.maximum(lo, 0.0, out=lo)
     offset = segment * np.int32(n + 1) if count * (n + 1) < 2**31 else segment * (n + 1)
     size = count * (n + 1)
     a = np.zeros(size)
     b = np.zeros(size)
-    lo = u - hb
-    np.maximum(lo, 0.0, out=lo)
-    u += hb
     for c, sign in ((u, 1.0), (lo, -1.0)):
         k = c.astype(offset.dtype)
         c -= k
