@@ -39,6 +39,7 @@ from engine.metrics.dvh import (
     parse_metric,
     structure_samples,
 )
+from engine.structure_names import canonical_name
 
 COMPARATORS = {"<=": lambda v, g: v <= g, "<": lambda v, g: v < g,
                ">=": lambda v, g: v >= g, ">": lambda v, g: v > g}
@@ -133,15 +134,7 @@ def _normalise(name: str) -> str:
 
 def canonical(name: str) -> str:
     """The alias-table spelling of a structure name (normalised text when not in the table)."""
-    # The clinical alias table (engine.structure_names) replaces this when it lands on main.
-    key = _normalise(name)
-    for side, words in (("L", ("left", "l", "lt")), ("R", ("right", "r", "rt"))):
-        for w in words:
-            for organ in ("parotid", "submandibular", "opticnerve", "cochlea", "lung",
-                          "femoralhead", "brachialplexus", "eye", "lens", "kidney"):
-                if key in (w + organ, organ + w):
-                    return f"{organ}_{side}".lower()
-    return key
+    return canonical_name(name) or _normalise(name)
 
 
 def resolve_structure(wanted: Sequence[str], names: Sequence[str]) -> str | None:
