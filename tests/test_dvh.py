@@ -7,8 +7,17 @@ import pytest
 from scipy.optimize import brentq
 
 from engine.case import Geometry, Structure
-from engine.metrics.dvh import (all_metrics, compute_dvhs, dose_metrics, dvh, homogeneity_index,
-                                metric_value, paddick_conformity_index, parse_metric, prepare)
+from engine.metrics.dvh import (
+    all_metrics,
+    compute_dvhs,
+    dose_metrics,
+    dvh,
+    homogeneity_index,
+    metric_value,
+    paddick_conformity_index,
+    parse_metric,
+    prepare,
+)
 
 SPACING = 2.5
 GEOM = Geometry((56, 64, 64), (0.0, 0.0, 0.0), (SPACING, SPACING, SPACING))

@@ -9,9 +9,16 @@ import pytest
 
 from engine.case import Geometry, Structure
 from engine.metrics.dvh import compute_dvhs, prepare
-from engine.metrics.scorecard import (BoundScorecard, ScorecardError, builtin_template,
-                                      evaluate, load_template, parse_template,
-                                      resolve_structure, score)
+from engine.metrics.scorecard import (
+    BoundScorecard,
+    ScorecardError,
+    builtin_template,
+    evaluate,
+    load_template,
+    parse_template,
+    resolve_structure,
+    score,
+)
 
 GOOD = """\
 [scorecard]

@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.metrics.scores import (CaseScore, compare_paired, gdp_hmm_benchmark, gdp_hmm_mae,
-                                   openkbp_benchmark, openkbp_case_score, openkbp_dose_score,
-                                   openkbp_dvh_metrics)
+from engine.metrics.scores import (
+    CaseScore,
+    compare_paired,
+    gdp_hmm_benchmark,
+    gdp_hmm_mae,
+    openkbp_benchmark,
+    openkbp_case_score,
+    openkbp_dose_score,
+    openkbp_dvh_metrics,
+)
 
 
 def test_openkbp_dose_score_sums_the_whole_volume_over_the_mask_count() -> None:

@@ -96,7 +96,9 @@ class DVH:
     @property
     def coverage_fraction(self) -> float:
         """Fraction of the structure's volume where the dose is known (1.0 = fully covered)."""
-        return self.volume_cc / self.total_volume_cc if self.total_volume_cc > 0 else 0.0
+        if self.total_volume_cc <= 0:
+            return 0.0
+        return min(self.volume_cc / self.total_volume_cc, 1.0)
 
     @property
     def cumulative_pct(self) -> np.ndarray:
