@@ -192,16 +192,17 @@ class StructureSet:
     """Several structures' samples concatenated, so one pass over them serves all DVHs.
 
     Built by :func:`prepare`; ``start[i]:start[i+1]`` is structure ``i``'s segment of the
-    concatenated arrays and ``segment`` names the structure of every entry.
+    concatenated arrays. ``neighbours`` holds, for each partial voxel, the raveled indices of
+    itself and its -y, +y, -x, +x neighbours (itself on the grid faces).
     """
 
     samples: tuple[StructureSamples, ...]
     flat_index: np.ndarray
     weight_cc: np.ndarray
-    segment: np.ndarray
     start: np.ndarray
     partial: np.ndarray
     offset_yx: np.ndarray
+    neighbours: np.ndarray
     bbox: tuple[int, int, int, int, int, int] | None
 
     @classmethod
@@ -227,9 +228,17 @@ class StructureSet:
         if len(boxes):
             bbox = (int(boxes[:, 0].min()), int(boxes[:, 1].max()), int(boxes[:, 2].min()),
                     int(boxes[:, 3].max()), int(boxes[:, 4].min()), int(boxes[:, 5].max()))
-        segment = np.repeat(np.arange(len(samples), dtype=np.int32), lengths)
-        return cls(samples, flat, cat([s.weight_cc for s in samples], np.float32), segment,
-                   start, partial, offset, bbox)
+        at = flat[partial].astype(np.int64)
+        neighbours = np.stack([at, at, at, at, at], axis=1)
+        if samples and len(at):
+            _, ny, nx = samples[0].grid_shape
+            j, i = (at // nx) % ny, at % nx
+            neighbours[j > 0, 1] -= nx
+            neighbours[j < ny - 1, 2] += nx
+            neighbours[i > 0, 3] -= 1
+            neighbours[i < nx - 1, 4] += 1
+        return cls(samples, flat, cat([s.weight_cc for s in samples], np.float32), start,
+                   partial, offset, neighbours, bbox)
 
 
 def prepare(structures: Sequence[Structure], geometry: Geometry) -> StructureSet:
@@ -269,20 +278,6 @@ def _half_width(sub: np.ndarray) -> np.ndarray:
     return h2
 
 
-def _slopes_at(dose: np.ndarray, flat: np.ndarray, axis: int) -> np.ndarray:
-    """Signed minmod slope of ``dose`` along ``axis`` at raveled voxels (0 on the grid faces)."""
-    n = dose.shape[axis]
-    stride = int(np.prod(dose.shape[axis + 1:]))
-    pos = (flat // stride) % n
-    inner = (pos > 0) & (pos < n - 1)
-    out = np.zeros(len(flat), np.float32)
-    at = flat[inner]
-    v = dose.reshape(-1)
-    centre = v[at]
-    out[inner] = _minmod(centre - v[at - stride], v[at + stride] - centre)
-    return np.nan_to_num(out)
-
-
 def compute_dvhs(dose: np.ndarray, structures: StructureSet | Sequence[StructureSamples],
                  bin_width_gy: float = BIN_WIDTH_GY) -> tuple[DVH, ...]:
     """DVHs of several structures for one dose, all on one dose axis, in one pass.
@@ -318,14 +313,17 @@ def compute_dvhs(dose: np.ndarray, structures: StructureSet | Sequence[Structure
     d = d32.reshape(-1)[idx]
     h = half.reshape(-1)[idx]
     if len(sset.partial):
-        at = idx[sset.partial]
-        d[sset.partial] += (_slopes_at(d32, at, 1) * sset.offset_yx[:, 0]
-                            + _slopes_at(d32, at, 2) * sset.offset_yx[:, 1])
-    w, segment = sset.weight_cc, sset.segment
+        v = d32.reshape(-1)[sset.neighbours]
+        centre = v[:, 0]
+        slope_y = _minmod(centre - v[:, 1], v[:, 2] - centre)
+        slope_x = _minmod(centre - v[:, 3], v[:, 4] - centre)
+        d[sset.partial] += np.nan_to_num(slope_y * sset.offset_yx[:, 0]
+                                         + slope_x * sset.offset_yx[:, 1])
+    w = sset.weight_cc
     count = len(sset.samples)
     if has_nan:
         keep = np.flatnonzero(np.isfinite(d))
-        d, h, w, segment = d[keep], h[keep], w[keep], segment[keep]
+        d, h, w = d[keep], h[keep], w[keep]
         start = np.searchsorted(keep, sset.start)
     else:
         start = sset.start
@@ -335,13 +333,15 @@ def compute_dvhs(dose: np.ndarray, structures: StructureSet | Sequence[Structure
     n = int(np.ceil(top / width)) + 2
     edges = np.arange(n + 1) * width
 
-    volume = np.bincount(segment, w, count)
-    dose_sum = np.bincount(segment, w * d, count)
     nonempty = np.diff(start) > 0
     heads = start[:-1][nonempty]
+    volume = np.zeros(count)
+    dose_sum = np.zeros(count)
     dmin = np.full(count, np.nan)
     dmax = np.full(count, np.nan)
     if len(heads):
+        volume[nonempty] = np.add.reduceat(w, heads, dtype=np.float64)
+        dose_sum[nonempty] = np.add.reduceat(w * d, heads, dtype=np.float64)
         dmax[nonempty] = np.maximum.reduceat(hi, heads)
         hi -= 2.0 * h
         dmin[nonempty] = np.maximum(np.minimum.reduceat(hi, heads), 0.0)
@@ -357,19 +357,16 @@ def compute_dvhs(dose: np.ndarray, structures: StructureSet | Sequence[Structure
     np.maximum(u, lo + np.float32(1.0), out=u)
     slope = w / (u - lo)
     np.maximum(lo, 0.0, out=lo)
-    offset = segment * np.int32(n + 1) if count * (n + 1) < 2**31 else segment * (n + 1)
-    size = count * (n + 1)
-    a = np.zeros(size)
-    b = np.zeros(size)
+    a = np.zeros((count, n + 1))
+    b = np.zeros((count, n + 1))
     for c, sign in ((u, 1.0), (lo, -1.0)):
-        k = c.astype(offset.dtype)
-        c -= k
-        c *= slope
-        k += offset
-        a += sign * np.bincount(k, c, size)
-        b += sign * np.bincount(k, slope, size)
-    a = a.reshape(count, n + 1)
-    b = b.reshape(count, n + 1)
+        frac, whole = np.modf(c)
+        k = whole.astype(np.int64)
+        frac *= slope
+        for i in np.flatnonzero(nonempty):
+            seg = slice(start[i], start[i + 1])
+            a[i] += sign * np.bincount(k[seg], frac[seg], n + 1)
+            b[i] += sign * np.bincount(k[seg], slope[seg], n + 1)
     j = np.arange(n + 1)
     rev = (slice(None), slice(None, None, -1))
     cum = (np.cumsum(a[rev], axis=1)[rev] + np.cumsum((j * b)[rev], axis=1)[rev]
