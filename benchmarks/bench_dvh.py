@@ -2,7 +2,8 @@
 
 The case is the synthetic head-and-neck phantom (``engine.phantom``: body, vertebra with a hole,
 cord, trachea, oesophagus, larynx, brainstem, parotids, two PTVs, plus extra small organs up to
-30 ROIs) with its smooth synthetic dose. Structures are prepared once (contour partial volumes,
+30 ROIs) with its synthetic target dose plus a smooth low-dose bath (``benchmarks.dvh_phantom``),
+so every organ sits in a dose gradient. Structures are prepared once (contour partial volumes,
 as the app does for a loaded case); each timed call is ``engine.metrics.dvh.all_metrics``: the
 30 cumulative DVHs and every metric of ``DoseMetrics`` (mean/min/max, D98/D95/D50/D2,
 D0.03cc/D0.1cc, V20Gy, HI and Paddick CI for the targets). Reported: median and min wall time,
@@ -31,12 +32,11 @@ GRIDS = {
 
 
 def run(grid: str, repeats: int) -> dict:
+    from benchmarks.dvh_phantom import phantom_with_bath
     from engine.metrics.dvh import all_metrics, prepare
-    from engine.phantom import PhantomSpec, make_phantom
 
     shape, spacing = GRIDS[grid]
-    case = make_phantom(PhantomSpec(shape=shape, spacing=spacing, extra_oars=19,
-                                    with_dose=True, noise_hu=0.0))
+    case = phantom_with_bath(shape, spacing)
     dose = case.dose.array
     t0 = time.perf_counter()
     structures = prepare(case.structures, case.geometry)

@@ -4,7 +4,8 @@ dicompyler-core 0.5.6 (the PyPI release) does not import with pydicom 3, so it r
 virtual environment (created on first use, default ``~/.cache/dosepilot/dicompyler-core-venv``)
 with ``pydicom<3``, in a child process. Both sides read the same DICOM files:
 
-* the synthetic head-and-neck phantom (``engine.phantom``, 30 ROIs, smooth synthetic dose);
+* the synthetic head-and-neck phantom (30 ROIs) with a dose reaching every organ
+  (``benchmarks.dvh_phantom``);
 * dicompyler-core's own example, a real breast IMRT plan (``rtss.dcm`` + ``rtdose.dcm`` with a
   2.5 mm dose grid), taken from its PyPI source distribution (``pip download``).
 
@@ -92,25 +93,11 @@ def example_pair(workdir: Path) -> tuple[Path, Path]:
 
 
 def phantom_pair(workdir: Path) -> tuple[Path, Path]:
-    """The phantom with its target dose plus a smooth low-dose bath, so every OAR sits in a
-    dose gradient (the phantom's own dose is 0 Gy in most organs)."""
-    import numpy as np
-
-    from engine.case import Volume
+    from benchmarks.dvh_phantom import phantom_with_bath
     from engine.io.dicom_export import write_case_dicom
-    from engine.phantom import PhantomSpec, make_phantom
 
-    spec = PhantomSpec(shape=(60, 128, 160), spacing=(2.5, 2.5, 2.5), extra_oars=19,
-                       with_dose=True, noise_hu=0.0)
-    case = make_phantom(spec)
-    g = case.geometry
-    z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(g.shape, g.spacing)],
-                          indexing="ij")
-    centre = [n * s / 2 for n, s in zip(g.shape, g.spacing)]
-    r2 = (z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2
-    bath = 30.0 * np.exp(-r2 / (2 * 70.0**2)) * case.external.mask
-    dose = np.maximum(case.dose.array, bath).astype(np.float32)
-    written = write_case_dicom(case.with_dose(Volume(dose, g)), workdir / "phantom")
+    written = write_case_dicom(phantom_with_bath((60, 128, 160), (2.5, 2.5, 2.5)),
+                               workdir / "phantom")
     return written.rtstruct_path, written.rtdose_path
 
 

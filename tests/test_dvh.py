@@ -272,3 +272,11 @@ def test_block_mean_handles_ragged_edges() -> None:
     assert means[0, 0, 0] == pytest.approx(values[0, :3, :3].mean())
     assert means[1, 1, 1] == pytest.approx(values[1, 3:, 3:].mean())
     assert means[1, 0, 1] == pytest.approx(values[1, :3, 3:].mean())
+
+
+def test_negative_predicted_doses_count_as_zero() -> None:
+    dose = np.where(X < CENTRE[2], -0.5, 10.0).astype(np.float32)
+    curve = dvh(dose, sphere(radius_for(5.0), False), GEOM)
+    assert curve.cumulative_cc[0] == pytest.approx(curve.volume_cc)
+    assert curve.min_gy == 0.0
+    assert curve.dose_at_volume_pct(99) == pytest.approx(0.0, abs=0.01)

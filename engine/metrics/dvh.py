@@ -439,6 +439,7 @@ def compute_dvhs(dose: np.ndarray, structures: StructureSet | Sequence[Structure
     inv = np.float32(1.0 / width)
     hb = h * inv
     u = d * inv
+    np.maximum(u, 0.0, out=u)  # a (predicted) negative dose counts as 0 Gy
     lo = u - hb
     u += hb
     np.maximum(u, lo + np.float32(1.0), out=u)
