@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.case import Geometry, Structure
+from engine.case import Case, Geometry, Structure, Volume
 from engine.metrics.dvh import compute_dvhs, prepare
 from engine.metrics.scorecard import (
     BoundScorecard,
@@ -126,6 +126,8 @@ def test_bound_scorecard_matches_one_shot_and_evaluate() -> None:
         dose = uniform_dose(68.0, 55.0, cord)
         a, b = bound.score(dose), score(dose, structures, t, GEOM)
         assert a.total == pytest.approx(b.total)
+        case = Case("c", Volume(np.zeros(GEOM.shape, np.float32), GEOM), tuple(structures))
+        assert score(dose, case, t).total == pytest.approx(a.total)
         dvhs = dict(zip([s.name for s in structures],
                         compute_dvhs(dose, prepare(structures, GEOM))))
         c = evaluate(t, dvhs, {"PTV70": 70.0, "PTV56": 56.0})
@@ -233,3 +235,8 @@ def test_header_errors(tmp_path: Path, text: str, message: str) -> None:
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ScorecardError, match="cannot read"):
         load_template(tmp_path / "missing.toml")
+
+
+def test_structures_without_a_grid_are_an_error() -> None:
+    with pytest.raises(ValueError, match="needs their grid"):
+        score(uniform_dose(70.0, 56.0, 10.0), case_structures(), parse_template(GOOD))

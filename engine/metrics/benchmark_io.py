@@ -209,8 +209,10 @@ def read_gdp_hmm_npz(path: Path) -> dict:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
                 shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
+            elif version == (2, 0):
                 shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise BenchmarkFileError(f"{path}: unsupported .npy format version {version}")
             if dtype != np.dtype(object) or shape != ():
                 raise BenchmarkFileError(f"{path}: expected one pickled dict in arr_0")
             value = _ArraysOnlyUnpickler(io.BytesIO(f.read())).load()

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import tomllib
 
-from engine.case import Geometry, Role, Structure
+from engine.case import Case, Geometry, Role, Structure
 from engine.metrics.dvh import (
     DVH,
     Metric,
@@ -242,8 +242,12 @@ def evaluate(template: ScorecardTemplate, dvhs: Mapping[str, DVH],
 class BoundScorecard:
     """A template bound to one case's structures: resolve once, then score many doses fast."""
 
-    def __init__(self, template: ScorecardTemplate, structures: Sequence[Structure],
-                 geometry: Geometry):
+    def __init__(self, template: ScorecardTemplate, structures: Case | Sequence[Structure],
+                 geometry: Geometry | None = None):
+        if isinstance(structures, Case):
+            structures, geometry = structures.structures, geometry or structures.geometry
+        if geometry is None:
+            raise ValueError("scoring structures needs their grid: pass geometry (or a Case)")
         self.template = template
         targets = [(s.name, float(s.prescription_gy)) for s in structures
                    if s.role is Role.TARGET and s.prescription_gy]
@@ -258,11 +262,14 @@ class BoundScorecard:
         return _evaluate(self.template, self._bindings, dvhs)
 
 
-def score(dose: np.ndarray, case_structures: Sequence[Structure],
-          template: ScorecardTemplate, geometry: Geometry) -> ScorecardResult:
-    """Scorecard of one dose (Gy, ``[z, y, x]`` on ``geometry``); total in [0, 1].
+def score(dose: np.ndarray, case_structures: Case | Sequence[Structure],
+          template: ScorecardTemplate, geometry: Geometry | None = None) -> ScorecardResult:
+    """Scorecard of one dose (Gy, ``[z, y, x]`` on the structures' grid); total in [0, 1].
 
-    For many doses of one case, build a :class:`BoundScorecard` once and call its ``score``.
+    ``case_structures`` is a :class:`Case` or its structures with their ``geometry``. For many
+    doses of one case (ScardNFT rewards), build a :class:`BoundScorecard` once and call its
+    ``score``: names are resolved and voxels prepared once, each call costs one DVH pass over
+    the scored structures only.
     """
     return BoundScorecard(template, case_structures, geometry).score(dose)
 
