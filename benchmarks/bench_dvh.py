@@ -56,9 +56,13 @@ def run(grid: str, repeats: int) -> dict:
         _, reference = all_metrics(dose, full, case.geometry)
         _, fast = all_metrics(dose, structures, case.geometry)
         for key in ("mean_gy", "d95_gy"):
-            diffs = [abs(getattr(a, key) - getattr(b, key)) / max(abs(getattr(b, key)), 0.1)
+            diffs = [(abs(getattr(a, key) - getattr(b, key)), abs(getattr(b, key)), b.name)
                      for a, b in zip(fast, reference) if b.volume_cc >= 5.0]
-            accuracy[f"max_rel_diff_{key}_vs_voxelwise"] = round(max(diffs), 5)
+            rel = max(diffs, key=lambda t: t[0] / max(t[1], 1e-6))
+            accuracy[f"{key}_vs_voxelwise"] = {
+                "max_abs_gy": round(max(t[0] for t in diffs), 4),
+                "max_rel": round(rel[0] / max(rel[1], 1e-6), 5), "worst_rel": rel[2],
+                "worst_rel_value_gy": round(rel[1], 3)}
     return {"grid": grid, "shape": shape, "structures": len(case.structures),
             "block": structures.samples[0].block, **accuracy,
             "voxels_in_structures": int(len(structures.flat_index)),
