@@ -240,3 +240,14 @@ def test_unreadable_file(tmp_path: Path) -> None:
 def test_structures_without_a_grid_are_an_error() -> None:
     with pytest.raises(ValueError, match="needs their grid"):
         score(uniform_dose(70.0, 56.0, 10.0), case_structures(), parse_template(GOOD))
+
+
+def test_target_selectors_use_distinct_prescription_levels() -> None:
+    from engine.metrics.scorecard import _select_targets
+
+    chosen = _select_targets([("PTV70", 70.0), ("PTV70_nodes", 70.0), ("PTV56", 56.0),
+                              ("PTV63", 63.0)])
+    assert chosen == {"PTV_High": ("PTV70", 70.0), "PTV_Mid": ("PTV63", 63.0),
+                      "PTV_Low": ("PTV56", 56.0)}
+    assert _select_targets([("A", 60.0), ("B", 60.0)]) == {"PTV_High": ("A", 60.0)}
+    assert _select_targets([]) == {}

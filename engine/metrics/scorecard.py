@@ -45,8 +45,8 @@ COMPARATORS = {"<=": lambda v, g: v <= g, "<": lambda v, g: v < g,
                ">=": lambda v, g: v >= g, ">": lambda v, g: v > g}
 TARGET_SELECTORS = ("PTV_High", "PTV_Mid", "PTV_Low")
 _OBJECTIVE_KEYS = {"structure", "metric", "comparator", "goal", "score", "weight",
-                   "relative_to_prescription", "source", "note"}
-_HEADER_KEYS = {"name", "site", "description", "sources", "prescription_note"}
+                   "relative_to_prescription", "source"}
+_HEADER_KEYS = {"name", "site", "description", "sources"}
 
 
 class ScorecardError(ValueError):
@@ -151,15 +151,22 @@ def resolve_structure(wanted: Sequence[str], names: Sequence[str]) -> str | None
 
 
 def _select_targets(targets: Sequence[tuple[str, float]]) -> dict[str, tuple[str, float]]:
-    """PTV_High / PTV_Mid / PTV_Low -> (name, prescription) by prescription rank."""
-    ranked = sorted(targets, key=lambda t: -t[1])
+    """PTV_High / PTV_Mid / PTV_Low -> (name, prescription) by distinct prescription level.
+
+    High is the highest level, Low the lowest (when there are two or more levels), Mid the
+    middle one (three or more); targets sharing a level go by their order in the case.
+    """
+    levels = sorted({rx for _, rx in targets}, reverse=True)
+    first = {}
+    for name, rx in targets:
+        first.setdefault(rx, (name, rx))
     out: dict[str, tuple[str, float]] = {}
-    if ranked:
-        out["PTV_High"] = ranked[0]
-    if len(ranked) >= 2:
-        out["PTV_Low"] = ranked[-1]
-    if len(ranked) >= 3:
-        out["PTV_Mid"] = ranked[len(ranked) // 2]
+    if levels:
+        out["PTV_High"] = first[levels[0]]
+    if len(levels) >= 2:
+        out["PTV_Low"] = first[levels[-1]]
+    if len(levels) >= 3:
+        out["PTV_Mid"] = first[levels[len(levels) // 2]]
     return out
 
 
