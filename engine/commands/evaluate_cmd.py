@@ -1,9 +1,10 @@
 """``dosepilot evaluate PRED_DIR REF_DIR [--format openkbp|gdp-hmm] [--json]``: benchmark scores.
 
 OpenKBP (default): ``PRED_DIR`` holds ``pt_N.csv`` (the challenge's sparse submission format) or
-``pt_N.npy`` (dense 128³, Gy) files; ``REF_DIR`` the shared ``pt_N.npz`` references or the
-original dataset's ``pt_N/`` folders. Prints one CSV row per patient (dose score, DVH score) and
-the summary: the OpenKBP dose and DVH scores over the patients scored.
+``pt_N.npy`` (dense 128³ in the dataset's layout, Gy) files; ``REF_DIR`` the shared ``pt_N.npz``
+references or the original dataset's ``pt_N/`` folders (read by :mod:`engine.io.openkbp`).
+Prints one CSV row per patient (dose score, DVH score) and the summary: the OpenKBP dose and
+DVH scores over the patients scored.
 
 GDP-HMM: ``PRED_DIR`` holds ``{plan}_pred.npy`` (Gy, the npz grid), ``REF_DIR`` the plans'
 ``{plan}.npz`` files; the prescriptions come from ``PTV_DICT.json`` (``--ptv-dict``, else found in
@@ -25,17 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from engine.case import Geometry, Role, Structure
+from engine.case import Case, Role
 from engine.cli import UserError
+from engine.io.openkbp import OpenKBPFormatError, load_openkbp, to_case_axes
 from engine.metrics.benchmark_io import (
     BenchmarkFileError,
-    OpenKBPReference,
     openkbp_predictions,
     openkbp_references,
     patient_sort_key,
     read_gdp_hmm_npz,
     read_openkbp_prediction,
-    read_openkbp_reference,
     read_prediction_array,
     read_ptv_dict,
 )
@@ -47,7 +47,6 @@ from engine.metrics.scorecard import (
     load_template,
 )
 from engine.metrics.scores import (
-    OPENKBP_TARGETS,
     BenchmarkScore,
     CaseScore,
     gdp_hmm_benchmark,
@@ -81,19 +80,6 @@ def _template(spec: str) -> ScorecardTemplate:
         raise UserError(str(exc)) from exc
 
 
-def _openkbp_case(ref: OpenKBPReference) -> tuple[list[Structure], Geometry]:
-    """Structures on a [z, y, x] grid (the OpenKBP arrays are (x, y, z))."""
-    geometry = Geometry(ref.dose_gy.shape[::-1], (0.0, 0.0, 0.0), ref.voxel_mm[::-1])
-    structures = []
-    for name, mask in ref.masks.items():
-        if mask.any():
-            target = name in OPENKBP_TARGETS
-            structures.append(Structure(name, Role.TARGET if target else Role.OAR,
-                                        mask.transpose(2, 1, 0),
-                                        prescription_gy=float(name[3:]) if target else None))
-    return structures, geometry
-
-
 def _match(preds: dict[str, Path], refs: dict[str, Path], warnings: list[str]) -> list[str]:
     both = [k for k in refs if k in preds]
     if not both:
@@ -109,8 +95,25 @@ def _match(preds: dict[str, Path], refs: dict[str, Path], warnings: list[str]) -
     return both
 
 
+def _reference(path: Path) -> tuple[Case, dict[str, np.ndarray]]:
+    """An OpenKBP reference case (with its dose) and its scored ROI masks."""
+    try:
+        case = load_openkbp(path)
+    except OpenKBPFormatError as exc:
+        raise UserError(str(exc)) from exc
+    if case.dose is None or case.external is None:
+        raise UserError(f"{path}: a reference needs its dose and possible-dose mask")
+    masks = {s.name: s.mask for s in case.structures if s.role is not Role.EXTERNAL}
+    return case, masks
+
+
 def _evaluate_openkbp(args: argparse.Namespace, warnings: list[str]
                       ) -> tuple[BenchmarkScore, dict[str, dict[str, float]]]:
+    """OpenKBP scores on the case grid (the scores do not depend on voxel order).
+
+    The case model holds reference doses in float32, so scores can differ from a float64
+    evaluation by about 1e-6 Gy.
+    """
     refs = openkbp_references(args.ref_dir)
     if not refs:
         raise UserError(f"{args.ref_dir}: no OpenKBP references (pt_N.npz files or pt_N/ "
@@ -120,15 +123,15 @@ def _evaluate_openkbp(args: argparse.Namespace, warnings: list[str]
     rows: list[CaseScore] = []
     extra: dict[str, dict[str, float]] = {}
     for pid in _match(preds, refs, warnings):
-        ref = read_openkbp_reference(refs[pid])
-        pred = read_openkbp_prediction(preds[pid])
-        rows.append(openkbp_case_score(pid, ref.dose_gy, pred, ref.masks,
-                                       ref.possible_dose_mask, ref.voxel_mm))
+        case, masks = _reference(refs[pid])
+        pred = to_case_axes(read_openkbp_prediction(preds[pid]))
+        ref_dose = case.dose.array.astype(np.float64)
+        rows.append(openkbp_case_score(pid, ref_dose, pred, masks, case.external.mask,
+                                       case.geometry.spacing))
         if template is not None:
-            structures, geometry = _openkbp_case(ref)
-            card = BoundScorecard(template, structures, geometry)
-            extra[pid] = {"scorecard_pred": card.score(pred.transpose(2, 1, 0)).total,
-                          "scorecard_ref": card.score(ref.dose_gy.transpose(2, 1, 0)).total}
+            card = BoundScorecard(template, case)
+            extra[pid] = {"scorecard_pred": card.score(pred).total,
+                          "scorecard_ref": card.score(ref_dose).total}
     return openkbp_benchmark(rows), extra
 
 
