@@ -16,6 +16,8 @@ import sys
 COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.inspect_cmd",
     "engine.commands.convert_cmd",
+    "engine.commands.dvh_cmd",
+    "engine.commands.evaluate_cmd",
 )
 
 
