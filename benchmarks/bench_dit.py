@@ -1,10 +1,11 @@
-"""DiT forward time and peak memory at the full 97 x 128 x 160 problem (one 1-step prediction).
+"""DiT 1-step prediction (one forward) time and peak memory at the full 97 x 128 x 160 problem.
 
 Input: 7 slots of 16 x 25 x 16 x 20 latents (the VAE latent of one 97 x 128 x 160 ROI per
-modality), dose (slot 4) the target, the other six clean conditions; fp32, random weights. Each
+modality), dose (slot 4) the target, the other six clean conditions; fp32, random weights; timed
+through ``engine.diffusion.sample(steps=1)`` with ``any2any_velocity`` (noise to x0). Each
 configuration runs in a fresh child process so that its peak RSS (``ru_maxrss``, which includes
-Python and torch, about 0.3 GB) is its own. The 1.3B Wan preset takes minutes per layer on a
-2-core CPU, so it is measured with one of its 30 blocks and reported per layer and extrapolated.
+Python and torch, about 0.3 GB) is its own. The 1.3B Wan preset takes about half a minute per
+layer on a 2-core CPU, so it is measured with one of its 30 blocks and extrapolated.
 
     python -m benchmarks.bench_dit                       # cpu-small, cpu-base, wan2.1-1.3b
     python -m benchmarks.bench_dit --configs cpu-small --repeats 9 --tuned-malloc
@@ -34,7 +35,8 @@ TUNED_MALLOC = {
 def _child(name: str, repeats: int, layers: int | None, threads: int) -> dict:
     import torch
 
-    from engine.models.dit import DiffKT3D, preset
+    from engine.diffusion import initial_noise, sample
+    from engine.models.dit import DiffKT3D, any2any_velocity, preset
 
     torch.set_num_threads(threads)
     config = preset(name)
@@ -42,15 +44,16 @@ def _child(name: str, repeats: int, layers: int | None, threads: int) -> dict:
         config = dataclasses.replace(config, num_layers=layers)
     torch.manual_seed(0)
     model = DiffKT3D(config).eval()
-    x = torch.randn(1, 7, *LATENT)
+    conditions = torch.randn(1, 7, *LATENT)
     target = torch.zeros(1, 7, dtype=torch.bool)
     target[0, 4] = True
-    t = torch.ones(1)
+    velocity = any2any_velocity(model, conditions, target)
     times = []
     with torch.inference_mode():
         for i in range(repeats + (1 if repeats > 1 else 0)):  # first call is a warm-up
             start = time.perf_counter()
-            model(x, t, target)
+            noise = initial_noise(conditions.shape, torch.Generator().manual_seed(i))
+            sample(velocity, noise, steps=1)
             if repeats == 1 or i > 0:
                 times.append(time.perf_counter() - start)
     grid = [-(-n // p) for n, p in zip(LATENT[1:], config.patch_size)]
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         r = run(name, 1 if big else args.repeats, 1 if big else None, args.threads,
                 args.tuned_malloc)
         line = (f"{name}: {r['tokens']} tokens, {r['params'] / 1e6:.1f} M params run, "
-                f"forward median {r['median_s']:.3f} s over {len(r['times_s'])} "
+                f"forward median {r['median_s']:.3f} s (min {min(r['times_s']):.3f}) "
+                f"over {len(r['times_s'])} "
                 f"(all: {', '.join(f'{s:.3f}' for s in r['times_s'])}), "
                 f"peak RSS {r['peak_rss_gb']:.2f} GB, tuned malloc {r['tuned_malloc']}")
         if big:

@@ -20,7 +20,7 @@ from engine.io.dicom_errors import DicomImportError
 from engine.io.dicom_rtdose import dose_on_ct, read_rtdose
 from engine.io.dicom_rtplan import PlanInfo, read_rtplan
 from engine.io.dicom_rtstruct import RoiContours, rasterize, read_rois
-from engine.io.dicom_scan import DicomObject, scan_folder
+from engine.io.dicom_scan import DicomObject, quiet_pydicom, scan_folder
 from engine.structure_names import prescription_from_name, role_from_observation
 
 __all__ = ["DicomImportError", "load_dicom_case"]
@@ -214,7 +214,11 @@ def load_dicom_case(path: str | Path, name: str | None = None) -> Case:
         DicomImportError: the folder has no usable CT, or the CT cannot be used (gaps, oblique
             slices, missing pixel data...); the message says which file and what is wrong.
     """
-    root = Path(path)
+    with quiet_pydicom():
+        return _load(Path(path), name)
+
+
+def _load(root: Path, name: str | None) -> Case:
     warnings: list[str] = []
     if not root.exists():
         raise DicomImportError(f"{root} does not exist")

@@ -61,7 +61,7 @@ def read_rtdose(ds: Dataset, where: str = "RTDOSE") -> DoseGrid:
     else:
         dz = float(ds.get("SliceThickness", 0) or 0) or 1.0
     axis0 = normal if dz > 0 else -normal
-    dose = raw.astype(np.float32) * np.float32(scaling)
+    dose = (raw.astype(np.float64) * scaling).astype(np.float32)
     geometry = Geometry(shape=dose.shape, origin=tuple(ipp), spacing=(abs(dz), dy, dx),
                         direction=(tuple(axis0), tuple(col), tuple(row)))
     volume = flip_axes(Volume(dose, geometry), axes_to_flip_for_axial(geometry))

@@ -8,16 +8,38 @@ data set.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 _DICOMDIR = "1.2.840.10008.1.3.10"
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's value-validation warnings (invalid UIDs, odd VRs) while reading.
+
+    Clinical files often break VR rules in harmless ways; what matters to the user is reported
+    in the case's warnings instead.
+    """
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -50,11 +72,29 @@ def _looks_like_raw_dataset(path: Path) -> bool:
     return len(head) == 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3] == 0
 
 
+def _cut_short(ds: Dataset) -> str | None:
+    """The tag where the file ends early, or None.
+
+    pydicom reads a truncated file without complaint; the last element it read (following the
+    last item of nested sequences) then holds fewer bytes than its declared length.
+    """
+    if not len(ds):
+        return None
+    tag = max(ds.keys())
+    el = ds.get_item(tag)
+    if isinstance(el, RawDataElement):
+        if el.length != 0xFFFFFFFF and el.value is not None and len(el.value) < el.length:
+            return str(tag)
+        return None
+    if el.VR == "SQ" and el.value:
+        return _cut_short(el.value[-1])
+    return None
+
+
 def read_object(path: Path) -> DicomObject | str | None:
     """The file as a :class:`DicomObject`, a reason string when it is broken DICOM, or None
     when it is not DICOM at all."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_pydicom():
         try:
             try:
                 ds = pydicom.dcmread(path)
@@ -62,6 +102,9 @@ def read_object(path: Path) -> DicomObject | str | None:
                 if not _looks_like_raw_dataset(path):
                     return None
                 ds = pydicom.dcmread(path, force=True)
+            cut = _cut_short(ds)
+            if cut:
+                return f"truncated (the file ends inside element {cut})"
             meta_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "")) \
                 if hasattr(ds, "file_meta") else ""
             if meta_class == _DICOMDIR or "DirectoryRecordSequence" in ds:

@@ -26,8 +26,8 @@ Conditions are clean by construction: condition tokens always get timestep 0 and
 "condition" role, whatever ``t`` is. :func:`any2any_velocity` wraps a model into the
 ``velocity(x_s, s)`` callable of ``engine.diffusion.sample``; it reads only the target entries of
 ``x_s`` and takes condition entries from the clean latents it was given, so sampler noise can
-never reach a condition slot. For training, noise only the targets (``torch.where(target, x_s,
-x0)``) and restrict the loss to target slots (``engine.diffusion.flow_matching_loss(mask=...)``).
+never reach a condition slot. For training, :func:`noise_targets` noises the targets only; restrict
+the loss to target slots (``engine.diffusion.flow_matching_loss(mask=...)``).
 
 Architecture (numbered as the forward runs)
 --------------------------------------------
@@ -82,7 +82,14 @@ def rope_band_dims(head_dim: int) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """Architecture of a DiffKT3D DiT. ``dim = num_heads * head_dim``."""
+    """Architecture of a DiffKT3D DiT (JSON via ``to_dict``/``from_dict``).
+
+    ``dim`` hidden size (= ``num_heads`` x head dim), ``ffn_dim`` FFN inner size, ``in_channels``
+    latent channels per slot (16 for the Wan VAE; outputs have the same), ``patch_size`` tokens per
+    (depth, height, width) latent cells, ``num_slots`` modalities, ``freq_dim`` sinusoidal timestep
+    size, ``eps`` of the norms, ``rope_theta`` RoPE base, ``rope_slot_dim`` head dims carrying the
+    slot phase (even, within the depth band; 0 disables slot RoPE).
+    """
 
     dim: int = 256
     num_layers: int = 6
@@ -347,8 +354,9 @@ class DiffKT3D(nn.Module):
         target_mask: Tensor,
         present: Tensor | None = None,
     ) -> Tensor:
+        """[B, S, C, D, H, W] latents -> prediction at target slots (module docstring)."""
         c = self.config
-        slots = self._check_inputs(x, t, target_mask, present)
+        slots, target_slots = self._check_inputs(x, t, target_mask, present)
         batch, _, _, depth, height, width = x.shape
         pt, ph, pw = c.patch_size
         pads = (-width % pw, -height % ph, -depth % pt)
@@ -365,8 +373,9 @@ class DiffKT3D(nn.Module):
         cos, sin = (a.to(x.device) for a in rope_angles(c, tuple(slots), grid))
 
         # 3. timestep + role embedding per (sample, slot): targets at s, conditions clean (s = 0)
-        roles = target_mask[:, slots].long()  # [B, P]
-        s = t.to(torch.float32).reshape(batch, 1) * roles
+        is_target = target_mask[:, slots]  # [B, P]
+        roles = torch.where(is_target, ROLE_TARGET, ROLE_CONDITION)
+        s = t.to(torch.float32).reshape(batch, 1) * is_target
         temb = self.time_embedder(timestep_sinusoid(diffusion.model_timestep(s), c.freq_dim))
         temb = temb + self.role_embedding(roles)
         modulation = self.time_proj(F.silu(temb)).unflatten(2, (6, c.dim))  # [B, P, 6, dim]
@@ -378,12 +387,15 @@ class DiffKT3D(nn.Module):
             else:
                 h = block(h, modulation, cos, sin)
 
-        # 5. head and un-patchify per slot (cropping the patch padding)
+        # 5. head and un-patchify per slot that is a target somewhere in the batch (cropping the
+        #    patch padding)
         head_mod = self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)  # [B, P, 2, dim]
         shift, scale = head_mod.unsqueeze(3).unbind(2)
         h = (_layer_norm(h, c.eps) * (1 + scale) + shift).type_as(h)
         out = x.new_zeros(x.shape)
         for i, slot in enumerate(slots):
+            if slot not in target_slots:
+                continue
             patches = self.proj_outs[slot](h[:, i]).reshape(batch, *grid, pt, ph, pw, c.in_channels)
             volume = patches.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(
                 batch, c.in_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw
@@ -393,8 +405,8 @@ class DiffKT3D(nn.Module):
 
     def _check_inputs(
         self, x: Tensor, t: Tensor, target_mask: Tensor, present: Tensor | None
-    ) -> list[int]:
-        """Validate shapes and masks; return the present slot indices in order."""
+    ) -> tuple[list[int], set[int]]:
+        """Validate shapes and masks; return the present slots (in order) and the target slots."""
         c = self.config
         if x.ndim != 6 or x.shape[1] != c.num_slots or x.shape[2] != c.in_channels:
             raise ValueError(
@@ -413,18 +425,30 @@ class DiffKT3D(nn.Module):
         if present.dtype != torch.bool or present.shape != (c.num_slots,):
             raise ValueError(f"present must be a bool tensor [{c.num_slots}], got {present.shape}")
         present = present.cpu()
-        stray = (target_mask.cpu() & ~present).any(dim=0).nonzero().flatten().tolist()
+        targeted = target_mask.cpu().any(dim=0)
+        stray = (targeted & ~present).nonzero().flatten().tolist()
         if stray:
             raise ValueError(f"slots {stray} are targets but not present")
         slots = present.nonzero().flatten().tolist()
         if not slots:
             raise ValueError("no slot is present: nothing to attend to")
-        return slots
+        return slots, set(targeted.nonzero().flatten().tolist())
 
 
 def build(config: dict) -> DiffKT3D:
     """A model from a config dict (``DiTConfig.to_dict()``); used by the checkpoint loader."""
     return DiffKT3D(DiTConfig.from_dict(config))
+
+
+def noise_targets(x0: Tensor, noise: Tensor, s: Tensor, target_mask: Tensor) -> Tensor:
+    """The training input of an Any2Any step: target slots at ``x_s``, every other slot clean.
+
+    ``x0``, ``noise`` [B, S, C, D, H, W], ``s`` [B] flow times, ``target_mask`` [B, S] bool.
+    Pair it with ``diffusion.flow_matching_loss(model(x, s, target_mask), x0, noise,
+    mask=target_mask[..., None, None, None, None])``.
+    """
+    mask = target_mask.reshape(*target_mask.shape, 1, 1, 1, 1)
+    return torch.where(mask, diffusion.add_noise(x0, noise, s), x0)
 
 
 def any2any_velocity(
