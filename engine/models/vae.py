@@ -11,8 +11,11 @@ Public API (the runtime and the trainer rely on these names):
   - ``decode(z) -> x``: the inverse direction, ``[B, 1, 1 + 4 (d - 1), 8 h, 8 w]`` in [-1, 1].
   - ``encode_moments(x) -> (mu, logvar)``: raw (un-normalised) posterior, for VAE fitting.
   - ``decode_raw(mu, clamp=True) -> [B, out_channels, ...]``: the raw decoder.
+  - ``normalize_latent(mu)`` / ``denormalize_latent(z)``: between the two latent spaces.
 - ``latent_shape(depth, height, width, config)`` / ``decoded_depth(latent_depth)``: the grid
   arithmetic (97 x 128 x 160 -> 25 x 16 x 20).
+- ``compute_latent_stats(mus)``: per-channel statistics for a small config fitted here
+  (``VAEConfig.with_latent_stats``).
 
 Depth is the VAE's causal "time" axis. The reference implementation (diffusers'
 ``AutoencoderKLWan``, bit-identical to the official Wan code) runs the encoder over chunks of
@@ -31,6 +34,12 @@ same function in one pass over the whole volume:
 Depths that are not ``1 + 4k``: the reference drops the trailing ``(D - 1) % 4`` slices
 (its chunk loop never reaches them); ``encode`` does the same and warns. Callers that must keep
 every slice pad the volume to ``1 + 4k`` first (the model grid's 97 already is).
+
+CPU speed (the function is unchanged): activations are channels-last-3d; inference convolutions
+go straight to oneDNN (``conv3d``); norms and activations write in place where the input is a
+temporary; nearest-2x-upsample + 3x3 conv runs as four 2x2 phase convolutions
+(``upsample_conv``). ``engine.cpu_tuning.tune_cpu`` (allocator, threads) matters as much; see
+``benchmarks/bench_vae.py`` and ``benchmarks/RESULTS.md``.
 
 One channel in, one out: the weights keep Wan's 3 input / 3 output channels so that official
 checkpoints load unchanged. A 1-channel volume is repeated to the 3 input channels (folding
