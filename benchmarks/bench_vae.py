@@ -6,6 +6,8 @@ random weights (one timed run: it takes minutes), under the same thread count an
 settings; then the tiny preview codec. Every measurement runs in a fresh child process, so its
 peak RSS (``VmHWM`` from ``/proc/self/status``: the kernel's high-water mark, which counts
 torch's native allocations) is its own; ``base`` is the RSS after imports and model creation.
+``CPU s`` is the process's user + system time per encode + decode: less sensitive than wall time
+to other programs on a shared machine (with one thread, wall ~= CPU on an idle one).
 The allocator settings are ``engine.cpu_tuning.tune_allocator`` (glibc mallopt) or glibc's
 defaults.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +35,11 @@ def _rss_mb(field: str) -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _child(kind: str, preset: str, repeats: int, threads: int, allocator: str) -> dict:
@@ -71,9 +79,10 @@ def _child(kind: str, preset: str, repeats: int, threads: int, allocator: str) -
 
     model.requires_grad_(False)
     base = _rss_mb("VmRSS")
-    enc_times, dec_times = [], []
+    enc_times, dec_times, cpu_times = [], [], []
     with torch.inference_mode():
         for i in range(repeats + (1 if repeats > 1 else 0)):  # first call warms up
+            cpu_start = _cpu_s()
             start = time.perf_counter()
             z = encode(x)
             mid = time.perf_counter()
@@ -82,13 +91,15 @@ def _child(kind: str, preset: str, repeats: int, threads: int, allocator: str) -
             if repeats == 1 or i > 0:
                 enc_times.append(mid - start)
                 dec_times.append(end - mid)
+                cpu_times.append(_cpu_s() - cpu_start)
     total = [e + d for e, d in zip(enc_times, dec_times)]
     peak = _rss_mb("VmHWM")
     gflop = _gflop(encode, decode) if kind != "diffusers" else float("nan")
     return {"kind": kind, "preset": preset, "threads": threads, "allocator": allocator,
             "allocator_applied": tuned, "median_s": statistics.median(total),
             "min_s": min(total), "encode_s": statistics.median(enc_times),
-            "decode_s": statistics.median(dec_times), "runs": len(total), "base_mb": base,
+            "decode_s": statistics.median(dec_times), "cpu_s": statistics.median(cpu_times),
+            "runs": len(total), "base_mb": base,
             "peak_mb": peak, "gflop": gflop,
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -132,13 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
           f"{platform.processor() or 'cpu'}; one 1x97x128x160 volume, encode + decode, fp32")
     print("| what | GFLOP | threads | allocator | enc + dec median s (min) | encode s | decode s "
-          "| runs | peak RSS MB (base) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| CPU s | runs | peak RSS MB (base) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
 
     def row(label: str, r: dict) -> None:
         print(f"| {label} | {r['gflop']:.1f} | {r['threads']} | {r['allocator']} | "
               f"{r['median_s']:.3f} ({r['min_s']:.3f}) | {r['encode_s']:.3f} | "
-              f"{r['decode_s']:.3f} | {r['runs']} | {r['peak_mb']:.0f} ({r['base_mb']:.0f}) |",
+              f"{r['decode_s']:.3f} | {r['cpu_s']:.3f} | {r['runs']} | "
+              f"{r['peak_mb']:.0f} ({r['base_mb']:.0f}) |",
               flush=True)
 
     for preset in args.configs:
@@ -155,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             peer = ours.get((args.diffusers_threads, allocator))
             if peer is not None:
                 print(f"| ours vs diffusers ({preset}, same settings) | | | | "
-                      f"{r['median_s'] / peer['median_s']:.1f}x faster | | | | |")
+                      f"{r['median_s'] / peer['median_s']:.1f}x faster | | | "
+                      f"{r['cpu_s'] / peer['cpu_s']:.1f}x less | | |")
     for allocator in args.allocators:
         for threads in args.threads:
             r = _run("tiny", "preview", max(args.repeats, 20), threads, allocator)
