@@ -9,6 +9,7 @@ import torch
 
 from engine import diffusion
 from engine.models.dit import (
+    LORA_TARGETS,
     PRESETS,
     DiffKT3D,
     DiTConfig,
@@ -229,3 +230,18 @@ def test_any2any_velocity_converts_other_parameterisations(model, prediction):
         v = any2any_velocity(model, clean, mask, prediction=prediction)(x_s, s)
     expected = diffusion.to_velocity(raw, x_s, s, prediction)
     assert torch.allclose(v[:, 4], expected[:, 4])
+
+
+def test_lora_targets_wrap_attention_and_ffn_and_start_as_identity():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = DiffKT3D(TINY).eval()
+    x, mask, t = _x(), _mask(2, 4), torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        expected = base(x, t, mask)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=4,
+                                                     target_modules=list(LORA_TARGETS)))
+    wrapped = {n for n, _ in lora.named_modules() if n.endswith("lora_A")}
+    assert len(wrapped) == len(LORA_TARGETS) * TINY.num_layers
+    with torch.no_grad():
+        assert torch.equal(lora(x, t, mask), expected)

@@ -49,6 +49,10 @@ Architecture (numbered as the forward runs)
 5. Head: LN(x) (1 + scale) + shift (head ``scale_shift_table`` + embedding of step 3), then a
    per-slot Linear and un-patchify back to the latent grid (cropping the padding).
 
+Module names for LoRA (peft ``target_modules`` suffixes, :data:`LORA_TARGETS`): ``attn.to_q``,
+``attn.to_k``, ``attn.to_v``, ``attn.to_out``, ``ffn.proj_in``, ``ffn.proj_out``; the
+modulation MLP is ``time_embedder`` + ``time_proj``.
+
 All slots share the latent grid, so tokens are kept as [B, P, N, dim] (P present slots, N tokens
 per slot) and modulation broadcasts per slot rather than being materialised per token.
 """
@@ -72,6 +76,9 @@ from engine import diffusion
 NUM_SLOTS = 7
 SLOT_NAMES: tuple[str, ...] = ("ct", "ptv", "oar", "body", "dose", "beam_plate", "angle_plate")
 ROLE_CONDITION, ROLE_TARGET = 0, 1
+LORA_TARGETS: tuple[str, ...] = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out", "ffn.proj_in", "ffn.proj_out",
+)
 
 
 def rope_band_dims(head_dim: int) -> tuple[int, int, int]:
