@@ -225,7 +225,9 @@ def sample(
     preview: ``x0 = noise - v(noise, 1)``. Solvers: ``"euler"`` (first order, one model call per
     step) and ``"dpm++2m"`` (DPM-Solver++ 2M in flow form: second order, also one call per step;
     its last step is first order, as usual for few-step sampling).
-    ``sigmas`` (decreasing, ending at 0) replaces Wan's schedule; ``steps`` is then ignored.
+    ``sigmas`` (decreasing, ending at 0) replaces Wan's schedule; ``steps`` is then ignored. An
+    epsilon-prediction model determines no velocity at s = 1 (``v = (e - x_s) / (1 - s)``): sample
+    it from just below 1, e.g. ``sigmas=sampling_sigmas(10).clamp(max=0.999)``.
     Raises :class:`SamplingCancelled` when ``should_cancel()`` is True before a step.
     """
     if solver not in SOLVERS:
