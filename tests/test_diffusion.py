@@ -248,8 +248,9 @@ def test_bad_names_and_shapes_are_rejected():
         fm.sample(GaussianFlow().velocity, _noise(), solver="heun")
     with pytest.raises(ValueError, match="shape"):
         fm.add_noise(x0, noise, torch.ones(3))
-    with pytest.raises(ValueError, match="decrease strictly to 0"):
-        fm.sample(GaussianFlow().velocity, _noise(), sigmas=torch.tensor([1.0, 0.5]))
+    for bad in ([1.0, 0.5], [1.5, 0.5, 0.0], [1.0, 1.0, 0.0], [0.0]):
+        with pytest.raises(ValueError, match="decrease strictly from <= 1 to 0"):
+            fm.sample(GaussianFlow().velocity, _noise(), sigmas=torch.tensor(bad))
 
 
 def test_diffusion_module_never_imports_models():
