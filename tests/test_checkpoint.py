@@ -95,6 +95,18 @@ def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_never_replaces_something_that_is_not_a_bundle(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    (tmp_path / "file.bin").write_bytes(b"keep me too")
+    for target in ("notes", "file.bin"):
+        with pytest.raises(CheckpointError, match="is not a model bundle; refusing"):
+            _save(tmp_path / target)
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+    assert (tmp_path / "file.bin").read_bytes() == b"keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin", "notes"]
+
+
 def test_failure_while_writing_keeps_the_old_bundle(tmp_path, monkeypatch):
     path = _save(tmp_path / "model")
     before = _digest(path)

@@ -164,6 +164,8 @@ def save_bundle(
     }
     text = json.dumps(document, indent=1, sort_keys=True)  # fails early if not JSON-serialisable
 
+    if path.exists() and not (path.is_dir() and (path / BUNDLE_JSON).is_file()):
+        raise CheckpointError(f"{path} exists and is not a model bundle; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -178,8 +180,8 @@ def save_bundle(
         _fsync(tmp)
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rename(path, old / path.name)
         os.rename(tmp, path)
         _fsync(path.parent)
         if old is not None:
