@@ -31,7 +31,7 @@ def _codec(config: dict) -> nn.Module:
     return nn.Conv3d(1, config["channels"], kernel_size=3)
 
 
-ARCHS = {"DiffKT3D": "engine.models.dit:build", "Codec": _codec}
+ARCHS = {"DiffKT3D": "engine.models.dit:DiffKT3D:DiTConfig", "Codec": _codec}
 NORMALISATION = {"ct": {"clip": [-1000, 1000]}, "dose": {"scale_gy": 80.0}}
 PROVENANCE = {"data": "openkbp", "stages": ["A", "B"], "steps": 1200, "commit": "abc123"}
 
@@ -78,6 +78,31 @@ def test_default_registry_knows_the_dit(tmp_path):
     path = save_bundle(tmp_path / "m", {"dit": comp}, normalisation={})
     config, states = load_bundle(path)
     assert config["provenance"] == {} and "dit" in states
+
+
+def test_dit_vae_and_tiny_codec_travel_together_in_one_bundle(tmp_path):
+    from engine.models.tiny_codec import TinyCodec, TinyCodecConfig
+    from engine.models.vae import VAEConfig, WanVAE
+
+    torch.manual_seed(0)
+    vae_config = VAEConfig.preset("cpu8").with_latent_stats([0.5] * 16, [2.0] * 16)
+    codec_config = TinyCodecConfig(hidden=8, mid=4, encoder_blocks=1, decoder_blocks=1)
+    models = {
+        "dit": (DiffKT3D(CONFIG), CONFIG),
+        "vae": (WanVAE(vae_config), vae_config),
+        "tiny_codec": (TinyCodec(codec_config), codec_config),
+    }
+    comps = {name: Component(type(m).__name__, cfg.to_dict(), m.state_dict())
+             for name, (m, cfg) in models.items()}
+    path = save_bundle(tmp_path / "m", comps, normalisation=NORMALISATION, provenance=PROVENANCE)
+    config, states = load_bundle(path)
+    assert VAEConfig.from_dict(config["components"]["vae"]["config"]) == vae_config
+    assert TinyCodecConfig.from_dict(config["components"]["tiny_codec"]["config"]) == codec_config
+    for name, (model, _) in models.items():
+        assert all(torch.equal(states[name][k], v) for k, v in model.state_dict().items())
+    _edit_json(path, lambda d: d["components"]["vae"]["config"].update(base_dim=12))
+    with pytest.raises(CheckpointError, match="component 'vae' \\(WanVAE\\) vs its config"):
+        load_bundle(path)
 
 
 def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path):

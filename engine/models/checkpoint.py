@@ -15,8 +15,9 @@ Layout of a bundle folder::
                             "weights": "dit.safetensors",
                             "tensors": {"time_proj.bias": [[1536], "float32"], ...}}}}
 
-A component is generic: ``kind`` names an architecture in :data:`ARCHITECTURES` (a factory
-``config dict -> nn.Module``), ``config`` is that architecture's ``to_dict()``. Loading checks the
+A component is generic: ``kind`` names an architecture in :data:`ARCHITECTURES` (``DiffKT3D``,
+``WanVAE``, ``TinyCodec``; a frozen config dataclass with ``to_dict``/``from_dict`` and a module
+built from it), ``config`` is that architecture's ``to_dict()``. Loading checks the
 JSON, that every weight file exists and holds exactly the manifest's tensors, and that the tensors
 match what the architecture builds from the config (on the meta device: nothing is allocated), and
 fails with a :class:`CheckpointError` naming what is wrong.
@@ -48,9 +49,12 @@ BUNDLE_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 PREDICTIONS = ("v", "epsilon", "x0")
 
-# kind -> "module:factory", the factory taking a config dict and returning an nn.Module.
-ARCHITECTURES: dict[str, str] = {
-    "DiffKT3D": "engine.models.dit:build",
+# kind -> "module:ModelClass:ConfigClass" (built as ModelClass(ConfigClass.from_dict(config)))
+# or a callable taking the config dict and returning the nn.Module.
+ARCHITECTURES: dict[str, str | Callable[[dict], nn.Module]] = {
+    "DiffKT3D": "engine.models.dit:DiffKT3D:DiTConfig",
+    "WanVAE": "engine.models.vae:WanVAE:VAEConfig",
+    "TinyCodec": "engine.models.tiny_codec:TinyCodec:TinyCodecConfig",
 }
 
 
@@ -75,8 +79,10 @@ def _factory(kind: str, architectures: Mapping[str, str | Callable[[dict], nn.Mo
     target = architectures[kind]
     if callable(target):
         return target
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
+    module_name, model_name, config_name = target.split(":")
+    module = importlib.import_module(module_name)
+    model_class, config_class = getattr(module, model_name), getattr(module, config_name)
+    return lambda config: model_class(config_class.from_dict(config))
 
 
 def _expected_shapes(

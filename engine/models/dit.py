@@ -442,11 +442,6 @@ class DiffKT3D(nn.Module):
         return slots, set(targeted.nonzero().flatten().tolist())
 
 
-def build(config: dict) -> DiffKT3D:
-    """A model from a config dict (``DiTConfig.to_dict()``); used by the checkpoint loader."""
-    return DiffKT3D(DiTConfig.from_dict(config))
-
-
 def noise_targets(x0: Tensor, noise: Tensor, s: Tensor, target_mask: Tensor) -> Tensor:
     """The training input of an Any2Any step: target slots at ``x_s``, every other slot clean.
 
