@@ -64,6 +64,17 @@ def test_config_json_round_trip_and_presets():
         DiTConfig.from_dict({"depth": 3})
 
 
+def test_wan_preset_has_wan_1_3b_sizes_minus_text_and_cross_attention():
+    """notes/diffusion-stack.md §2: 1,126,858,816 parameters without cross-attention and text;
+    36,991,232 per block. DiffKT3D adds 6 more patch embeddings and heads and the roles."""
+    with torch.device("meta"):
+        model = DiffKT3D(preset("wan2.1-1.3b"))
+    patch_embed, head = 1536 * 16 * 1 * 2 * 2 + 1536, 64 * 1536 + 64
+    expected = 1_126_858_816 + 6 * (patch_embed + head) + 2 * 1536
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert sum(p.numel() for p in model.blocks[0].parameters()) == 36_991_232
+
+
 def test_cpu_small_sequence_length_on_the_full_latent_grid():
     cfg = preset("cpu-small")
     grid = [-(-n // p) for n, p in zip((25, 16, 20), cfg.patch_size)]
