@@ -147,6 +147,24 @@ def test_failure_while_writing_keeps_the_old_bundle(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_failure_while_swapping_puts_the_old_bundle_back(tmp_path, monkeypatch):
+    path = _save(tmp_path / "model")
+    before = _digest(path)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("rename failed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        _save(tmp_path / "model", seed=1)
+    assert _digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o755)
+
+
 def test_save_refuses_weights_that_do_not_match_the_config(tmp_path):
     comps = _components()
     wrong = Component("DiffKT3D", {**CONFIG.to_dict(), "num_layers": 2}, comps["dit"].state_dict)

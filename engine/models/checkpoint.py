@@ -174,6 +174,8 @@ def save_bundle(
         raise CheckpointError(f"{path} exists and is not a model bundle; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is an ordinary folder
+    old = None
     try:
         for name, comp in components.items():
             tensors = {
@@ -184,17 +186,20 @@ def save_bundle(
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
-        old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.rename(path, old / path.name)
         os.rename(tmp, path)
         _fsync(path.parent)
-        if old is not None:
-            shutil.rmtree(old)
     except BaseException:
+        if old is not None and not path.exists():
+            os.rename(old / path.name, path)  # put the previous bundle back
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old)
     return path
 
 
