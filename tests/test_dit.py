@@ -159,6 +159,12 @@ def test_bad_inputs_are_rejected(model):
         model(x, torch.ones(3), _mask(2, 4))
     with pytest.raises(ValueError, match="target_mask must be a bool"):
         model(x, torch.ones(2), _mask(2, 4).float())
+    with pytest.raises(ValueError, match="t must be a tensor"):
+        model(x, 0.5, _mask(2, 4))
+    with pytest.raises(ValueError, match="x must be a .* tensor, got list"):
+        model([x], torch.ones(2), _mask(2, 4))
+    with pytest.raises(ValueError, match="present must be a bool tensor"):
+        model(x, torch.ones(2), _mask(2, 4), [True] * 7)
 
 
 def test_rope_same_slot_is_wan_3d_and_slots_differ_by_a_phase():

@@ -415,22 +415,26 @@ class DiffKT3D(nn.Module):
     ) -> tuple[list[int], set[int]]:
         """Validate shapes and masks; return the present slots (in order) and the target slots."""
         c = self.config
-        if x.ndim != 6 or x.shape[1] != c.num_slots or x.shape[2] != c.in_channels:
+        if (not isinstance(x, Tensor) or x.ndim != 6 or x.shape[1] != c.num_slots
+                or x.shape[2] != c.in_channels):
             raise ValueError(
-                f"x must be [B, {c.num_slots}, {c.in_channels}, D, H, W], got {tuple(x.shape)}"
+                f"x must be a [B, {c.num_slots}, {c.in_channels}, D, H, W] tensor, got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
             )
         batch = x.shape[0]
-        if t.shape != (batch,):
-            raise ValueError(f"t must be [B] = [{batch}] flow times, got {tuple(t.shape)}")
-        if target_mask.dtype != torch.bool or target_mask.shape != (batch, c.num_slots):
+        if not isinstance(t, Tensor) or t.shape != (batch,):
+            raise ValueError(f"t must be a tensor [B] = [{batch}] of flow times, got {t!r:.80}")
+        if (not isinstance(target_mask, Tensor) or target_mask.dtype != torch.bool
+                or target_mask.shape != (batch, c.num_slots)):
             raise ValueError(
                 f"target_mask must be a bool tensor [{batch}, {c.num_slots}], "
-                f"got {target_mask.dtype} {tuple(target_mask.shape)}"
+                f"got {target_mask!r:.80}"
             )
         if present is None:
             present = torch.ones(c.num_slots, dtype=torch.bool)
-        if present.dtype != torch.bool or present.shape != (c.num_slots,):
-            raise ValueError(f"present must be a bool tensor [{c.num_slots}], got {present.shape}")
+        if (not isinstance(present, Tensor) or present.dtype != torch.bool
+                or present.shape != (c.num_slots,)):
+            raise ValueError(f"present must be a bool tensor [{c.num_slots}], got {present!r:.80}")
         present = present.cpu()
         targeted = target_mask.cpu().any(dim=0)
         stray = (targeted & ~present).nonzero().flatten().tolist()
