@@ -81,6 +81,7 @@ def test_default_registry_knows_the_dit(tmp_path):
 
 
 def test_dit_vae_and_tiny_codec_travel_together_in_one_bundle(tmp_path):
+    from engine.features.normalization import Normalization
     from engine.models.tiny_codec import TinyCodec, TinyCodecConfig
     from engine.models.vae import VAEConfig, WanVAE
 
@@ -94,8 +95,10 @@ def test_dit_vae_and_tiny_codec_travel_together_in_one_bundle(tmp_path):
     }
     comps = {name: Component(type(m).__name__, cfg.to_dict(), m.state_dict())
              for name, (m, cfg) in models.items()}
-    path = save_bundle(tmp_path / "m", comps, normalisation=NORMALISATION, provenance=PROVENANCE)
+    path = save_bundle(tmp_path / "m", comps, normalisation=Normalization().to_dict(),
+                       provenance=PROVENANCE)
     config, states = load_bundle(path)
+    assert Normalization.from_dict(config["normalisation"]) == Normalization()
     assert VAEConfig.from_dict(config["components"]["vae"]["config"]) == vae_config
     assert TinyCodecConfig.from_dict(config["components"]["tiny_codec"]["config"]) == codec_config
     for name, (model, _) in models.items():

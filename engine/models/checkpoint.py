@@ -9,7 +9,7 @@ Layout of a bundle folder::
 
     {"format": "dosepilot-model-bundle", "format_version": 1,
      "prediction": "v",
-     "normalisation": {...},            # modality normalisation constants (DESIGN §3), free JSON
+     "normalisation": {...},            # engine.features.normalization.Normalization.to_dict()
      "provenance": {...},               # data, stages, steps, commit, ... free JSON
      "components": {"dit": {"kind": "DiffKT3D", "config": {...},
                             "weights": "dit.safetensors",
