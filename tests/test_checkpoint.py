@@ -15,6 +15,7 @@ from engine.models.checkpoint import (
     BUNDLE_JSON,
     CheckpointError,
     Component,
+    build_component,
     load_bundle,
     pth_to_safetensors,
     read_bundle_config,
@@ -66,8 +67,11 @@ def test_round_trip_restores_configs_and_weights(tmp_path):
     for name, comp in original.items():
         assert set(states[name]) == set(comp.state_dict)
         assert all(torch.equal(states[name][k], v) for k, v in comp.state_dict.items())
-    model = DiffKT3D(DiTConfig.from_dict(config["components"]["dit"]["config"]))
-    model.load_state_dict(states["dit"], strict=True)
+    model = build_component(config, states, "dit", ARCHS)
+    assert isinstance(model, DiffKT3D) and model.config == CONFIG
+    assert torch.equal(model.time_proj.weight, original["dit"].state_dict["time_proj.weight"])
+    with pytest.raises(CheckpointError, match="no component 'vae'.*\\['dit', 'tiny_codec'\\]"):
+        build_component(config, states, "vae", ARCHS)
     assert sorted(p.name for p in path.iterdir()) == [BUNDLE_JSON, "dit.safetensors",
                                                       "tiny_codec.safetensors"]
 

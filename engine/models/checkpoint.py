@@ -276,6 +276,25 @@ def load_bundle(
     return document, state_dicts
 
 
+def build_component(
+    document: dict,
+    state_dicts: Mapping[str, Mapping[str, Tensor]],
+    name: str,
+    architectures: Mapping[str, str | Callable[[dict], nn.Module]] = ARCHITECTURES,
+) -> nn.Module:
+    """The module of component ``name`` of a loaded bundle, built from its config, weights loaded.
+
+    ``document`` and ``state_dicts`` are what :func:`load_bundle` returned.
+    """
+    components = document["components"]
+    if name not in components:
+        raise CheckpointError(f"the bundle has no component {name!r}; it has {sorted(components)}")
+    comp = components[name]
+    module = _factory(comp["kind"], architectures)(comp["config"])
+    module.load_state_dict(state_dicts[name], strict=True)
+    return module
+
+
 def read_pth_weights_only(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a PyTorch ``.pth`` file via ``torch.load(weights_only=True)`` (no code runs).
 
