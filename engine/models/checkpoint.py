@@ -20,7 +20,8 @@ A component is generic: ``kind`` names an architecture in :data:`ARCHITECTURES` 
 built from it), ``config`` is that architecture's ``to_dict()``. Loading checks the
 JSON, that every weight file exists and holds exactly the manifest's tensors, and that the tensors
 match what the architecture builds from the config (on the meta device: nothing is allocated), and
-fails with a :class:`CheckpointError` naming what is wrong.
+fails with a :class:`CheckpointError` naming what is wrong. :func:`build_component` then makes
+the module of one component (e.g. ``build_component(config, states, "dit")``).
 
 Writes are atomic: the bundle is written to a temporary sibling folder, every file and the folder
 are fsynced, then it is renamed into place (an existing bundle is moved aside first and deleted
