@@ -21,3 +21,15 @@ def openkbp_dir() -> Path:
     if not (path / "train").is_dir():
         pytest.skip(f"shared OpenKBP data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def phantom_dicom(tmp_path_factory):
+    """A small phantom patient written as DICOM (CT, RTSTRUCT, RTPLAN, RTDOSE), read-only.
+
+    ``.case`` is the ground truth, the other attributes the written paths. Tests that alter
+    files work on a copy (``shutil.copytree``).
+    """
+    from engine.phantom import PhantomSpec, write_phantom
+
+    return write_phantom(tmp_path_factory.mktemp("phantom"), PhantomSpec(with_dose=True))
