@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from engine import diffusion
 from trainer import lora, nft
 from trainer.config import config_from_dict
 from trainer.distributed import DistContext
@@ -131,10 +132,9 @@ def _policy(base_state: dict, rank: int = 8):
 
 
 def _stats(model, n: int = 64):
-    sigmas = nft.flow_sigmas(10, 3.0)
     with torch.no_grad():
         noise = torch.randn((n, *SHAPE), generator=torch.Generator().manual_seed(123))
-        dose = to_gy(nft.euler_sample(lambda x, s: model(x, s * 1000), noise, sigmas))
+        dose = to_gy(diffusion.sample(lambda x, s: model(x, s * 1000), noise, steps=10))
     r, mae = reward(dose / 50 - 1, None)
     return {"reward": r.mean().item(), "oar": dose[:, OAR].mean().item(),
             "d95": torch.quantile(dose[:, PTV], 0.05, dim=1).mean().item(),

@@ -86,11 +86,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    prediction: str = "v"           # v | eps | x0
+    prediction: str = "v"           # v | epsilon | x0
     shift: float = 3.0
     timesteps: int = 1000
     sample_steps: int = 10
-    solver: str = "euler"           # euler | dpm2 (2nd order)
+    solver: str = "euler"           # euler | dpm++2m (2nd order)
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class ScardNFTConfig:
     train_timesteps: int = 2        # sampler timesteps trained per rollout per step
     scorecard_weight: float = 1.0   # reward = w_s * scorecard total - w_m * MAE (Gy)
     mae_weight: float = 1.0
-    scorecard: str = "head_and_neck"  # scorecard template name or path
+    scorecard: str = "head_neck"    # shipped scorecard (head_neck, lung, prostate) or a path
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,8 @@ class TrainConfig:
 
 _CHOICES = {
     ("run", "device"): ("auto", "cpu", "cuda"),
-    ("diffusion", "prediction"): ("v", "eps", "x0"),
-    ("diffusion", "solver"): ("euler", "dpm2"),
+    ("diffusion", "prediction"): ("v", "epsilon", "x0"),
+    ("diffusion", "solver"): ("euler", "dpm++2m"),
     ("vae_adapt", "mode"): ("frozen", "decoder_lora", "decoder_finetune"),
     ("scardnft", "decay_type"): (0, 1, 2),
 }

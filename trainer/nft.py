@@ -112,17 +112,3 @@ class PolicySnapshot:
         for i, v in enumerate(self.values):
             v.copy_(state[f"old_policy.{i}"])
 
-
-def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
-    """Wan's deterministic sampling schedule: ``s = linspace(1, 0, steps + 1)`` shifted."""
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return (shift * s / (1 + (shift - 1) * s)).float()
-
-
-def euler_sample(velocity, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Deterministic Euler from ``noise`` (s = 1) to s = 0: ``x += (s_next - s) v(x, s)``."""
-    x = noise
-    for i in range(len(sigmas) - 1):
-        s = sigmas[i].expand(x.shape[0]).to(x.device)
-        x = x + (sigmas[i + 1] - sigmas[i]).to(x.device) * velocity(x, s)
-    return x

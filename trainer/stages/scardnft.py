@@ -24,6 +24,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from engine import diffusion
+
 from .. import lora, nft
 from ..config import TrainConfig
 from ..distributed import DistContext, all_gather_tensor
@@ -43,12 +45,13 @@ def nft_task(policy: PeftModel, velocity: Velocity, reward: Reward,
     sc = cfg.scardnft
     params = lora.trainable_parameters(policy)
     old = nft.PolicySnapshot(params)
-    sigmas = nft.flow_sigmas(cfg.diffusion.sample_steps, cfg.diffusion.shift)
+    sigmas = diffusion.sampling_sigmas(cfg.diffusion.sample_steps, cfg.diffusion.shift).float()
     k = sc.group_size
 
     def rollout(model: nn.Module, item: Any, noise: torch.Tensor) -> torch.Tensor:
         reps = [item] * noise.shape[0]
-        return nft.euler_sample(lambda x, s: velocity(model, x, s, reps), noise, sigmas)
+        return diffusion.sample(lambda x, s: velocity(model, x, s, reps), noise,
+                                solver=cfg.diffusion.solver, sigmas=sigmas)
 
     def loss(model: nn.Module, items: list[Any], gens: list[torch.Generator]):
         raw = getattr(model, "module", model)
