@@ -80,7 +80,11 @@ class ModelConfig:
     vae: str = "wan2.1"             # VAEConfig preset name
     vae_weights: str = ""           # safetensors with VAE weights (Wan or our bundle); "" = none
     dit: str = "wan2.1-1.3b"        # DiTConfig preset name
-    init_from: str = ""             # model bundle / Wan DiT weights to start from
+    dit_dim: int = 0                # overrides of the preset's sizes (0 = keep the preset's)
+    dit_layers: int = 0
+    dit_heads: int = 0
+    dit_ffn_dim: int = 0
+    init_from: str = ""             # model bundle folder, or Wan 2.1 DiT weights, to start from
     codec: str = "tiny"             # TinyCodec preset name
 
 
@@ -157,7 +161,8 @@ _POSITIVE = {("run", "max_steps"), ("run", "log_every"), ("run", "eval_every"),
              ("diffusion", "timesteps"), ("diffusion", "sample_steps"), ("vae_adapt", "lora_rank"),
              ("lora", "rank"), ("lora", "alpha"), ("scardnft", "group_size"),
              ("scardnft", "beta"), ("scardnft", "adv_clip_max"), ("scardnft", "train_timesteps")}
-_NON_NEGATIVE = {("run", "seed"), ("run", "threads"), ("optim", "weight_decay"),
+_NON_NEGATIVE = {("run", "seed"), ("run", "threads"), ("model", "dit_dim"), ("model", "dit_layers"),
+                 ("model", "dit_heads"), ("model", "dit_ffn_dim"), ("optim", "weight_decay"),
                  ("optim", "warmup_steps"), ("optim", "grad_clip"), ("data", "val_cases"),
                  ("data", "shift_voxels"), ("vae_adapt", "loss_weight"),
                  ("scardnft", "kl_weight"), ("scardnft", "scorecard_weight"),

@@ -13,7 +13,9 @@ Types and their extra fields:
   ``config`` (the preset as a dict), ``train_cases``, ``val_cases``.
 * ``"train"``: ``loss`` (float, mean over the global batch), ``lr``, ``samples_per_s``,
   ``grad_norm`` (before clipping), ``total_steps``, plus stage-specific losses (floats, e.g.
-  ``reward``, ``kl``).
+  ``reward``, ``kl``). The ``cache`` stage, which does not train, reports its progress with
+  ``"train"`` events that have ``step`` (cases done), ``total_steps``, ``samples_per_s`` and
+  ``case``, but no ``loss``/``lr``.
 * ``"eval"``: ``total_steps`` and the validation metrics (floats, e.g. ``val_loss``,
   ``val_mae_gy``).
 * ``"checkpoint"``: ``path`` (str) of the checkpoint just completed.

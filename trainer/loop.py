@@ -173,6 +173,7 @@ def run(task: Task, cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume: b
     except BaseException as exc:
         events.emit("error", _last_step(run_dir), message=str(exc) or type(exc).__name__,
                     error_type=type(exc).__name__)
+        exc.logged = True  # the CLI must not log it twice
         raise
     finally:
         events.close()

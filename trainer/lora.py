@@ -15,6 +15,7 @@ import copy
 import re
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -69,3 +70,61 @@ def load_adapter(base: nn.Module, folder: Path, trainable: bool = False) -> Peft
 def merged_copy(model: PeftModel) -> nn.Module:
     """A plain module of the base class with the adapter folded into its weights."""
     return copy.deepcopy(model).merge_and_unload()
+
+
+class ConvLoRA(nn.Module):
+    """LoRA for a (causal) 3-D convolution peft cannot wrap: ``base(x) + s * B(A(x))``.
+
+    ``A`` is a copy of the base convolution's kind with ``rank`` outputs (same kernel, stride,
+    padding, causal padding), ``B`` a 1x1x1 convolution starting at zero, ``s = alpha / rank``.
+    :meth:`merged` folds ``B∘A`` into one convolution of the base's kind (exact: a 1x1x1
+    convolution after any convolution is a convolution with the same kernel).
+    """
+
+    def __init__(self, base: nn.Conv3d, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scale = alpha / rank
+        self.lora_A = copy.deepcopy(base)
+        self.lora_A.weight = nn.Parameter(torch.empty(rank, *base.weight.shape[1:]))
+        self.lora_A.bias = nn.Parameter(torch.zeros(rank))
+        self.lora_A.out_channels = rank
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)
+        self.lora_B = nn.Conv3d(rank, base.out_channels, 1, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * self.lora_B(self.lora_A(x))
+
+    @torch.no_grad()
+    def merged(self) -> nn.Conv3d:
+        out = copy.deepcopy(self.base)
+        b = self.lora_B.weight[:, :, 0, 0, 0] * self.scale                    # [out, r]
+        out.weight += torch.einsum("or,rikjl->oikjl", b, self.lora_A.weight)
+        if out.bias is not None:
+            out.bias += b @ self.lora_A.bias
+        return out.requires_grad_(True)
+
+
+def attach_conv_lora(model: nn.Module, pattern: str, rank: int, alpha: float) -> list[str]:
+    """Replace the Conv3d leaves of ``model`` whose names match ``pattern`` by :class:`ConvLoRA`.
+
+    Everything else in ``model`` is frozen; returns the wrapped module names.
+    """
+    model.requires_grad_(False)
+    names = matching_modules(model, pattern, (nn.Conv3d,))
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, ConvLoRA(getattr(parent, child), rank, alpha))
+    return names
+
+
+def merge_conv_lora(model: nn.Module) -> nn.Module:
+    """Fold every :class:`ConvLoRA` of ``model`` back into a plain convolution (in place)."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, ConvLoRA):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, mod.merged())
+    return model
