@@ -85,7 +85,7 @@ class ModelConfig:
     dit_heads: int = 0
     dit_ffn_dim: int = 0
     init_from: str = ""             # model bundle folder, or Wan 2.1 DiT weights, to start from
-    codec: str = "tiny"             # TinyCodec preset name
+    codec: str = "preview"          # TinyCodec preset name
 
 
 @dataclass(frozen=True)

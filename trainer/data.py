@@ -130,8 +130,8 @@ def load_case(ref: CaseRef):
     """Read one case into an :class:`engine.case.Case` (UserError on unreadable input)."""
     try:
         if ref.format == "openkbp":
-            from engine.io.openkbp import load_openkbp_case
-            return load_openkbp_case(ref.path)
+            from engine.io.openkbp import load_openkbp
+            return load_openkbp(ref.path)
         if ref.format == "gdp_hmm":
             from engine.io.gdp_hmm import load_gdp_hmm_case
             return load_gdp_hmm_case(ref.path)
@@ -260,7 +260,7 @@ def model_inputs(case, grid: tuple[int, int, int]) -> GridInputs:
         bits |= on.astype(np.int64) << k
     info = [{"name": s.name, "role": s.role.value, "prescription_gy": s.prescription_gy}
             for s in structures]
-    volumes = np.asarray(inputs.volumes, dtype=np.float32)
+    volumes = np.array(inputs.volumes, dtype=np.float32)  # writable copy
     if tuple(volumes.shape[1:]) != tuple(grid):
         t = torch.from_numpy(volumes)[None]
         linear = F.interpolate(t, size=grid, mode="trilinear", align_corners=False)[0]

@@ -11,7 +11,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -147,9 +146,3 @@ def export_dit(model: DiffKT3D, run_dir: Path, cfg: TrainConfig, stage: str,
         normalisation=normalisation, prediction=cfg.diffusion.prediction,
         provenance=json.loads(json.dumps(provenance)))
 
-
-def dose_decoder(vae: WanVAE, to_gy) -> callable:
-    """``latent [B, 16, d, h, w] -> dose Gy [B, D, H, W]`` through the (frozen) VAE decoder."""
-    def decode(latent: torch.Tensor) -> torch.Tensor:
-        return to_gy(vae.decode(latent.float())[:, 0])
-    return decode

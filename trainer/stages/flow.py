@@ -132,7 +132,7 @@ def flow_task(stage: str, model: nn.Module, cache: Cache, index: dict, cfg: Trai
                 sample = diffusion.sample(velocity, noise, steps=cfg.diffusion.sample_steps,
                                           solver=cfg.diffusion.solver, shift=cfg.diffusion.shift)
                 dose = decode_dose(sample[:, DOSE_SLOT])[0].float().cpu()
-                maes.append(body_mae_gy(dose, volumes))
+                maes.append(body_mae_gy(dose, volumes, index["normalisation"]))
         out = {"val_loss": sum(losses) / len(losses)}
         if maes:
             out["val_mae_gy"] = sum(maes) / len(maes)
@@ -145,11 +145,18 @@ def flow_task(stage: str, model: nn.Module, cache: Cache, index: dict, cfg: Trai
                 use_ddp=decoder_loss is None, info={"variants": list(variants)})
 
 
-def body_mae_gy(dose_gy: torch.Tensor, volumes) -> float:
+def dose_to_gy(unit: torch.Tensor, normalisation: dict) -> torch.Tensor:
+    """A model-grid dose in [-1, 1] as Gy, with the cache's normalisation constants."""
+    from engine.features import Normalization
+    gy = Normalization.from_dict(normalisation).dose_to_gy(unit.detach().float().cpu().numpy())
+    return torch.from_numpy(gy)
+
+
+def body_mae_gy(dose_gy: torch.Tensor, volumes, normalisation: dict) -> float:
     """Mean |predicted - reference| dose in Gy over the body voxels of the model grid."""
-    from engine.features import BODY_SLOT, dose_to_gy
-    ref = dose_to_gy(volumes.volumes[DOSE_SLOT])
-    body = volumes.volumes[BODY_SLOT] > 0
+    from engine.features import Slot
+    ref = dose_to_gy(volumes.volumes[DOSE_SLOT], normalisation)
+    body = volumes.volumes[Slot.BODY] > 0
     return float((dose_gy - ref).abs()[body].mean())
 
 
@@ -198,8 +205,6 @@ def decoder_loss_fn(cache: Cache, cfg: TrainConfig, prediction: str):
 def run_stage(stage: str, targets: TargetSampler, cfg: TrainConfig, data_dir: Path,
               run_dir: Path, resume: bool, ctx: DistContext) -> dict:
     """Any2Any / dose training on the latent cache of ``data_dir`` (checked before compute)."""
-    from engine.features import dose_to_gy
-
     from .. import loop
     from ..data import scan_dataset
     from .common import build_dit, build_vae, cache_for, export_dit, save_vae
@@ -220,8 +225,9 @@ def run_stage(stage: str, targets: TargetSampler, cfg: TrainConfig, data_dir: Pa
         vae.requires_grad_(False)
         model = dit
     decode = None
-    if index.get("vae_fitted", False) or cfg.model.vae_weights:
-        decode = lambda z: dose_to_gy(vae.decode(z.float())[:, 0])  # noqa: E731
+    if cfg.model.vae_weights:  # a decoder that was never fitted would give meaningless Gy
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            return dose_to_gy(vae.decode(z.float())[:, 0], index["normalisation"])
 
     def export(out_dir: Path) -> Path:
         path = export_dit(dit, out_dir, cfg, stage, index["normalisation"],

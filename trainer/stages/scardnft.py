@@ -110,3 +110,107 @@ def nft_task(policy: PeftModel, velocity: Velocity, reward: Reward,
                 val_items=val_items, loss=loss, evaluate=evaluate, after_step=after_step,
                 extra_state=old.state, load_extra_state=old.load_state, export=export,
                 data_signature=data_signature, use_ddp=True)
+
+
+# --- the stage on DiffKT3D ------------------------------------------------------------------
+
+
+def grid_geometry(grid: tuple[int, int, int]):
+    """The training grid's geometry: the model grid's field of view at ``grid`` voxels."""
+    from engine.features import MODEL_SHAPE, MODEL_SPACING
+
+    from engine.case import Geometry
+    spacing = tuple(s * n / g for s, n, g in zip(MODEL_SPACING, MODEL_SHAPE, grid))
+    return Geometry(shape=grid, origin=(0.0, 0.0, 0.0), spacing=spacing)
+
+
+def scorecard_template(name: str):
+    from engine.cli import UserError
+    from engine.metrics.scorecard import ScorecardError, builtin_template, load_template
+    try:
+        return load_template(name) if Path(name).suffix == ".toml" else builtin_template(name)
+    except (ScorecardError, OSError) as exc:
+        raise UserError(f"[scardnft] scorecard {name!r}: {exc}") from None
+
+
+def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: DistContext) -> dict:
+    """ScardNFT on a Stage B model (``[model] init_from``) over the latent cache of ``data_dir``."""
+    from functools import lru_cache
+
+    from engine.case import Structure
+    from engine.cli import UserError
+    from engine.metrics.scorecard import BoundScorecard
+    from engine.models.dit import DiffKT3D
+
+    from .. import loop
+    from ..data import scan_dataset
+    from .common import DOSE_SLOT, build_dit, build_vae, cache_for, dit_lora_targets, export_dit
+    from .flow import LatentItem, dose_to_gy
+
+    if not cfg.model.init_from:
+        raise UserError("scardnft post-trains a dose model: set [model] init_from to the Stage B "
+                        "model bundle (e.g. runs/stage-b/model)")
+    if not cfg.model.vae_weights:
+        raise UserError("scardnft scores decoded doses: set [model] vae_weights to the fitted "
+                        "VAE (RUN_DIR/vae.safetensors of the vae stage, or Wan 2.1 weights)")
+    template = scorecard_template(cfg.scardnft.scorecard)
+    manifest = scan_dataset(data_dir, cfg.data.val_fraction)
+    cache = cache_for(cfg, run_dir)
+    vae = build_vae(cfg).to(ctx.device).eval().requires_grad_(False)
+    index = cache.require_latents(vae.config.to_dict())
+    if {c["name"] for c in index["cases"]} != {c.name for c in manifest.cases}:
+        raise UserError(f"the latent cache {cache.folder} was built from other cases than "
+                        f"{data_dir}; run `dosepilot train cache` for this dataset")
+    dit: DiffKT3D = build_dit(cfg).requires_grad_(False)
+    targets, modulation = dit_lora_targets(dit)
+    policy = lora.attach_lora(dit, targets, cfg.lora.rank, cfg.lora.alpha, modulation)
+    geometry = grid_geometry(tuple(index["grid"]))
+    norm = index["normalisation"]
+    prediction = cfg.diffusion.prediction
+
+    @lru_cache(maxsize=64)
+    def conditions(name: str) -> torch.Tensor:
+        return cache.read_latents(name)["identity"].to(ctx.device)
+
+    @lru_cache(maxsize=64)
+    def case_scoring(name: str):
+        vols = cache.read_volumes(name)
+        structures = [Structure(s["name"], s["role"], vols.mask(k).numpy(),
+                                prescription_gy=s["prescription_gy"])
+                      for k, s in enumerate(vols.structure_info)]
+        body = vols.volumes[3] > 0
+        return (BoundScorecard(template, structures, geometry),
+                dose_to_gy(vols.volumes[DOSE_SLOT], norm), body)
+
+    def velocity(model, x_t, sigma, items):
+        x = torch.stack([conditions(it.name) for it in items]).clone()
+        x[:, DOSE_SLOT] = x_t
+        mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        mask[:, DOSE_SLOT] = True
+        pred = model(x, sigma, mask)[:, DOSE_SLOT]
+        return diffusion.to_velocity(pred.float(), x_t, sigma, prediction)
+
+    def reward(x0, item):
+        card, ref, body = case_scoring(item.name)
+        with torch.no_grad():
+            doses = dose_to_gy(vae.decode(x0.float())[:, 0], norm)
+        totals = torch.tensor([card.score(d.numpy()).total for d in doses])
+        mae = torch.stack([(d - ref).abs()[body].mean() for d in doses])
+        sc = cfg.scardnft
+        return sc.scorecard_weight * totals - sc.mae_weight * mae, mae
+
+    train = [LatentItem(c["name"], ("identity",)) for c in index["cases"]
+             if c["split"] == "train"]
+    val = [LatentItem(c["name"], ("identity",)) for c in index["cases"] if c["split"] == "val"]
+    latent_shape = tuple(conditions(train[0].name).shape[1:]) if train else ()
+
+    def export(out_dir: Path) -> Path:
+        lora.save_adapter(policy, Path(out_dir) / "lora")
+        merged = lora.merged_copy(policy)
+        return export_dit(merged, out_dir, cfg, "scardnft", norm,
+                          {"data": str(data_dir), "base": cfg.model.init_from,
+                           "lora_rank": cfg.lora.rank})
+
+    task = nft_task(policy, velocity, reward, latent_shape, train, val, cfg, ctx,
+                    export=export, data_signature=loop.data_signature([t.name for t in train]))
+    return loop.run(task, cfg, run_dir, ctx, resume=resume)
