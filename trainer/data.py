@@ -228,6 +228,7 @@ class GridInputs:
     structure_info: list[dict]      # [{name, role, prescription_gy}]
 
 
+MAX_STRUCTURES = 63   # bits of the int64 structure map
 # slots resampled by nearest neighbour on a smaller grid (codes must not blend)
 _LABEL_SLOTS = (2,)
 
@@ -246,6 +247,7 @@ def model_inputs(case, grid: tuple[int, int, int]) -> GridInputs:
     voxel.
     """
     import torch.nn.functional as F
+
     from engine.features import build_modalities
     try:
         inputs = build_modalities(case)
@@ -253,11 +255,11 @@ def model_inputs(case, grid: tuple[int, int, int]) -> GridInputs:
         raise UserError(f"case {case.name}: {exc}") from None
     if 4 < len(inputs.present) and not inputs.present[4]:
         raise UserError(f"case {case.name} has no reference dose: it cannot be used to train")
-    structures = [s for s in case.structures if s.mask.any()][:63]
-    bits = np.zeros(inputs.volumes.shape[1:], dtype=np.int64)
+    structures = [s for s in case.structures if s.mask.any()][:MAX_STRUCTURES]
+    bits = np.zeros(case.geometry.shape, dtype=np.int64)
     for k, s in enumerate(structures):
-        on = inputs.transform.to_model(s.mask.astype(np.float32), order=0, fill=0.0) > 0.5
-        bits |= on.astype(np.int64) << k
+        bits[s.mask] |= np.int64(1) << k
+    bits = inputs.transform.to_model(bits, order=0, fill=0)   # nearest: bits stay exact
     info = [{"name": s.name, "role": s.role.value, "prescription_gy": s.prescription_gy}
             for s in structures]
     volumes = np.array(inputs.volumes, dtype=np.float32)  # writable copy

@@ -117,9 +117,8 @@ def nft_task(policy: PeftModel, velocity: Velocity, reward: Reward,
 
 def grid_geometry(grid: tuple[int, int, int]):
     """The training grid's geometry: the model grid's field of view at ``grid`` voxels."""
-    from engine.features import MODEL_SHAPE, MODEL_SPACING
-
     from engine.case import Geometry
+    from engine.features import MODEL_SHAPE, MODEL_SPACING
     spacing = tuple(s * n / g for s, n, g in zip(MODEL_SPACING, MODEL_SHAPE, grid))
     return Geometry(shape=grid, origin=(0.0, 0.0, 0.0), spacing=spacing)
 
