@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("engine.features", reason="the stages need engine.features (model inputs)")
 
 from engine.cli import main  # noqa: E402
-from engine.models.checkpoint import load_bundle  # noqa: E402
+from engine.dose_model import load_dose_model  # noqa: E402
 from trainer.caches import Cache  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.events import read_events  # noqa: E402
@@ -73,27 +73,29 @@ def test_diffusion_stages_chain_and_export(fitted):
     root, cfg = fitted
     runs, data = root / "runs", root / "data"
     assert _train("any2any", cfg, data, runs / "a") == 0
-    document, states = load_bundle(runs / "a" / "model")
-    assert document["provenance"]["stage"] == "any2any" and "dit" in states
-    stage_b = _preset(root, "b", vae_weights=runs / "vae" / "vae.safetensors",
-                      init_from=runs / "a" / "model", vae_adapt="decoder_lora")
+    model_a = load_dose_model(runs / "a" / "model")            # what the runtime loads
+    assert model_a.provenance["stage"] == "any2any" and model_a.codec is None
+    stage_b = _preset(root, "b", init_from=runs / "a" / "model", vae_adapt="decoder_lora")
     assert _train("dose", stage_b, data, runs / "b") == 0
     evals = [e for e in read_events(runs / "b") if e["type"] == "eval"]
     assert {"val_loss", "val_mae_gy"} <= set(evals[-1])
     assert (runs / "b" / "vae.safetensors").is_file()       # the adapted decoder, merged
     assert any("decoder_l1" in e for e in read_events(runs / "b") if e["type"] == "train")
-    post = _preset(root, "c", vae_weights=runs / "vae" / "vae.safetensors",
-                   init_from=runs / "b" / "model")
+    post = _preset(root, "c", init_from=runs / "b" / "model")
     assert _train("scardnft", post, data, runs / "c") == 0
     train = [e for e in read_events(runs / "c") if e["type"] == "train"]
     assert {"reward", "kl", "policy_loss", "mae_gy"} <= set(train[-1])
     assert (runs / "c" / "lora" / "adapter_model.safetensors").is_file()
-    merged = load_bundle(runs / "c" / "model")[1]["dit"]
-    base = load_bundle(runs / "b" / "model")[1]["dit"]
+    merged = load_dose_model(runs / "c" / "model").dit.state_dict()
+    base = load_dose_model(runs / "b" / "model").dit.state_dict()
     assert set(merged) == set(base)                         # plain DiT weights, LoRA folded in
     assert any(not torch.equal(merged[k], base[k]) for k in base)
     assert _train("distill", cfg, data, runs / "d") == 0
     assert _ended(runs / "d")["export"].endswith("tiny_codec.safetensors")
+    with_codec = _preset(root, "e", init_from=runs / "c" / "model",
+                         codec_weights=runs / "d" / "tiny_codec.safetensors")
+    assert _train("dose", with_codec, data, runs / "e") == 0   # the VAE comes from the bundle
+    assert load_dose_model(runs / "e" / "model").codec is not None
 
 
 def test_refusals_come_before_any_compute(fitted, capsys):
@@ -109,6 +111,9 @@ def test_refusals_come_before_any_compute(fitted, capsys):
     assert "no complete latent cache" in capsys.readouterr().err
     assert _train("scardnft", cfg, data, runs / "z") == 2
     assert "set [model] init_from" in capsys.readouterr().err
+    unfitted = _preset(root, "unfitted", init_from=runs / "r0")
+    assert _train("scardnft", unfitted, data, runs / "z") == 2
+    assert "init_from not found" in capsys.readouterr().err
     # a checkpoint from another architecture is refused on --resume
     assert _train("any2any", cfg, data, runs / "r") == 0
     wider = (root / "wider.toml")

@@ -86,6 +86,7 @@ class ModelConfig:
     dit_ffn_dim: int = 0
     init_from: str = ""             # model bundle folder, or Wan 2.1 DiT weights, to start from
     codec: str = "preview"          # TinyCodec preset name
+    codec_weights: str = ""         # the distill stage's tiny_codec.safetensors, for exports
 
 
 @dataclass(frozen=True)

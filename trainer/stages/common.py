@@ -16,9 +16,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from engine.cli import UserError
+from engine.dose_model import ARCHITECTURES, save_dose_model
 from engine.models import checkpoint as bundles
 from engine.models.dit import SLOT_NAMES, DiffKT3D, DiTConfig
 from engine.models.dit import preset as dit_preset
+from engine.models.tiny_codec import TinyCodec, TinyCodecConfig
 from engine.models.vae import VAEConfig, WanVAE
 
 from .. import lora
@@ -45,8 +47,26 @@ def cache_for(cfg: TrainConfig, run_dir: Path) -> Cache:
 
 # --- VAE ------------------------------------------------------------------------------------
 
+def _init_bundle(cfg: TrainConfig) -> Path | None:
+    path = Path(cfg.model.init_from) if cfg.model.init_from else None
+    return path if path is not None and path.is_dir() else None
+
+
+def _read_bundle(path: Path) -> tuple[dict, dict]:
+    try:
+        return bundles.load_bundle(path, architectures=ARCHITECTURES)
+    except bundles.CheckpointError as exc:
+        raise UserError(f"[model] init_from: {exc}") from None
+
+
 def vae_config(cfg: TrainConfig) -> VAEConfig:
-    """The VAE architecture: from the weights file's metadata when it has one, else the preset."""
+    """The VAE architecture: from ``vae_weights`` (its metadata), else from the ``init_from``
+    bundle's VAE, else the preset."""
+    bundle = _init_bundle(cfg)
+    if not cfg.model.vae_weights and bundle is not None:
+        comp = bundles.read_bundle_config(bundle)["components"].get("vae")
+        if comp is not None:
+            return VAEConfig.from_dict(comp["config"])
     if cfg.model.vae_weights:
         path = Path(cfg.model.vae_weights)
         if not path.is_file():
@@ -65,11 +85,22 @@ def vae_config(cfg: TrainConfig) -> VAEConfig:
         raise UserError(f"{cfg.source}: [model] vae: {exc}") from None
 
 
+def vae_is_fitted(cfg: TrainConfig) -> bool:
+    """Whether the VAE has real weights (``vae_weights`` or the ``init_from`` bundle's)."""
+    bundle = _init_bundle(cfg)
+    return bool(cfg.model.vae_weights) or (
+        bundle is not None and "vae" in bundles.read_bundle_config(bundle)["components"])
+
+
 def build_vae(cfg: TrainConfig) -> WanVAE:
-    """The VAE of the preset with its weights (``vae_weights``) or freshly initialised."""
+    """The VAE: ``vae_weights``, else the ``init_from`` bundle's, else freshly initialised."""
     config = vae_config(cfg)
+    bundle = _init_bundle(cfg)
     if not cfg.model.vae_weights:
-        return WanVAE(config)
+        vae = WanVAE(config)
+        if bundle is not None and vae_is_fitted(cfg):
+            vae.load_state_dict(_read_bundle(bundle)[1]["vae"], strict=True)
+        return vae
     from engine.models.vae_weights import load_vae
     try:
         return load_vae(cfg.model.vae_weights, config)
@@ -112,10 +143,7 @@ def build_dit(cfg: TrainConfig) -> DiffKT3D:
         return model
     path = Path(src)
     if path.is_dir():
-        try:
-            document, states = bundles.load_bundle(path)
-        except bundles.CheckpointError as exc:
-            raise UserError(f"[model] init_from: {exc}") from None
+        document, states = _read_bundle(path)
         comp = document["components"].get("dit")
         if comp is None:
             raise UserError(f"[model] init_from {path}: the bundle has no 'dit' component")
@@ -134,15 +162,32 @@ def build_dit(cfg: TrainConfig) -> DiffKT3D:
     return model
 
 
-def export_dit(model: DiffKT3D, run_dir: Path, cfg: TrainConfig, stage: str,
-               normalisation: dict, extra_provenance: dict | None = None) -> Path:
-    """Write ``RUN_DIR/model`` (a model bundle: DiT weights + config, prediction, provenance)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    provenance = {"stage": stage, "steps": cfg.run.max_steps, "vae": vae_config(cfg).to_dict(),
-                  "preset": cfg.source, **(extra_provenance or {})}
-    return bundles.save_bundle(
-        Path(run_dir) / "model",
-        {"dit": bundles.Component("DiffKT3D", model.config.to_dict(), state)},
-        normalisation=normalisation, prediction=cfg.diffusion.prediction,
-        provenance=json.loads(json.dumps(provenance)))
+def build_codec(cfg: TrainConfig) -> TinyCodec | None:
+    """The distilled preview codec of ``codec_weights`` (None when not given)."""
+    if not cfg.model.codec_weights:
+        return None
+    path = Path(cfg.model.codec_weights)
+    try:
+        with safe_open(str(path), "pt") as f:
+            config = TinyCodecConfig.from_json((f.metadata() or {})["codec_config"])
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise UserError(f"[model] codec_weights not found: {path}") from None
+    except Exception as exc:  # safetensors' own errors, missing metadata
+        raise UserError(f"[model] codec_weights {path} is not a distilled codec: {exc}") from None
+    codec = TinyCodec(config)
+    codec.load_state_dict(state, strict=True)
+    return codec
 
+
+def export_model(dit: DiffKT3D, vae: WanVAE, run_dir: Path, cfg: TrainConfig, stage: str,
+                 normalisation: dict, extra_provenance: dict | None = None) -> Path:
+    """Write ``RUN_DIR/model``: the bundle the engine runtime loads (DiT + VAE + codec)."""
+    provenance = {"stage": stage, "steps": cfg.run.max_steps, "preset": cfg.source,
+                  "init_from": cfg.model.init_from, **(extra_provenance or {})}
+    cpu = {k: v.detach().cpu().contiguous() for k, v in dit.state_dict().items()}
+    plain = DiffKT3D(dit.config)
+    plain.load_state_dict(cpu)
+    return save_dose_model(Path(run_dir) / "model", plain, vae.cpu(), build_codec(cfg),
+                           normalisation=normalisation, prediction=cfg.diffusion.prediction,
+                           provenance=json.loads(json.dumps(provenance)))

@@ -207,7 +207,7 @@ def run_stage(stage: str, targets: TargetSampler, cfg: TrainConfig, data_dir: Pa
     """Any2Any / dose training on the latent cache of ``data_dir`` (checked before compute)."""
     from .. import loop
     from ..data import scan_dataset
-    from .common import build_dit, build_vae, cache_for, export_dit, save_vae
+    from .common import build_dit, build_vae, cache_for, export_model, save_vae, vae_is_fitted
 
     manifest = scan_dataset(data_dir, cfg.data.val_fraction)
     cache = cache_for(cfg, run_dir)
@@ -225,18 +225,17 @@ def run_stage(stage: str, targets: TargetSampler, cfg: TrainConfig, data_dir: Pa
         vae.requires_grad_(False)
         model = dit
     decode = None
-    if cfg.model.vae_weights:  # a decoder that was never fitted would give meaningless Gy
+    if vae_is_fitted(cfg):  # a decoder that was never fitted would give meaningless Gy
         def decode(z: torch.Tensor) -> torch.Tensor:
             return dose_to_gy(vae.decode(z.float())[:, 0], index["normalisation"])
 
     def export(out_dir: Path) -> Path:
-        path = export_dit(dit, out_dir, cfg, stage, index["normalisation"],
-                          {"data": str(data_dir), "vae_adapt": cfg.vae_adapt.mode})
         if adapting:
             from ..lora import merge_conv_lora
             merge_conv_lora(vae.decoder)
             save_vae(vae, Path(out_dir) / "vae.safetensors")
-        return path
+        return export_model(dit, vae, out_dir, cfg, stage, index["normalisation"],
+                            {"data": str(data_dir), "vae_adapt": cfg.vae_adapt.mode})
 
     task = flow_task(stage, model, cache, index, cfg, ctx, targets, decode_dose=decode,
                      export=export,

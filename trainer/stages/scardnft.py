@@ -143,15 +143,25 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
 
     from .. import loop
     from ..data import scan_dataset
-    from .common import DOSE_SLOT, build_dit, build_vae, cache_for, dit_lora_targets, export_dit
+    from .common import (
+        DOSE_SLOT,
+        build_dit,
+        build_vae,
+        cache_for,
+        dit_lora_targets,
+        export_model,
+        vae_is_fitted,
+    )
     from .flow import LatentItem, dose_to_gy
 
     if not cfg.model.init_from:
         raise UserError("scardnft post-trains a dose model: set [model] init_from to the Stage B "
                         "model bundle (e.g. runs/stage-b/model)")
-    if not cfg.model.vae_weights:
-        raise UserError("scardnft scores decoded doses: set [model] vae_weights to the fitted "
-                        "VAE (RUN_DIR/vae.safetensors of the vae stage, or Wan 2.1 weights)")
+    if not Path(cfg.model.init_from).exists():
+        raise UserError(f"[model] init_from not found: {cfg.model.init_from}")
+    if not vae_is_fitted(cfg):
+        raise UserError("scardnft scores decoded doses and needs a fitted VAE: start from a "
+                        "model bundle that holds one, or set [model] vae_weights")
     template = scorecard_template(cfg.scardnft.scorecard)
     manifest = scan_dataset(data_dir, cfg.data.val_fraction)
     cache = cache_for(cfg, run_dir)
@@ -206,9 +216,8 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     def export(out_dir: Path) -> Path:
         lora.save_adapter(policy, Path(out_dir) / "lora")
         merged = lora.merged_copy(policy)
-        return export_dit(merged, out_dir, cfg, "scardnft", norm,
-                          {"data": str(data_dir), "base": cfg.model.init_from,
-                           "lora_rank": cfg.lora.rank})
+        return export_model(merged, vae, out_dir, cfg, "scardnft", norm,
+                            {"data": str(data_dir), "lora_rank": cfg.lora.rank})
 
     task = nft_task(policy, velocity, reward, latent_shape, train, val, cfg, ctx,
                     export=export, data_signature=loop.data_signature([t.name for t in train]))
