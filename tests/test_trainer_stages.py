@@ -124,3 +124,24 @@ def test_refusals_come_before_any_compute(fitted, capsys):
     assert code == 2
     assert "model architecture" in capsys.readouterr().err
     assert [e["type"] for e in read_events(runs / "r")[n:]] == ["error"]
+
+
+def test_any2any_under_torchrun_matches_one_process(fitted):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root, cfg = fitted
+    runs, data = root / "runs", root / "data"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    args = ["-m", "engine.cli", "train", "any2any", "--config", cfg, "--data", str(data)]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", *args, "--out", str(runs / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert _train("any2any", cfg, data, runs / "one") == 0
+    losses = [{e["step"]: e["loss"] for e in read_events(runs / name) if e["type"] == "train"}
+              for name in ("ddp", "one")]
+    assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3, 4]
+    for step in losses[1]:
+        assert losses[0][step] == pytest.approx(losses[1][step], rel=1e-4)

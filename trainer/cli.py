@@ -29,7 +29,7 @@ STAGES = ("vae", "cache", "distill", "any2any", "dose", "scardnft")
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train or adapt the dose model (one stage)",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description="\n\n".join(__doc__.split("\n\n")[1:4]) if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=STAGES, help="which stage to run")
     p.add_argument("--config", required=True,
@@ -52,6 +52,8 @@ def run_command(args: argparse.Namespace) -> int:
     except UserError as exc:
         _log_refusal(args.out, exc)
         raise
+    import torch
+    torch.manual_seed(cfg.run.seed)  # fresh weights are a function of the seed, on every rank
     try:
         stage = importlib.import_module(f"trainer.stages.{args.stage}")
         stage.run(cfg, args.data, args.out, args.resume, ctx)

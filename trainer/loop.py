@@ -61,6 +61,8 @@ class Task:
         export: writes the final artefact into the run folder, returns its path (rank 0 only).
         data_signature: identifies the training items, so a resume on other data is refused.
         use_ddp: wrap ``model`` in DDP when distributed (else gradients are all-reduced here).
+        find_unused: some parameters may get no gradient in a step (e.g. the output heads of
+            slots that are not targets): DDP must look for them.
     """
 
     stage: str
@@ -76,6 +78,7 @@ class Task:
     export: Callable[[Path], Path] | None = None
     data_signature: str = ""
     use_ddp: bool = True
+    find_unused: bool = False
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -202,7 +205,8 @@ def _train(task: Task, cfg: TrainConfig, run_dir: Path, ctx: DistContext,
         step = start.step
     ddp = task.use_ddp and ctx.distributed
     train_model = (DistributedDataParallel(model, device_ids=[ctx.device.index]
-                                           if ctx.device.type == "cuda" else None)
+                                           if ctx.device.type == "cuda" else None,
+                                           find_unused_parameters=task.find_unused)
                    if ddp else model)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda"
                 else nullcontext())

@@ -4,7 +4,7 @@ Per sample (seed §B.7, DESIGN §4): a latent stack ``x0 [7, 16, d, h, w]`` (one
 variant of the cache), a target mask over the slots, a flow time ``s`` (uniform on the 1000-step
 table, shifted by 3), noise ``e``; target slots get ``x_s = (1 - s) x0 + s e``, conditions stay
 clean; the loss is the MSE to the parameterisation's target (v = e - x0 by default) over the
-target slots only.
+target slots only, averaged per sample, then over the batch.
 
 Validation: the same loss with dose as the only target at fixed flow times and fixed noises
 (``val_loss``, comparable across steps and runs), and, when the stage decodes, the voxel MAE in
@@ -101,8 +101,12 @@ def flow_task(stage: str, model: nn.Module, cache: Cache, index: dict, cfg: Trai
         s, mask = torch.cat(sigmas).to(dev), torch.stack(masks).to(dev)
         x = noise_targets(x0, noise, s, mask)
         pred = m(x, s, mask)
-        value = diffusion.flow_matching_loss(pred.float(), x0, noise, prediction,
-                                             mask=mask[..., None, None, None, None])
+        # each sample weighs the same whatever its number of target slots, so that a global
+        # batch gives the same loss however it is split over processes
+        value = torch.stack([
+            diffusion.flow_matching_loss(pred[i:i + 1].float(), x0[i:i + 1], noise[i:i + 1],
+                                         prediction, mask=mask[i:i + 1, :, None, None, None, None])
+            for i in range(len(items))]).mean()
         stats = {"flow_loss": value.item(),
                  "targets_per_sample": mask.float().sum(1).mean().item()}
         if decoder_loss is not None:
@@ -142,7 +146,8 @@ def flow_task(stage: str, model: nn.Module, cache: Cache, index: dict, cfg: Trai
                                                   if p.requires_grad],
                 train_items=train, val_items=val, loss=loss, evaluate=evaluate, export=export,
                 data_signature=data_signature([t.name for t in train]),
-                use_ddp=decoder_loss is None, info={"variants": list(variants)})
+                use_ddp=decoder_loss is None, find_unused=True,
+                info={"variants": list(variants)})
 
 
 def dose_to_gy(unit: torch.Tensor, normalisation: dict) -> torch.Tensor:
