@@ -230,8 +230,8 @@ def _train(task: Task, cfg: TrainConfig, run_dir: Path, ctx: DistContext,
         gens = [sample_generator(cfg.run.seed, step, j) for j in mine]
         with autocast:
             loss, metrics = task.loss(train_model, items, gens)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}: training "
+        if not _finite_everywhere(loss, ctx):
+            raise FloatingPointError(f"the loss became non-finite at step {step + 1}: training "
                                      "diverged (lower [optim] lr or check the data)")
         loss.backward()
         if ctx.distributed and not ddp:
@@ -266,6 +266,15 @@ def _train(task: Task, cfg: TrainConfig, run_dir: Path, ctx: DistContext,
     events.emit("end", step, total_steps=total, status="completed", export=exported,
                 wall_s=time.time() - t_run)
     return last
+
+
+def _finite_everywhere(loss: torch.Tensor, ctx: DistContext) -> bool:
+    """Whether the loss is finite on every rank (all ranks stop together otherwise)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=ctx.device)
+    if ctx.distributed:
+        import torch.distributed as dist
+        dist.all_reduce(bad)
+    return bad.item() == 0.0
 
 
 def _clip(params: list[nn.Parameter], max_norm: float) -> float:
