@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.convert_cmd",
     "engine.commands.dvh_cmd",
     "engine.commands.evaluate_cmd",
+    "trainer.cli",
 )
 
 
