@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,18 @@ from planner_gui.signals import Signal
 log = logging.getLogger(__name__)
 
 
+WORKER_NICENESS = 5
+
+
+def _lower_thread_priority() -> None:
+    """Let the UI thread win the CPU over the inference thread (Linux: per-thread nice)."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
+        except OSError:
+            log.debug("could not lower the inference thread's priority")
+
+
 class LatestWinsRunner:
     """Run ``fn(*args, cancel_event)`` on one worker thread; a newer submit supersedes older ones.
 
@@ -32,7 +45,8 @@ class LatestWinsRunner:
 
     def __init__(self, debounce_s: float = 0.03) -> None:
         self.debounce_s = debounce_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dose-engine")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dose-engine",
+                                            initializer=_lower_thread_priority)
         self._generation = 0
         self._task: asyncio.Task | None = None
         self._cancel: threading.Event | None = None
@@ -94,6 +108,8 @@ class DoseController:
         self.failed = Signal()
         self.previews_done = 0
         self.predictions_done = 0
+        self.busy = ""
+        self.busy_changed.connect(lambda kind: setattr(self, "busy", kind))
         session.plan_changed.connect(self._on_plan_changed)
 
     @property

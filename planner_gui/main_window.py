@@ -5,6 +5,7 @@ the tool bar. The window only wires views to the :class:`Session` and the dose c
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -232,6 +233,10 @@ class MainWindow(QtWidgets.QMainWindow):
                 f"Opened {case.name} with {len(case.warnings)} warning(s): {case.warnings[0]}")
         self._update_case_actions()
         self.case_loaded.emit(case)
+        # The views now hold many long-lived objects; move them out of the collector's way so
+        # full collections during interaction stay short.
+        gc.collect()
+        gc.freeze()
         self.controller.request_prediction()
 
     def open_path(self, path: str | Path) -> asyncio.Future:

@@ -21,3 +21,52 @@ def openkbp_dir() -> Path:
     if not (path / "train").is_dir():
         pytest.skip(f"shared OpenKBP data not found at {path}")
     return path
+
+
+# ---- GUI (planner_gui) --------------------------------------------------------------------
+# One qasync loop for the whole session, marked running only while a test that asks for it
+# runs, so asyncio tasks advance whenever qtbot spins Qt and other tests can still use
+# asyncio.run(). Never stop() it: that calls QApplication.exit() and later loops' timers never
+# fire (notes/qt-vtk-headless.md §3.3).
+@pytest.fixture(scope="session")
+def _qasync_loop(qapp):
+    import asyncio
+
+    import pyvista as pv
+    import qasync
+
+    pv.OFF_SCREEN = True
+    pv.global_theme.multi_samples = 0
+    loop = qasync.QEventLoop(qapp, already_running=True)
+    loop._QEventLoop__is_running = False
+    asyncio.events._set_running_loop(None)
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def aloop(_qasync_loop):
+    import asyncio
+
+    from PySide6.QtWidgets import QApplication
+
+    loop = _qasync_loop
+    loop._QEventLoop__is_running = True
+    asyncio.events._set_running_loop(loop)
+    asyncio.set_event_loop(loop)
+    yield loop
+    for task in [t for t in asyncio.all_tasks(loop) if not t.done()]:
+        task.cancel()
+    for _ in range(3):
+        QApplication.processEvents()
+    loop._QEventLoop__is_running = False
+    asyncio.events._set_running_loop(None)
+    asyncio.set_event_loop(None)
+
+
+@pytest.fixture
+def gui_settings(tmp_path):
+    """Window settings (recent patients) in a temporary INI file, not the user's."""
+    from PySide6 import QtCore
+
+    return QtCore.QSettings(str(tmp_path / "dosepilot.ini"), QtCore.QSettings.Format.IniFormat)

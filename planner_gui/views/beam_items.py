@@ -60,7 +60,7 @@ class BeamRay(pg.GraphicsObject):
         path.lineTo(QtCore.QPointF(*self._end))
         stroker = QtGui.QPainterPathStroker()
         stroker.setWidth(self._handle_radius() * 1.2)
-        out = stroker.createPath(path)
+        out = stroker.createStroke(path)
         out.addEllipse(QtCore.QPointF(*self._end), self._handle_radius() * 1.5,
                        self._handle_radius() * 1.5)
         return out

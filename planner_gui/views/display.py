@@ -7,6 +7,7 @@ anterior up; coronal and sagittal show superior up, sagittal with anterior on th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,7 @@ def structure_color(index: int, color: tuple[int, int, int] | None) -> tuple[int
     return tuple(color) if color is not None else _DEFAULT_COLORS[index % len(_DEFAULT_COLORS)]
 
 
+@functools.lru_cache(maxsize=64)
 def isodose_color(fraction: float) -> tuple[int, int, int]:
     """Colour of the isodose line at ``fraction`` of the reference dose (blue -> red)."""
     return tuple(int(c) for c in dose_colormap().map(min(max(fraction / 1.1, 0.0), 1.0),

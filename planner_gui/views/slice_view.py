@@ -76,12 +76,9 @@ class SliceView(QtWidgets.QWidget):
         self.dose_item.setZValue(2)
         for item in (self.ct_item, self.dose_item, self.contour_item):
             self.view_box.addItem(item)
-        self.isodose_items: list[pg.IsocurveItem] = []
-        for pct in ISODOSE_PERCENT:
-            iso = pg.IsocurveItem(pen=pg.mkPen(isodose_color(pct / 100.0), width=1.5))
-            iso.setParentItem(self.dose_item)
-            iso.setZValue(3)
-            self.isodose_items.append(iso)
+        self.isodose_item = pg.ImageItem()
+        self.isodose_item.setZValue(3)
+        self.view_box.addItem(self.isodose_item)
         self.color_bar = pg.ColorBarItem(values=(0.0, 1.0), colorMap=dose_colormap(0.1),
                                          label="Dose (Gy)", interactive=False, width=12)
         self.color_bar.setImageItem(self.dose_item, insert_in=self.plot_item)
@@ -222,17 +219,25 @@ class SliceView(QtWidgets.QWidget):
             return
         if self._overlay is None:
             self.dose_item.clear()
-            for iso in self.isodose_items:
-                iso.setData(None)
+            self.isodose_item.clear()
             return
         data = self._slice(self._overlay)
         self.dose_item.setImage(data, autoLevels=False, levels=self._overlay_levels,
                                 rect=self._rect)
         self.dose_item.setOpacity(self.dose_opacity)
         show_iso = self.overlay_mode in OVERLAY_MODES[:2] and self._reference_gy > 0
-        for pct, iso in zip(ISODOSE_PERCENT, self.isodose_items):
-            iso.setData(data if show_iso else None, level=self._reference_gy * pct / 100.0)
-            iso.setVisible(show_iso)
+        self.isodose_item.setVisible(show_iso)
+        if show_iso:
+            self.isodose_item.setImage(self._isodose_lines(data), autoLevels=False,
+                                       levels=(0, 255), rect=self._rect)
+
+    def _isodose_lines(self, dose2d: np.ndarray) -> np.ndarray:
+        """RGBA image of the isodose lines (pixel outlines of each level's region)."""
+        rgba = np.zeros(dose2d.shape + (4,), dtype=np.uint8)
+        for pct in ISODOSE_PERCENT:
+            edge = outline(dose2d >= self._reference_gy * pct / 100.0)
+            rgba[edge] = (*isodose_color(pct / 100.0), 255)
+        return rgba
 
     def _draw_beams(self) -> None:
         if self.orientation != "axial" or self.grid is None or self.session.plan is None:

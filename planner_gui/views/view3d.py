@@ -38,7 +38,7 @@ class View3D(QtWidgets.QWidget):
     def __init__(self, session: Session, parent: QtWidgets.QWidget | None = None) -> None:
         super().__init__(parent)
         self.session = session
-        self.plotter = QtInteractor(self, auto_update=False, multi_samples=0)
+        self.plotter = QtInteractor(self, off_screen=False, auto_update=False, multi_samples=0)
         self.plotter.set_background("#101418")
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
