@@ -23,6 +23,18 @@ def openkbp_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def phantom_dicom(tmp_path_factory):
+    """A small phantom patient written as DICOM (CT, RTSTRUCT, RTPLAN, RTDOSE), read-only.
+
+    ``.case`` is the ground truth, the other attributes the written paths. Tests that alter
+    files work on a copy (``shutil.copytree``).
+    """
+    from engine.phantom import PhantomSpec, write_phantom
+
+    return write_phantom(tmp_path_factory.mktemp("phantom"), PhantomSpec(with_dose=True))
+
+
 # ---- GUI (planner_gui) --------------------------------------------------------------------
 # One qasync loop for the whole session, marked running only while a test that asks for it
 # runs, so asyncio tasks advance whenever qtbot spins Qt and other tests can still use
