@@ -1,5 +1,5 @@
 """The live DVH plot (pyqtgraph): one curve per structure in its colour, the reference dose's
-curves dashed when the case has one."""
+curves dashed when the case has one. Curves are cumulative, volume in % of the structure."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyqtgraph as pg
 from PySide6 import QtCore, QtWidgets
 
 from engine.case import Case
-from planner_gui.dvh_data import DvhCurve, dvh_for_case
+from engine.metrics.dvh import DVH, compute_dvhs, prepare
 from planner_gui.session import Session
 from planner_gui.views.display import structure_color
 
@@ -28,7 +28,7 @@ class DvhPanel(QtWidgets.QWidget):
         self.legend = self.plot.addLegend(offset=(-10, 10), labelTextSize="8pt")
         self.curves: dict[str, pg.PlotDataItem] = {}
         self.reference_curves: dict[str, pg.PlotDataItem] = {}
-        self._reference: dict[str, DvhCurve] = {}
+        self._reference: dict[str, DVH] = {}
         self._colors: dict[str, tuple[int, int, int]] = {}
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -44,15 +44,18 @@ class DvhPanel(QtWidgets.QWidget):
         self.reference_curves.clear()
         self._colors = {s.name: structure_color(i, s.color)
                         for i, s in enumerate(case.structures)}
-        self._reference = dvh_for_case(case, case.dose) if case.dose is not None else {}
+        self._reference = {}
+        if case.dose is not None:
+            curves = compute_dvhs(case.dose.array, prepare(case.structures, case.geometry))
+            self._reference = {c.name: c for c in curves if c.volume_cc > 0}
         for name, curve in self._reference.items():
             pen = pg.mkPen(self._colors[name], width=1.5, style=QtCore.Qt.PenStyle.DashLine)
-            self.reference_curves[name] = self.plot.plot(curve.dose_gy, curve.volume_pct,
+            self.reference_curves[name] = self.plot.plot(curve.dose_gy, curve.cumulative_pct,
                                                          pen=pen)
             self.reference_curves[name].setVisible(self.session.is_visible(name))
 
     def _on_result(self, result: Any) -> None:
-        dvhs: dict[str, DvhCurve] = dict(result.dvh) if result is not None else {}
+        dvhs: dict[str, DVH] = dict(result.dvh) if result is not None else {}
         for name in list(self.curves):
             if name not in dvhs:
                 self.plot.removeItem(self.curves.pop(name))
@@ -61,10 +64,10 @@ class DvhPanel(QtWidgets.QWidget):
             item = self.curves.get(name)
             if item is None:
                 pen = pg.mkPen(self._colors.get(name, (200, 200, 200)), width=2)
-                item = self.plot.plot(curve.dose_gy, curve.volume_pct, pen=pen, name=name)
+                item = self.plot.plot(curve.dose_gy, curve.cumulative_pct, pen=pen, name=name)
                 self.curves[name] = item
             else:
-                item.setData(curve.dose_gy, curve.volume_pct)
+                item.setData(curve.dose_gy, curve.cumulative_pct)
             item.setVisible(self.session.is_visible(name))
 
     def _on_visibility(self, name: str, visible: bool) -> None:

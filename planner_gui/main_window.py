@@ -18,6 +18,7 @@ from planner_gui import loading
 from planner_gui.beams_panel import BeamsPanel
 from planner_gui.dvh_panel import DvhPanel
 from planner_gui.engine_api import NO_ENGINE, DoseEngineLike
+from planner_gui.export import export_plan_and_dose
 from planner_gui.inference import DoseController
 from planner_gui.metrics_panel import MetricsPanel
 from planner_gui.session import Session
@@ -35,6 +36,7 @@ class MainWindow(QtWidgets.QMainWindow):
     and can be set later with :meth:`set_engine`."""
 
     case_loaded = QtCore.Signal(object)
+    exported = QtCore.Signal(object)
     error_shown = QtCore.Signal(str)
 
     def __init__(self, engine: DoseEngineLike | None = None, engine_message: str = "",
@@ -113,6 +115,9 @@ class MainWindow(QtWidgets.QMainWindow):
         self.demo_action = self._action("Open demo patient", self.open_demo)
         self.undo_action = self._action("Undo", self.session.undo, keys.Undo)
         self.redo_action = self._action("Redo", self.session.redo, keys.Redo)
+        self.export_action = self._action("Export RTPLAN + RTDOSE…", self._export_dialog,
+                                          "Ctrl+E", "Write the edited plan and the shown dose "
+                                          "as DICOM into a new folder")
         self.predict_action = self._action("Predict", self._predict, "Ctrl+R",
                                            "Run the full prediction for the current plan")
         self.recent_menu = QtWidgets.QMenu("Recent patients", self)
@@ -120,6 +125,7 @@ class MainWindow(QtWidgets.QMainWindow):
         for action in (self.open_action, self.open_dataset_action, self.demo_action):
             file_menu.addAction(action)
         file_menu.addMenu(self.recent_menu)
+        file_menu.addAction(self.export_action)
         file_menu.addSeparator()
         file_menu.addAction(self._action("Quit", self.close, keys.Quit))
         edit_menu = self.menuBar().addMenu("&Edit")
@@ -133,7 +139,7 @@ class MainWindow(QtWidgets.QMainWindow):
         bar = self.addToolBar("Main")
         bar.setObjectName("toolbar:main")
         for action in (self.open_action, self.undo_action, self.redo_action,
-                       self.predict_action):
+                       self.predict_action, self.export_action):
             bar.addAction(action)
         bar.addSeparator()
         self.window_combo = QtWidgets.QComboBox()
@@ -309,6 +315,34 @@ class MainWindow(QtWidgets.QMainWindow):
     def _update_case_actions(self) -> None:
         has_case = self.session.case is not None
         self.predict_action.setEnabled(has_case and self.controller.available)
+        self.export_action.setEnabled(has_case)
+
+    # ---- export -------------------------------------------------------------------------------
+    def _export_dialog(self) -> None:
+        folder = QtWidgets.QFileDialog.getExistingDirectory(
+            self, "Export the plan and dose into (a new sub-folder is created)")
+        if folder:
+            self.export_to(folder)
+
+    def export_to(self, parent: str | Path) -> asyncio.Future:
+        """Write the current plan and predicted dose under ``parent`` off the UI thread."""
+        case, plan, result = self.session.case, self.session.plan, self.session.result
+        dose = result.dose if result is not None else None
+        future = asyncio.get_event_loop().run_in_executor(
+            None, export_plan_and_dose, case, plan, dose, parent)
+        future.add_done_callback(self._exported)
+        self.statusBar().showMessage("Exporting …")
+        return future
+
+    def _exported(self, future: asyncio.Future) -> None:
+        exc = future.exception()
+        if exc is not None:
+            self.show_error("Export failed", f"{type(exc).__name__}: {exc}")
+            return
+        files = future.result()
+        what = "RTPLAN and RTDOSE" if files.rtdose is not None else "RTPLAN (no dose yet)"
+        self.statusBar().showMessage(f"Exported {what} to {files.folder}")
+        self.exported.emit(files)
 
     def _on_history(self, can_undo: bool, can_redo: bool) -> None:
         self.undo_action.setEnabled(can_undo)

@@ -1,4 +1,4 @@
-"""Support for the GUI tests: a small in-memory head-and-neck-like phantom and a real
+"""Support for the GUI tests: the engine's phantom on a small grid and a real
 (non-AI) dose calculation to drive the GUI's inference plumbing with.
 
 The dose model is a simple physics model, not a stand-in for results: each beam is a field
@@ -10,6 +10,7 @@ therefore give really different dose distributions and DVHs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -20,7 +21,10 @@ from typing import Any
 import numpy as np
 from scipy.special import erfc
 
-from engine.case import Beam, Case, Geometry, Plan, Role, Structure, Volume
+from engine.case import Beam, Case, Plan, Volume
+from engine.metrics.dvh import all_metrics, prepare
+from engine.metrics.scorecard import BoundScorecard, builtin_template
+from engine.phantom import PhantomSpec, make_phantom
 from planner_gui.beam_geometry import source_position
 
 MU_PER_MM = 0.005
@@ -28,41 +32,12 @@ PENUMBRA_SIGMA_MM = 3.0
 FIELD_MARGIN_MM = 5.0
 
 
-def make_phantom_case(shape: tuple[int, int, int] = (24, 48, 56),
-                      spacing: tuple[float, float, float] = (4.0, 4.0, 4.0),
-                      with_reference: bool = True) -> Case:
-    """An elliptical 'neck' in air with a spine, a spherical PTV (60 Gy) and three OARs."""
-    nz, ny, nx = shape
-    origin = (-(nx - 1) * spacing[2] / 2, -(ny - 1) * spacing[1] / 2, 0.0)
-    geometry = Geometry(shape=shape, origin=origin, spacing=spacing)
-    zc, yc, xc = np.meshgrid(*geometry.axis_coordinates(), indexing="ij")
-    zmid = (nz - 1) * spacing[0] / 2
-    body = (xc / 90.0) ** 2 + (yc / 70.0) ** 2 <= 1.0
-    spine = ((xc / 14.0) ** 2 + ((yc - 35.0) / 14.0) ** 2 <= 1.0)
-    ct = np.where(body, 30.0, -1000.0).astype(np.float32)
-    ct[spine] = 700.0
-    ptv = (xc + 20.0) ** 2 + (yc + 10.0) ** 2 + (zc - zmid) ** 2 <= 24.0 ** 2
-    cord = ((xc / 6.0) ** 2 + ((yc - 35.0) / 6.0) ** 2 <= 1.0)
-    parotid_l = (xc - 45.0) ** 2 + (yc - 5.0) ** 2 + (zc - zmid) ** 2 <= 15.0 ** 2
-    parotid_r = (xc + 55.0) ** 2 + (yc - 10.0) ** 2 + (zc - zmid) ** 2 <= 12.0 ** 2
-    structures = (
-        Structure("BODY", Role.EXTERNAL, body, color=(0, 200, 0), number=1),
-        Structure("PTV60", Role.TARGET, ptv & body, prescription_gy=60.0, color=(255, 0, 0),
-                  number=2),
-        Structure("SpinalCord", Role.OAR, cord, color=(255, 255, 0), number=3),
-        Structure("Parotid_L", Role.OAR, parotid_l & body, color=(0, 128, 255), number=4),
-        Structure("Parotid_R", Role.OAR, parotid_r & body, color=(255, 0, 255), number=5),
-    )
-    iso_index = np.argwhere(ptv).mean(axis=0)
-    iso = tuple(float(v) for v in geometry.index_to_lps(iso_index))
-    beams = tuple(Beam(f"B{i + 1}", gantry_deg=a, isocenter_mm=iso, number=i + 1)
-                  for i, a in enumerate((0.0, 72.0, 144.0, 216.0, 288.0)))
-    plan = Plan(beams=beams, fractions=30, prescription_gy=60.0, name="Phantom5F")
-    case = Case(name="GUI phantom", ct=Volume(ct, geometry), structures=structures, plan=plan)
-    if with_reference:
-        dose = PhysicsDose().dose(case, plan.with_gantry(0, 20.0))
-        case = case.with_dose(Volume(dose, geometry))
-    return case
+def make_case(shape: tuple[int, int, int] = (24, 56, 64),
+              spacing: tuple[float, float, float] = (4.0, 4.0, 4.0),
+              with_dose: bool = True, n_beams: int = 5) -> Case:
+    """The engine's synthetic head-and-neck phantom on a small grid (reference dose optional)."""
+    return make_phantom(PhantomSpec(shape=shape, spacing=spacing, with_dose=with_dose,
+                                    n_beams=n_beams))
 
 
 @dataclass(frozen=True)
@@ -104,13 +79,18 @@ class PhysicsDose:
         for n, beam in enumerate(plan.beams):
             if cancel is not None and cancel.is_set():
                 break
-            total += self._beam(case, plan, beam, points, body, target)
+            angles = beam.gantry_angles_deg
+            for angle in angles:
+                turned = dataclasses.replace(beam, gantry_deg=angle, control_point_gantry_deg=())
+                total += self._beam(case, plan, turned, points, body, target) / len(angles)
             if self.delay_s:
                 time.sleep(self.delay_s)
             if on_beam is not None:
                 on_beam(n + 1, len(plan.beams))
-        rx = max((s.prescription_gy or 0.0 for s in case.targets), default=60.0)
-        mean_target = total[target].mean() if target.any() else total.max()
+        primary = max(case.targets, key=lambda s: s.prescription_gy or 0.0, default=None)
+        rx = primary.prescription_gy if primary is not None and primary.prescription_gy else 60.0
+        inside = primary.mask.reshape(-1) if primary is not None else target
+        mean_target = total[inside].mean() if inside.any() else total.max()
         scale = rx / mean_target if mean_target > 0 else 0.0
         return (total * scale * body).reshape(g.shape).astype(np.float32)
 
@@ -137,22 +117,31 @@ class PhysicsDose:
 
 
 class PhysicsDoseEngine:
-    """A dose engine (the GUI's ``DoseEngineLike``) over :class:`PhysicsDose`."""
+    """A dose engine (the GUI's ``DoseEngineLike``) over :class:`PhysicsDose`, with DVHs,
+    metrics and the head-and-neck scorecard from ``engine.metrics``."""
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.physics = PhysicsDose(delay_s)
         self.kinds: list[str] = []
+        self._prepared: tuple[int, Any, Any] | None = None
+
+    def _bound(self, case: Case) -> tuple[Any, Any]:
+        if self._prepared is None or self._prepared[0] != id(case):
+            self._prepared = (id(case), prepare(case.structures, case.geometry),
+                              BoundScorecard(builtin_template("head_neck"), case.structures,
+                                             case.geometry))
+        return self._prepared[1], self._prepared[2]
 
     def _result(self, case: Case, plan: Plan, dose: np.ndarray, kind: str,
-                seconds: float, std: np.ndarray | None = None) -> SimpleDoseResult:
-        from planner_gui.dvh_data import dvh_for_case  # the GUI's own DVH path
-
-        volume = Volume(dose, case.geometry)
+                seconds: float) -> SimpleDoseResult:
+        structures, scorecard = self._bound(case)
+        curves, metrics = all_metrics(dose, structures, case.geometry)
         self.kinds.append(kind)
         return SimpleDoseResult(
-            dose=volume, std=None if std is None else Volume(std, case.geometry),
-            dvh=dvh_for_case(case, volume), metrics={}, scorecard=None,
-            timings_s={kind: seconds}, kind=kind, plan=plan)
+            dose=Volume(dose, case.geometry), std=None, dvh={c.name: c for c in curves},
+            metrics={m.name: {k: v for k, v in dataclasses.asdict(m).items()
+                              if k != "name" and v is not None} for m in metrics},
+            scorecard=scorecard.score(dose), timings_s={kind: seconds}, kind=kind, plan=plan)
 
     def preview(self, case: Case, plan: Plan) -> SimpleDoseResult:
         t0 = time.perf_counter()

@@ -19,7 +19,7 @@ pytestmark = [
                        reason="GUI tests need a display: run under xvfb-run (make test)"),
 ]
 
-from gui_helpers import PhysicsDoseEngine, make_phantom_case  # noqa: E402
+from gui_helpers import PhysicsDoseEngine, make_case  # noqa: E402
 from PySide6 import QtCore, QtGui  # noqa: E402
 
 from planner_gui.engine_api import NO_ENGINE  # noqa: E402
@@ -31,7 +31,7 @@ LEFT = QtCore.Qt.MouseButton.LeftButton
 
 @pytest.fixture(scope="module")
 def case():
-    return make_phantom_case()
+    return make_case()
 
 
 def make_window(qtbot, settings, engine=None, message=""):
@@ -70,8 +70,8 @@ def test_views_show_ct_and_contours(qtbot, aloop, gui_settings, case):
     axial = grab_rgb(window.axial.plot)
     grey = (np.ptp(axial, axis=2) < 4) & (axial[..., 0] > 60) & (axial[..., 0] < 200)
     assert grey.sum() > 2000, "the soft-tissue CT should be visible as grey"
-    for name, color in (("PTV60", (255, 0, 0)), ("Parotid_L", (0, 128, 255)),
-                        ("BODY", (0, 200, 0))):
+    for name, color in (("PTV70", (255, 0, 0)), ("Parotid_L", (0, 120, 255)),
+                        ("BODY", (0, 180, 80))):
         assert count_color(axial, color) > 20, f"{name} outline missing"
     for view in (window.coronal, window.sagittal):
         assert count_color(grab_rgb(view.plot), (255, 0, 0)) > 20
@@ -80,7 +80,7 @@ def test_views_show_ct_and_contours(qtbot, aloop, gui_settings, case):
     # hiding a structure removes its outline everywhere
     window.structures_panel.item_for("Parotid_L").setCheckState(QtCore.Qt.CheckState.Unchecked)
     qtbot.wait(50)
-    assert count_color(grab_rgb(window.axial.plot), (0, 128, 255)) == 0
+    assert count_color(grab_rgb(window.axial.plot), (0, 120, 255), tol=6) == 0
     assert not window.view3d.structure_actors["Parotid_L"].GetVisibility()
     # no engine: the window says so, and nothing is predicted
     assert window.engine_label.text() == NO_ENGINE
@@ -144,7 +144,7 @@ def test_dragging_a_beam_previews_then_predicts_on_release(win, qtbot):
 def test_event_loop_keeps_ticking_during_inference(qtbot, aloop, gui_settings):
     """A 10 ms timer keeps firing while the engine computes on its worker thread: the worst
     gap between ticks taken while predictions are running stays <= 150 ms."""
-    big = make_phantom_case(shape=(48, 96, 112), spacing=(2.0, 2.0, 2.0), with_reference=False)
+    big = make_case(shape=(48, 96, 112), spacing=(2.0, 2.0, 2.0), with_dose=False)
     window = make_window(qtbot, gui_settings, PhysicsDoseEngine())
     controller = window.controller
     window.open_case(big)
@@ -236,3 +236,78 @@ def test_opening_a_bad_folder_shows_a_clear_error(win, qtbot, tmp_path):
     with qtbot.waitSignal(win.error_shown, timeout=5000) as blocker:
         win.open_path(tmp_path / "missing")
     assert "does not exist" in blocker.args[0]
+
+
+def test_scorecard_and_metrics_follow_the_result(win, qtbot):
+    panel = win.metrics_panel
+    card = win.session.result.scorecard
+    assert panel.scorecard.rowCount() == len(card.results) > 0
+    colors = {panel.scorecard.item(r, 4).text(): panel.scorecard.item(r, 4).background().color()
+              for r in range(panel.scorecard.rowCount())}
+    from planner_gui.metrics_panel import FAIL_COLOR, PASS_COLOR
+    for verdict, color in colors.items():
+        if verdict == "PASS":
+            assert color == PASS_COLOR
+        elif verdict == "FAIL":
+            assert color == FAIL_COLOR
+    assert f"{card.total:.2f}" in panel.total_label.text()
+    rows = [panel.metrics.verticalHeaderItem(r).text() for r in range(panel.metrics.rowCount())]
+    assert "PTV70" in rows
+    headers = [panel.metrics.horizontalHeaderItem(c).text()
+               for c in range(panel.metrics.columnCount())]
+    col = headers.index("Dmean (Gy)")
+    shown = float(panel.metrics.item(rows.index("PTV70"), col).text())
+    assert shown == pytest.approx(win.session.result.metrics["PTV70"]["mean_gy"], abs=0.01)
+
+
+def test_opening_a_dicom_folder_and_exporting_round_trips(qtbot, aloop, gui_settings,
+                                                          phantom_dicom, tmp_path):
+    import shutil
+
+    from engine.io.dicom import load_dicom_case
+
+    window = make_window(qtbot, gui_settings, PhysicsDoseEngine())
+    folder = phantom_dicom.ct_paths[0].parent
+    with qtbot.waitSignal(window.case_loaded, timeout=30_000):
+        window.open_path(folder)
+    assert window.recent_paths()[0] == str(folder)
+    qtbot.waitUntil(lambda: window.controller.predictions_done == 1, timeout=20_000)
+    window.session.set_gantry(1, 123.0)
+    qtbot.waitUntil(lambda: window.controller.predictions_done == 2
+                    and not window.controller.busy, timeout=20_000)
+    with qtbot.waitSignal(window.exported, timeout=30_000) as blocker:
+        window.export_to(tmp_path / "out")
+    files = blocker.args[0]
+    assert not files.whole_case and files.rtplan.exists() and files.rtdose.exists()
+    # re-open: the original CT and structures with the exported plan and dose
+    reopen = tmp_path / "reopen"
+    reopen.mkdir()
+    for path in (*phantom_dicom.ct_paths, phantom_dicom.rtstruct_path, files.rtplan,
+                 files.rtdose):
+        shutil.copy(path, reopen)
+    case = load_dicom_case(reopen)
+    assert case.plan.beams[1].gantry_deg == pytest.approx(123.0)
+    assert np.allclose(case.dose.array, window.session.result.dose.array, atol=0.01)
+    window.close()
+
+
+def test_exporting_a_case_without_dicom_writes_a_whole_study(win, qtbot, tmp_path):
+    from engine.io.dicom import load_dicom_case
+
+    win.session.set_gantry(0, 30.0)
+    qtbot.waitUntil(lambda: win.controller.predictions_done == 2 and not win.controller.busy,
+                    timeout=20_000)
+    with qtbot.waitSignal(win.exported, timeout=30_000) as blocker:
+        win.export_to(tmp_path)
+    files = blocker.args[0]
+    assert files.whole_case
+    case = load_dicom_case(files.folder)
+    assert case.plan.beams[0].gantry_deg == pytest.approx(30.0)
+    assert np.allclose(case.dose.array, win.session.result.dose.array, atol=0.01)
+    assert {s.name for s in case.structures} >= {"PTV70", "Parotid_L", "BODY"}
+    # a second export never touches the first
+    before = sorted(p.name for p in files.folder.iterdir())
+    with qtbot.waitSignal(win.exported, timeout=30_000) as second:
+        win.export_to(tmp_path)
+    assert second.args[0].folder != files.folder
+    assert sorted(p.name for p in files.folder.iterdir()) == before
