@@ -17,12 +17,13 @@ from engine.case import Case
 from planner_gui import loading
 from planner_gui.beams_panel import BeamsPanel
 from planner_gui.dvh_panel import DvhPanel
-from planner_gui.engine_api import NO_ENGINE, DoseEngineLike
+from planner_gui.engine_api import NO_ENGINE, DoseEngineLike, load_dose_engine
 from planner_gui.export import export_plan_and_dose
 from planner_gui.inference import DoseController
 from planner_gui.metrics_panel import MetricsPanel
 from planner_gui.session import Session
 from planner_gui.structures_panel import StructuresPanel
+from planner_gui.training_panel import TrainingPanel
 from planner_gui.views.display import WINDOW_PRESETS
 from planner_gui.views.slice_view import OVERLAY_MODES, SliceView
 from planner_gui.views.view3d import View3D
@@ -77,6 +78,14 @@ class MainWindow(QtWidgets.QMainWindow):
         self.dvh_dock = self._dock("DVH", self.dvh_panel,
                                    QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
         self._dock("Metrics", self.metrics_panel, QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
+        data_root = QtCore.QStandardPaths.writableLocation(
+            QtCore.QStandardPaths.StandardLocation.AppDataLocation)
+        self.training_panel = TrainingPanel(Path(data_root or ".") / "runs")
+        self.training_dock = self._dock("Training", self.training_panel,
+                                        QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
+        self.tabifyDockWidget(self.dvh_dock, self.training_dock)
+        self.dvh_dock.raise_()
+        self.training_panel.model_ready.connect(self.use_checkpoint)
 
         self._build_actions()
         self._build_status_bar(engine_message)
@@ -200,6 +209,22 @@ class MainWindow(QtWidgets.QMainWindow):
         self._set_engine_label(message)
         if engine is not None and self.session.case is not None:
             self.controller.request_prediction()
+
+    def use_checkpoint(self, path: str) -> asyncio.Future:
+        """Load the model at ``path`` off the UI thread and make it the dose engine."""
+        self.statusBar().showMessage(f"Loading model {path} …")
+        future = asyncio.get_event_loop().run_in_executor(None, load_dose_engine, path)
+
+        def loaded(f: asyncio.Future) -> None:
+            engine, message = f.result()
+            if engine is None:
+                self.show_error("Model", message)
+                return
+            self.set_engine(engine)
+            self.statusBar().showMessage(f"Using model {path}")
+
+        future.add_done_callback(loaded)
+        return future
 
     def _predict(self) -> None:
         self.controller.request_prediction()
@@ -367,5 +392,6 @@ class MainWindow(QtWidgets.QMainWindow):
 
     def closeEvent(self, event: QtGui.QCloseEvent) -> None:  # noqa: N802 - Qt API
         self.controller.shutdown()
+        self.training_panel.shutdown()
         self.view3d.close_scene()
         super().closeEvent(event)
