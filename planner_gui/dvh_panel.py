@@ -3,6 +3,7 @@ curves dashed when the case has one. Curves are cumulative, volume in % of the s
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pyqtgraph as pg
@@ -12,6 +13,11 @@ from engine.case import Case
 from engine.metrics.dvh import DVH, compute_dvhs, prepare
 from planner_gui.session import Session
 from planner_gui.views.display import structure_color
+
+
+def _reference_dvhs(case: Case) -> dict[str, DVH]:
+    curves = compute_dvhs(case.dose.array, prepare(case.structures, case.geometry))
+    return {c.name: c for c in curves if c.volume_cc > 0}
 
 
 class DvhPanel(QtWidgets.QWidget):
@@ -30,6 +36,7 @@ class DvhPanel(QtWidgets.QWidget):
         self.reference_curves: dict[str, pg.PlotDataItem] = {}
         self._reference: dict[str, DVH] = {}
         self._colors: dict[str, tuple[int, int, int]] = {}
+        self.reference_task: asyncio.Future | None = None
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.plot)
@@ -45,9 +52,17 @@ class DvhPanel(QtWidgets.QWidget):
         self._colors = {s.name: structure_color(i, s.color)
                         for i, s in enumerate(case.structures)}
         self._reference = {}
+        self.reference_task = None
         if case.dose is not None:
-            curves = compute_dvhs(case.dose.array, prepare(case.structures, case.geometry))
-            self._reference = {c.name: c for c in curves if c.volume_cc > 0}
+            # partial-volume DVHs of a large CT take seconds: compute them off the UI thread
+            self.reference_task = asyncio.get_event_loop().run_in_executor(
+                None, _reference_dvhs, case)
+            self.reference_task.add_done_callback(lambda f: self._show_reference(case, f))
+
+    def _show_reference(self, case: Case, future: asyncio.Future) -> None:
+        if future.cancelled() or future.exception() is not None or self.session.case is not case:
+            return
+        self._reference = future.result()
         for name, curve in self._reference.items():
             pen = pg.mkPen(self._colors[name], width=1.5, style=QtCore.Qt.PenStyle.DashLine)
             self.reference_curves[name] = self.plot.plot(curve.dose_gy, curve.cumulative_pct,

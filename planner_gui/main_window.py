@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 MAX_RECENT = 8
 
 
+def _freeze_long_lived_objects() -> None:
+    gc.collect()
+    gc.freeze()
+
+
 class MainWindow(QtWidgets.QMainWindow):
     """The planner's window. ``engine`` may be None (the window says no engine is available)
     and can be set later with :meth:`set_engine`."""
@@ -256,6 +261,8 @@ class MainWindow(QtWidgets.QMainWindow):
     def open_case(self, case: Case, source: str = "") -> None:
         """Show ``case`` (already loaded); remembers ``source`` among the recent patients."""
         self.session.open_case(case)
+        if not self.controller.available and case.dose is not None:
+            self.overlay_combo.setCurrentText(OVERLAY_MODES[1])  # show what there is
         self.setWindowTitle(f"DosePilot — {case.name}")
         if source:
             self._remember(source)
@@ -264,10 +271,9 @@ class MainWindow(QtWidgets.QMainWindow):
                 f"Opened {case.name} with {len(case.warnings)} warning(s): {case.warnings[0]}")
         self._update_case_actions()
         self.case_loaded.emit(case)
-        # The views now hold many long-lived objects; move them out of the collector's way so
-        # full collections during interaction stay short.
-        gc.collect()
-        gc.freeze()
+        # The views now hold many long-lived objects; once they are built, move them out of the
+        # collector's way so that full collections during interaction stay short.
+        QtCore.QTimer.singleShot(2000, _freeze_long_lived_objects)
         self.controller.request_prediction()
 
     def open_path(self, path: str | Path) -> asyncio.Future:

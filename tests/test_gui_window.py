@@ -227,7 +227,8 @@ def test_compare_modes_show_difference_and_reference(win, qtbot):
     assert np.allclose(axial._overlay, axial.grid.orient(window.session.case.dose.array))
     window.overlay_combo.setCurrentText(OVERLAY_MODES[3])
     assert axial._overlay is None, "a one-seed result has no uncertainty"
-    assert len(window.dvh_panel.reference_curves) == len(window.session.case.structures)
+    qtbot.waitUntil(lambda: len(window.dvh_panel.reference_curves)
+                    == len(window.session.case.structures), timeout=10_000)
     window.window_combo.setCurrentText("Bone")
     assert axial.ct_item.levels is not None and tuple(axial.ct_item.levels) == (-500.0, 1300.0)
 

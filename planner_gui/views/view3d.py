@@ -69,12 +69,12 @@ class View3D(QtWidgets.QWidget):
             color = np.asarray(structure_color(i, s.color)) / 255.0
             self.structure_actors[s.name] = self.plotter.add_mesh(
                 surface, color=color, opacity=_OPACITY[s.role], smooth_shading=True,
-                name=f"structure:{s.name}")
+                name=f"structure:{s.name}", reset_camera=False, render=False)
         extent = max(np.ptp(grid.x), np.ptp(grid.y))
         self._ray_length = 0.75 * extent
         iso = np.asarray(self.session.plan.isocenter_mm)
         self.plotter.add_mesh(pv.Sphere(radius=0.02 * extent, center=iso), color="white",
-                              name="isocentre")
+                              name="isocentre", reset_camera=False, render=False)
         self._build_beams()
         self.plotter.camera.focal_point = iso
         self.plotter.camera.position = iso + np.array([0.35, -1.0, 0.45]) * 2.2 * extent
@@ -97,7 +97,8 @@ class View3D(QtWidgets.QWidget):
             mesh = pv.Line(self._source_point(i), beam.isocenter_mm)
             self.beam_meshes.append(mesh)
             self.beam_actors.append(self.plotter.add_mesh(mesh, color="gold", line_width=3,
-                                                          name=f"beam:{i}"))
+                                                          name=f"beam:{i}", reset_camera=False,
+                                                          render=False))
             widget = self.plotter.add_sphere_widget(
                 self._on_handle_moved, center=self._source_point(i),
                 radius=0.04 * self._ray_length, color="gold", selected_color="white",
