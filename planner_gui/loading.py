@@ -1,7 +1,8 @@
 """Turning a path the user picked into a :class:`Case`, with errors a planner can read.
 
-A folder holding ``ct.csv`` is an OpenKBP dataset case; anything else is read as DICOM (CT,
-RTSTRUCT, RTPLAN, RTDOSE). Runs on a worker thread: no Qt here.
+An OpenKBP dataset case (a folder holding ``ct.csv``, or a ``.npz`` file) is read by
+``engine.io.openkbp``; anything else is read as DICOM (CT, RTSTRUCT, RTPLAN, RTDOSE). Runs on a
+worker thread: no Qt here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ class CaseLoadError(Exception):
 
 
 def is_openkbp_case(path: Path) -> bool:
-    return path.is_dir() and (path / "ct.csv").is_file()
+    return (path.is_dir() and (path / "ct.csv").is_file()) or (
+        path.is_file() and path.suffix == ".npz")
 
 
 def load_case(path: str | Path) -> Case:
@@ -26,12 +28,12 @@ def load_case(path: str | Path) -> Case:
     if not path.exists():
         raise CaseLoadError(f"{path} does not exist.")
     if is_openkbp_case(path):
-        from engine.io.openkbp import load_openkbp_case  # noqa: PLC0415 - optional part
+        from engine.io.openkbp import OpenKBPFormatError, load_openkbp  # noqa: PLC0415
 
         try:
-            return load_openkbp_case(path)
-        except (OSError, ValueError, KeyError) as exc:
-            raise CaseLoadError(f"{path} is not a readable OpenKBP case: {exc}") from exc
+            return load_openkbp(path)
+        except OpenKBPFormatError as exc:
+            raise CaseLoadError(f"Not a readable OpenKBP case: {exc}") from exc
     try:
         from engine.io.dicom import DicomImportError, load_dicom_case  # noqa: PLC0415
     except ImportError as exc:

@@ -312,10 +312,10 @@ class MainWindow(QtWidgets.QMainWindow):
             self.open_path(folder)
 
     def _open_dataset_dialog(self) -> None:
-        folder = QtWidgets.QFileDialog.getExistingDirectory(
-            self, "Open a dataset case folder (e.g. an OpenKBP pt_* folder)")
-        if folder:
-            self.open_path(folder)
+        path, _ = QtWidgets.QFileDialog.getOpenFileName(
+            self, "Open a dataset case", "", "OpenKBP case (*.npz ct.csv)")
+        if path:
+            self.open_path(Path(path).parent if Path(path).name == "ct.csv" else path)
 
     def _remember(self, source: str) -> None:
         recent = [p for p in self.recent_paths() if p != source]

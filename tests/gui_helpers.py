@@ -22,10 +22,10 @@ import numpy as np
 from scipy.special import erfc
 
 from engine.case import Beam, Case, Plan, Volume
+from engine.features.beam_geometry import source_positions_mm
 from engine.metrics.dvh import all_metrics, prepare
 from engine.metrics.scorecard import BoundScorecard, builtin_template
 from engine.phantom import PhantomSpec, make_phantom
-from planner_gui.beam_geometry import source_position
 
 MU_PER_MM = 0.005
 PENUMBRA_SIGMA_MM = 3.0
@@ -97,7 +97,7 @@ class PhysicsDose:
     @staticmethod
     def _beam(case: Case, plan: Plan, beam: Beam, points: np.ndarray, body: np.ndarray,
               target: np.ndarray) -> np.ndarray:
-        src = source_position(beam, plan.patient_position)
+        src = source_positions_mm(beam, plan.patient_position, (beam.gantry_deg,))[0]
         axis = (np.asarray(beam.isocenter_mm) - src) / beam.sad_mm
         rel = points - src
         along = rel @ axis

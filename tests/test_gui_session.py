@@ -12,7 +12,8 @@ import pytest
 from gui_helpers import PhysicsDoseEngine, make_case
 
 from engine.case import PatientPosition
-from planner_gui.beam_geometry import gantry_from_axial_direction, source_direction
+from engine.features.beam_geometry import source_direction_lps
+from planner_gui.beam_geometry import gantry_from_axial_direction
 from planner_gui.inference import DoseController, LatestWinsRunner
 from planner_gui.loading import CaseLoadError, load_case
 from planner_gui.session import Session, _largest_gap_angle, default_plan
@@ -103,18 +104,18 @@ def test_visibility_signal_only_on_change():
     assert calls == [("PTV", False), ("PTV", True)]
 
 
-@pytest.mark.parametrize("position", ["HFS", "HFP", "FFS", "FFP"])
+@pytest.mark.parametrize("position", ["HFS", "HFP", "FFS", "FFP", "HFDL", "FFDR"])
 @pytest.mark.parametrize("angle", [0.0, 37.5, 90.0, 181.0, 300.0])
 def test_gantry_round_trips_through_the_axial_direction(position, angle):
-    d = source_direction(angle, 0.0, PatientPosition(position))
+    d = source_direction_lps(angle, 0.0, PatientPosition(position))
     assert np.isclose(np.linalg.norm(d), 1.0)
     assert np.isclose(gantry_from_axial_direction(d[0], d[1], PatientPosition(position)), angle)
 
 
-def test_hfs_source_positions_follow_iec():
-    assert np.allclose(source_direction(0.0), (0, -1, 0))   # anterior
-    assert np.allclose(source_direction(90.0), (1, 0, 0))   # patient's left
-    assert np.allclose(source_direction(180.0), (0, 1, 0))  # posterior
+def test_dragging_towards_the_patients_left_is_gantry_90_for_hfs():
+    assert gantry_from_axial_direction(0.0, -1.0) == 0.0     # source anterior
+    assert gantry_from_axial_direction(1.0, 0.0) == 90.0     # source at the patient's left
+    assert gantry_from_axial_direction(0.0, 1.0) == 180.0    # posterior
 
 
 def test_missing_path_is_a_clear_load_error(tmp_path):

@@ -312,3 +312,24 @@ def test_exporting_a_case_without_dicom_writes_a_whole_study(win, qtbot, tmp_pat
         win.export_to(tmp_path)
     assert second.args[0].folder != files.folder
     assert sorted(p.name for p in files.folder.iterdir()) == before
+
+
+def test_opening_a_dataset_case_and_a_broken_one(qtbot, aloop, gui_settings, openkbp_dir,
+                                                 tmp_path):
+    window = make_window(qtbot, gui_settings, None)
+    case_file = sorted((openkbp_dir / "train").glob("*.npz"))[0]
+    with qtbot.waitSignal(window.case_loaded, timeout=60_000) as loaded:
+        window.open_path(case_file)
+    case = loaded.args[0]
+    assert window.session.plan is not None and window.session.plan.beams
+    assert window.structures_panel.count() == len(case.structures)
+    axial = grab_rgb(window.axial.plot)
+    grey = (np.ptp(axial, axis=2) < 4) & (axial[..., 0] > 60) & (axial[..., 0] < 200)
+    assert grey.sum() > 2000, "the dataset's CT should be visible"
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"not a zip file")
+    with qtbot.waitSignal(window.error_shown, timeout=10_000) as blocker:
+        window.open_path(broken)
+    assert "Not a readable OpenKBP case" in blocker.args[0]
+    assert window.session.case is case, "a failed open keeps the current patient"
+    window.close()

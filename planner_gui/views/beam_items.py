@@ -9,7 +9,8 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6 import QtCore, QtGui
 
-from planner_gui.beam_geometry import gantry_from_axial_direction, source_direction
+from engine.features.beam_geometry import source_direction_lps
+from planner_gui.beam_geometry import gantry_from_axial_direction
 from planner_gui.session import Session
 
 
@@ -104,4 +105,4 @@ def axial_direction(session: Session, index: int) -> np.ndarray:
     """LPS (x, y) of beam ``index``'s source direction, projected on the axial plane."""
     plan = session.plan
     beam = plan.beams[index]
-    return source_direction(beam.gantry_deg, beam.couch_deg, plan.patient_position)[:2]
+    return source_direction_lps(beam.gantry_deg, beam.couch_deg, plan.patient_position)[:2]

@@ -11,7 +11,8 @@ from PySide6 import QtWidgets
 from pyvistaqt import QtInteractor
 
 from engine.case import Case, Role
-from planner_gui.beam_geometry import gantry_from_axial_direction, source_direction
+from engine.features.beam_geometry import source_direction_lps
+from planner_gui.beam_geometry import gantry_from_axial_direction
 from planner_gui.session import Session
 from planner_gui.views.display import OrthoGrid, structure_color
 
@@ -84,7 +85,7 @@ class View3D(QtWidgets.QWidget):
     def _source_point(self, index: int) -> np.ndarray:
         plan = self.session.plan
         beam = plan.beams[index]
-        d = source_direction(beam.gantry_deg, beam.couch_deg, plan.patient_position)
+        d = source_direction_lps(beam.gantry_deg, beam.couch_deg, plan.patient_position)
         return np.asarray(beam.isocenter_mm) + self._ray_length * d
 
     def _build_beams(self) -> None:
