@@ -325,7 +325,7 @@ def test_opening_a_dataset_case_and_a_broken_one(qtbot, aloop, gui_settings, ope
     assert window.structures_panel.count() == len(case.structures)
     axial = grab_rgb(window.axial.plot)
     grey = (np.ptp(axial, axis=2) < 4) & (axial[..., 0] > 60) & (axial[..., 0] < 200)
-    assert grey.sum() > 2000, "the dataset's CT should be visible"
+    assert grey.sum() > 500, "the dataset's CT should be visible"
     broken = tmp_path / "broken.npz"
     broken.write_bytes(b"not a zip file")
     with qtbot.waitSignal(window.error_shown, timeout=10_000) as blocker:
