@@ -70,6 +70,8 @@ def run(path: str | Path | None = None, demo: bool = False, checkpoint: str | No
             if not window.controller.available:
                 while window.session.case is None and window.last_error == "":
                     await asyncio.sleep(0.1)
+                if window.dvh_panel.reference_task is not None:
+                    await window.dvh_panel.reference_task
                 QtCore.QTimer.singleShot(500, save_and_quit)
 
         window.session.result_changed.connect(on_result)
