@@ -215,3 +215,10 @@ def test_controller_reports_engine_failures(case):
     assert failures and "model weights are corrupt" in failures[0][0]
     assert session.result is None
     controller.shutdown()
+
+
+def test_a_missing_engine_or_model_is_reported_not_raised(tmp_path):
+    from planner_gui.engine_api import NO_ENGINE, load_dose_engine
+
+    engine, message = load_dose_engine(str(tmp_path / "no-such-checkpoint"))
+    assert engine is None and message.startswith(NO_ENGINE)

@@ -333,3 +333,23 @@ def test_opening_a_dataset_case_and_a_broken_one(qtbot, aloop, gui_settings, ope
     assert "Not a readable OpenKBP case" in blocker.args[0]
     assert window.session.case is case, "a failed open keeps the current patient"
     window.close()
+
+
+def test_dropping_a_folder_opens_it_and_bad_dicom_gets_a_readable_error(
+        qtbot, aloop, gui_settings, phantom_dicom, tmp_path):
+    window = make_window(qtbot, gui_settings, None)
+    mime = QtCore.QMimeData()
+    mime.setUrls([QtCore.QUrl.fromLocalFile(str(phantom_dicom.ct_paths[0].parent))])
+    drop = QtGui.QDropEvent(QtCore.QPointF(200, 200), QtCore.Qt.DropAction.CopyAction, mime,
+                            LEFT, QtCore.Qt.KeyboardModifier.NoModifier)
+    with qtbot.waitSignal(window.case_loaded, timeout=30_000):
+        window.dropEvent(drop)
+    assert window.session.case.name
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not DICOM")
+    with qtbot.waitSignal(window.error_shown, timeout=10_000) as blocker:
+        window.open_path(empty)
+    message = blocker.args[0]
+    assert "Traceback" not in message and str(empty) in message
+    window.close()
