@@ -80,7 +80,8 @@ class SliceView(QtWidgets.QWidget):
         self.isodose_item.setZValue(3)
         self.view_box.addItem(self.isodose_item)
         self.color_bar = pg.ColorBarItem(values=(0.0, 1.0), colorMap=dose_colormap(0.1),
-                                         label="Dose (Gy)", interactive=False, width=12)
+                                         interactive=False, width=12)
+        self.overlay_label = "Dose (Gy)"
         self.color_bar.setImageItem(self.dose_item, insert_in=self.plot_item)
         pen = pg.mkPen((0, 200, 255, 160), width=1, style=QtCore.Qt.PenStyle.DashLine)
         self.h_line = pg.InfiniteLine(angle=0, pen=pen, movable=False)
@@ -170,9 +171,10 @@ class SliceView(QtWidgets.QWidget):
             cmap = dose_colormap(below)
         self.color_bar.setColorMap(cmap)
         self.color_bar.setLevels(levels)
-        self.color_bar.setLabel("left", label)
+        self.overlay_label = label
         self.color_bar.setVisible(volume is not None)
         if draw:
+            self._update_label()
             self._draw_overlay()
 
     def _on_cursor(self, point_mm: tuple[float, float, float], force: bool = False) -> None:
@@ -195,12 +197,16 @@ class SliceView(QtWidgets.QWidget):
         width, level = self.window
         self.ct_item.setImage(self._slice(self._ct), autoLevels=False,
                               levels=(level - width / 2, level + width / 2), rect=self._rect)
-        normal = self.grid.axes(self.orientation)[0]
-        self.label.setText(f"{self.orientation.capitalize()}  {normal[self.slice_index]:.1f} mm"
-                           f"  ({self.slice_index + 1}/{len(normal)})")
+        self._update_label()
         self._draw_contours()
         self._draw_overlay()
         self._draw_beams()
+
+    def _update_label(self) -> None:
+        normal = self.grid.axes(self.orientation)[0]
+        shown = f"   colour: {self.overlay_label}" if self._overlay is not None else ""
+        self.label.setText(f"{self.orientation.capitalize()}  {normal[self.slice_index]:.1f} mm"
+                           f"  ({self.slice_index + 1}/{len(normal)}){shown}")
 
     def _draw_contours(self) -> None:
         if self.grid is None:
