@@ -70,7 +70,7 @@ class DvhPanel(QtWidgets.QWidget):
             self.reference_curves[name].setVisible(self.session.is_visible(name))
 
     def _on_result(self, result: Any) -> None:
-        dvhs: dict[str, DVH] = dict(result.dvh) if result is not None else {}
+        dvhs: dict[str, DVH] = dict(result.dvhs) if result is not None else {}
         for name in list(self.curves):
             if name not in dvhs:
                 self.plot.removeItem(self.curves.pop(name))

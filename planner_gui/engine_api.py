@@ -10,9 +10,11 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 from engine.case import Case, Plan, Volume
+from engine.metrics.dvh import DVH, DoseMetrics
+from engine.metrics.scorecard import ScorecardResult
 
 log = logging.getLogger(__name__)
 
@@ -20,36 +22,37 @@ NO_ENGINE = "No dose engine available"
 
 
 class DoseResultLike(Protocol):
-    """A dose prediction: dose (Gy) on the CT grid, optional multi-seed std (Gy), DVHs per
-    structure, metrics per structure, optional scorecard, timings in seconds, and its kind
+    """What the GUI reads of ``engine.runtime.DoseResult``: the dose (Gy) on the CT grid, the
+    multi-seed std (Gy) or None, DVHs and metrics per structure (``engine.metrics.dvh``), the
+    scorecard (``engine.metrics.scorecard``) or None, timings in seconds, and the kind
     ("preview" or "predict")."""
 
+    kind: str
     dose: Volume
     std: Volume | None
-    dvh: Mapping[str, Any]
-    metrics: Mapping[str, Mapping[str, float]]
-    scorecard: Any
+    dvhs: Mapping[str, DVH]
+    metrics: Mapping[str, DoseMetrics]
+    scorecard: ScorecardResult | None
     timings_s: Mapping[str, float]
-    kind: str
 
 
 class DoseEngineLike(Protocol):
-    """A synchronous dose engine; the GUI runs it on a worker thread."""
+    """A synchronous dose engine (``engine.runtime.DoseEngine``); the GUI runs it on a worker
+    thread. ``cancel`` is polled between steps; a cancelled call raises
+    ``engine.latest_wins.Cancelled``."""
 
-    def preview(self, case: Case, plan: Plan) -> DoseResultLike: ...
+    def preview(self, case: Case, plan: Plan,
+                cancel: threading.Event | None = None) -> DoseResultLike: ...
 
     def predict(self, case: Case, plan: Plan, steps: int = 10, seeds: tuple[int, ...] = (0,),
                 progress: Callable[..., None] | None = None,
                 cancel: threading.Event | None = None) -> DoseResultLike: ...
 
 
-def limit_torch_threads() -> None:
-    """Leave one CPU core to the UI thread and the software renderer while torch works."""
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+def inference_threads() -> int:
+    """Torch threads for inference in the GUI: all cores but one, which stays with the UI thread
+    and the software renderer so that the window keeps responding."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def load_dose_engine(checkpoint: str | None = None) -> tuple[DoseEngineLike | None, str]:
@@ -62,10 +65,9 @@ def load_dose_engine(checkpoint: str | None = None) -> tuple[DoseEngineLike | No
         from engine.runtime import DoseEngine  # noqa: PLC0415 - optional part of the engine
     except ImportError as exc:
         return None, f"{NO_ENGINE}: this installation has no dose engine ({exc})."
-    limit_torch_threads()
     try:
-        return DoseEngine.from_checkpoint(checkpoint), ""
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        return DoseEngine.from_checkpoint(checkpoint, threads=inference_threads()), ""
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # CheckpointError included
         log.warning("could not load the dose engine: %s", exc)
         where = checkpoint or "the default model"
         return None, f"{NO_ENGINE}: could not load {where}: {exc}"

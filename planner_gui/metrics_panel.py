@@ -3,11 +3,13 @@ score, pass/fail coloured, total) and the dose metrics per structure."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from PySide6 import QtCore, QtGui, QtWidgets
 
+from engine.metrics.dvh import DoseMetrics
 from planner_gui.session import Session
 
 PASS_COLOR = QtGui.QColor(46, 125, 50)
@@ -80,7 +82,9 @@ class MetricsPanel(QtWidgets.QWidget):
             self.total_label.setText(f"Scorecard {card.template}: total {card.total:.2f}  "
                                      f"({card.passed} passed, {card.failed} failed)")
 
-    def _show_metrics(self, metrics: Mapping[str, Mapping[str, float]]) -> None:
+    def _show_metrics(self, by_structure: Mapping[str, DoseMetrics]) -> None:
+        metrics = {name: {k: v for k, v in dataclasses.asdict(m).items()
+                          if k != "name" and v is not None} for name, m in by_structure.items()}
         keys: list[str] = []
         for values in metrics.values():
             keys += [k for k in values if k not in keys]

@@ -15,7 +15,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,9 +22,11 @@ from scipy.special import erfc
 
 from engine.case import Beam, Case, Plan, Volume
 from engine.features.beam_geometry import source_positions_mm
+from engine.latest_wins import Cancelled
 from engine.metrics.dvh import all_metrics, prepare
 from engine.metrics.scorecard import BoundScorecard, builtin_template
 from engine.phantom import PhantomSpec, make_phantom
+from engine.runtime import DoseResult
 
 MU_PER_MM = 0.005
 PENUMBRA_SIGMA_MM = 3.0
@@ -38,20 +39,6 @@ def make_case(shape: tuple[int, int, int] = (24, 56, 64),
     """The engine's synthetic head-and-neck phantom on a small grid (reference dose optional)."""
     return make_phantom(PhantomSpec(shape=shape, spacing=spacing, with_dose=with_dose,
                                     n_beams=n_beams))
-
-
-@dataclass(frozen=True)
-class SimpleDoseResult:
-    """The engine runtime's result shape (DESIGN §5) for the physics model."""
-
-    dose: Volume
-    std: Volume | None
-    dvh: dict[str, Any]
-    metrics: dict[str, dict[str, float]]
-    scorecard: Any
-    timings_s: dict[str, float]
-    kind: str
-    plan: Plan = field(repr=False, default=None)
 
 
 class PhysicsDose:
@@ -78,7 +65,7 @@ class PhysicsDose:
         total = np.zeros(len(points))
         for n, beam in enumerate(plan.beams):
             if cancel is not None and cancel.is_set():
-                break
+                raise Cancelled("superseded")
             angles = beam.gantry_angles_deg
             for angle in angles:
                 turned = dataclasses.replace(beam, gantry_deg=angle, control_point_gantry_deg=())
@@ -117,8 +104,8 @@ class PhysicsDose:
 
 
 class PhysicsDoseEngine:
-    """A dose engine (the GUI's ``DoseEngineLike``) over :class:`PhysicsDose`, with DVHs,
-    metrics and the head-and-neck scorecard from ``engine.metrics``."""
+    """A dose engine with the runtime's interface and result type over :class:`PhysicsDose`,
+    with DVHs, metrics and the head-and-neck scorecard from ``engine.metrics``."""
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.physics = PhysicsDose(delay_s)
@@ -132,25 +119,25 @@ class PhysicsDoseEngine:
                                              case.geometry))
         return self._prepared[1], self._prepared[2]
 
-    def _result(self, case: Case, plan: Plan, dose: np.ndarray, kind: str,
-                seconds: float) -> SimpleDoseResult:
+    def _result(self, case: Case, dose: np.ndarray, kind: str, seconds: float,
+                steps: int) -> DoseResult:
         structures, scorecard = self._bound(case)
         curves, metrics = all_metrics(dose, structures, case.geometry)
         self.kinds.append(kind)
-        return SimpleDoseResult(
-            dose=Volume(dose, case.geometry), std=None, dvh={c.name: c for c in curves},
-            metrics={m.name: {k: v for k, v in dataclasses.asdict(m).items()
-                              if k != "name" and v is not None} for m in metrics},
-            scorecard=scorecard.score(dose), timings_s={kind: seconds}, kind=kind, plan=plan)
+        return DoseResult(kind=kind, dose=Volume(dose, case.geometry), std=None,
+                          dvhs={c.name: c for c in curves}, metrics={m.name: m for m in metrics},
+                          scorecard=scorecard.score(dose), timings_s={"total": seconds},
+                          steps=steps)
 
-    def preview(self, case: Case, plan: Plan) -> SimpleDoseResult:
+    def preview(self, case: Case, plan: Plan,
+                cancel: threading.Event | None = None) -> DoseResult:
         t0 = time.perf_counter()
-        dose = self.physics.dose(case, plan)
-        return self._result(case, plan, dose, "preview", time.perf_counter() - t0)
+        dose = self.physics.dose(case, plan, cancel)
+        return self._result(case, dose, "preview", time.perf_counter() - t0, 1)
 
     def predict(self, case: Case, plan: Plan, steps: int = 10, seeds: tuple[int, ...] = (0,),
                 progress: Callable[..., None] | None = None,
-                cancel: threading.Event | None = None) -> SimpleDoseResult:
+                cancel: threading.Event | None = None) -> DoseResult:
         t0 = time.perf_counter()
 
         def on_beam(done: int, total: int) -> None:
@@ -158,4 +145,4 @@ class PhysicsDoseEngine:
                 progress(round(steps * done / total), steps)
 
         dose = self.physics.dose(case, plan, cancel, on_beam)
-        return self._result(case, plan, dose, "predict", time.perf_counter() - t0)
+        return self._result(case, dose, "predict", time.perf_counter() - t0, steps)

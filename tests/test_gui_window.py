@@ -258,7 +258,7 @@ def test_scorecard_and_metrics_follow_the_result(win, qtbot):
                for c in range(panel.metrics.columnCount())]
     col = headers.index("Dmean (Gy)")
     shown = float(panel.metrics.item(rows.index("PTV70"), col).text())
-    assert shown == pytest.approx(win.session.result.metrics["PTV70"]["mean_gy"], abs=0.01)
+    assert shown == pytest.approx(win.session.result.metrics["PTV70"].mean_gy, abs=0.01)
 
 
 def test_opening_a_dicom_folder_and_exporting_round_trips(qtbot, aloop, gui_settings,
