@@ -82,3 +82,27 @@ def gui_settings(tmp_path):
     from PySide6 import QtCore
 
     return QtCore.QSettings(str(tmp_path / "dosepilot.ini"), QtCore.QSettings.Format.IniFormat)
+
+
+@pytest.fixture(scope="session")
+def tiny_dose_bundle(tmp_path_factory):
+    """A small real DiffKT3D dose-model bundle (random weights) that DoseEngine loads."""
+    import torch
+
+    from engine.dose_model import save_dose_model
+    from engine.features import Normalization
+    from engine.models.dit import DiffKT3D, DiTConfig
+    from engine.models.tiny_codec import TinyCodec, TinyCodecConfig
+    from engine.models.vae import VAEConfig, WanVAE
+
+    torch.manual_seed(0)
+    dit = DiffKT3D(DiTConfig(dim=32, num_layers=1, num_heads=2, ffn_dim=64))
+    with torch.no_grad():  # make the untrained DiT's output depend on its inputs
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    vae = WanVAE(VAEConfig(name="test", base_dim=4, num_res_blocks=1))
+    codec = TinyCodec(TinyCodecConfig(name="test", hidden=8, mid=4, encoder_blocks=1,
+                                      decoder_blocks=1))
+    path = tmp_path_factory.mktemp("dose-model") / "bundle"
+    return save_dose_model(path, dit, vae, codec, normalisation=Normalization().to_dict(),
+                           provenance={"note": "random weights, for tests"})
