@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.dvh_cmd",
     "engine.commands.evaluate_cmd",
     "trainer.cli",
+    "planner_gui.cli",
 )
 
 
