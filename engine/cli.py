@@ -15,6 +15,7 @@ import sys
 
 COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.inspect_cmd",
+    "engine.commands.physics_cmd",
 )
 
 

@@ -1,0 +1,381 @@
+"""Physics training plans: random beam arrangements on real anatomy, written as dataset cases.
+
+``dosepilot physics generate`` reads OpenKBP-style cases (one ``.npz`` per patient, see
+``data/openkbp/README.md``), draws clinically plausible coplanar beam arrangements, computes an
+optimised physics dose for each (:mod:`engine.physics`) and writes one ``.npz`` per plan.
+
+On-disk format (format version 1), one file ``<case>_plan<k>.npz`` per plan, written atomically
+and without pickle, with the OpenKBP keys unchanged so that the OpenKBP reader reads it, plus the
+beams:
+
+========================  =========  ==============================================================
+key                       dtype      meaning
+========================  =========  ==============================================================
+``ct``                    int16      copied from the source case (OpenKBP array order and scale)
+``dose_cgy``              uint16     the physics dose in cGy (normalised: primary target D95 = Rx);
+                                     non-zero in the whole body, not only the OpenKBP
+                                     "possible dose mask" (bit 15 of ``roi_bits``)
+``roi_bits``              uint16     copied
+``roi_names``/``present``  str       copied
+``voxel_mm``              float32    copied
+``gantry_deg``            float32    every delivery angle, IEC 61217 for the HFS patient: a static
+                                     beam's angle, or an arc's control points in delivery order
+``beam_index``            int16      for each ``gantry_deg`` entry, the beam it belongs to (0..)
+``beam_technique``        str        per beam: ``static`` or ``arc``
+``isocenter_vox``         float32    the isocentre as a fractional voxel index in the arrays'
+                                     axis order (OpenKBP: row, column, slice)
+``source_case``           str        the source case's file stem
+``physics_json``          str        JSON: engine and version, settings, normalisation, timings
+========================  =========  ==============================================================
+
+OpenKBP array axes (checked on the anatomy: mandible anterior of the cord, left parotid at
+higher column index, brainstem above the cord): row = LPS +y (anterior -> posterior),
+column = LPS +x (right -> left), slice = LPS -z (superior -> inferior).
+A ``manifest.json`` in the output folder records the engine version, the settings and the
+generator arguments; a run with other settings into the same folder is refused.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from engine.case import (
+    AXIAL_DIRECTION,
+    Beam,
+    Case,
+    Geometry,
+    Plan,
+    Role,
+    Structure,
+    Technique,
+    Volume,
+)
+from engine.physics import PhysicsResult, PhysicsSettings, compute_physics_dose
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+OPENKBP_PRESCRIPTIONS_GY = {"PTV70": 70.0, "PTV63": 63.0, "PTV56": 56.0}
+#: the nine equispaced fields every OpenKBP plan used
+OPENKBP_GANTRY_DEG = tuple(float(a) for a in range(0, 360, 40))
+# OpenKBP (row, column, slice) -> LPS direction of each array axis, in [z, y, x] order after
+# the transpose below: slice runs inferior (-z), row posterior (+y), column left (+x).
+_OPENKBP_DIRECTION = ((0.0, 0.0, -1.0), AXIAL_DIRECTION[1], AXIAL_DIRECTION[2])
+_OPENKBP_HU_OFFSET = 1024.0
+_MIN_OPPOSED_GAP_DEG = 10.0
+
+
+# ---------------------------------------------------------------- beam arrangements
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    """A coplanar beam arrangement: per beam its technique and its gantry angles (one for a
+    static beam, the control points in delivery order for an arc), IEC degrees."""
+
+    techniques: tuple[Technique, ...]
+    gantry_deg: tuple[tuple[float, ...], ...]
+
+    def beams(self, isocenter_mm: Sequence[float]) -> tuple[Beam, ...]:
+        out = []
+        for i, (tech, angles) in enumerate(zip(self.techniques, self.gantry_deg)):
+            out.append(Beam(f"{'Arc' if tech is Technique.ARC else 'B'}{i + 1}", angles[0],
+                            tuple(isocenter_mm), technique=tech, number=i + 1,
+                            control_point_gantry_deg=angles if tech is Technique.ARC else ()))
+        return tuple(out)
+
+
+def _circular_gaps(angles: np.ndarray) -> np.ndarray:
+    a = np.sort(np.asarray(angles) % 360.0)
+    return np.diff(np.concatenate([a, [a[0] + 360.0]]))
+
+
+def is_plausible_static(angles: Sequence[float]) -> bool:
+    """Spread out (every gap >= half the equispaced gap) and no two beams opposed within 10 deg
+    (an opposed pair adds little but a duplicate path)."""
+    a = np.asarray(angles, dtype=np.float64) % 360.0
+    n = len(a)
+    if np.min(_circular_gaps(a)) < 0.5 * 360.0 / n:
+        return False
+    diff = np.abs((a[:, None] - a[None, :] + 180.0) % 360.0 - 180.0)
+    return not np.any(np.abs(diff - 180.0)[np.triu_indices(n, 1)] < _MIN_OPPOSED_GAP_DEG)
+
+
+def random_static(rng: np.random.Generator, n_beams: int) -> tuple[float, ...]:
+    """``n_beams`` integer gantry angles: an equispaced set turned at random and jittered, kept
+    only when :func:`is_plausible_static` (so even counts lose their exact opposed pairs)."""
+    for _ in range(10_000):
+        base = rng.uniform(0.0, 360.0) + np.arange(n_beams) * 360.0 / n_beams
+        jitter = rng.uniform(-0.25, 0.25, n_beams) * 360.0 / n_beams
+        angles = np.round(base + jitter) % 360.0
+        if len(set(angles)) == n_beams and is_plausible_static(angles):
+            return tuple(float(a) for a in np.sort(angles))
+    raise RuntimeError(f"no plausible arrangement of {n_beams} beams found")
+
+
+def random_arcs(rng: np.random.Generator, cp_step_deg: float = 10.0
+                ) -> tuple[tuple[float, ...], ...]:
+    """One full arc (358 deg, either direction) or two partial arcs (180..300 deg each,
+    opposite directions, different start angles); control points every ``cp_step_deg``."""
+    def arc(start: float, span: float, direction: int) -> tuple[float, ...]:
+        n = max(2, int(round(span / cp_step_deg)) + 1)
+        return tuple(float((start + direction * s) % 360.0) for s in np.linspace(0, span, n))
+
+    if rng.random() < 0.5:
+        start = float(rng.integers(0, 360))
+        return (arc(start, 358.0, int(rng.choice([-1, 1]))),)
+    spans = rng.uniform(180.0, 300.0, 2).round()
+    start = float(rng.integers(0, 360))
+    return (arc(start, spans[0], 1), arc(start + rng.uniform(60.0, 300.0), spans[1], -1))
+
+
+def random_arrangement(rng: np.random.Generator, beams: tuple[int, int], arc_fraction: float
+                       ) -> Arrangement:
+    """A static arrangement with ``beams[0]..beams[1]`` beams, or arcs with probability
+    ``arc_fraction``."""
+    if rng.random() < arc_fraction:
+        arcs = random_arcs(rng)
+        return Arrangement(tuple(Technique.ARC for _ in arcs), arcs)
+    n = int(rng.integers(beams[0], beams[1] + 1))
+    return Arrangement(tuple(Technique.STATIC for _ in range(n)),
+                       tuple((a,) for a in random_static(rng, n)))
+
+
+# ---------------------------------------------------------------- OpenKBP-style cases
+
+
+def openkbp_geometry(shape: Sequence[int], voxel_mm: Sequence[float]) -> Geometry:
+    """Geometry of an OpenKBP volume after :func:`openkbp_to_zyx`, centred on LPS (0, 0, 0)."""
+    nz, ny, nx = int(shape[2]), int(shape[0]), int(shape[1])
+    sx, sy, sz = float(voxel_mm[1]), float(voxel_mm[0]), float(voxel_mm[2])
+    origin = (-(nx - 1) / 2 * sx, -(ny - 1) / 2 * sy, (nz - 1) / 2 * sz)
+    return Geometry((nz, ny, nx), origin, (sz, sy, sx), _OPENKBP_DIRECTION)
+
+
+def openkbp_to_zyx(array: np.ndarray) -> np.ndarray:
+    """OpenKBP (row, column, slice) array -> ``[z, y, x]`` on :func:`openkbp_geometry`."""
+    return np.transpose(array, (2, 0, 1))
+
+
+def zyx_to_openkbp(array: np.ndarray) -> np.ndarray:
+    return np.transpose(array, (1, 2, 0))
+
+
+def openkbp_case(arrays: dict[str, np.ndarray], name: str) -> Case:
+    """A :class:`Case` (HU CT, targets with prescriptions, OARs, reference dose) from the arrays
+    of one OpenKBP-format ``.npz``."""
+    voxel = arrays["voxel_mm"]
+    geometry = openkbp_geometry(arrays["ct"].shape, voxel)
+    hu = openkbp_to_zyx(arrays["ct"]).astype(np.float32) - _OPENKBP_HU_OFFSET
+    bits = openkbp_to_zyx(arrays["roi_bits"])
+    present = {str(p) for p in arrays["present"]}
+    structures = []
+    for k, roi in enumerate(str(n) for n in arrays["roi_names"]):
+        if roi not in present:
+            continue
+        mask = ((bits >> k) & 1).astype(bool)
+        rx = OPENKBP_PRESCRIPTIONS_GY.get(roi)
+        structures.append(Structure(roi, Role.TARGET if rx else Role.OAR, mask,
+                                    prescription_gy=rx, number=k + 1))
+    dose = Volume(openkbp_to_zyx(arrays["dose_cgy"]).astype(np.float32) / 100.0, geometry)
+    return Case(name, Volume(hu, geometry), tuple(structures), dose=dose)
+
+
+def possible_dose_mask(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """OpenKBP's scoring region (bit 15 of ``roi_bits``), ``[z, y, x]``."""
+    return ((openkbp_to_zyx(arrays["roi_bits"]) >> 15) & 1).astype(bool)
+
+
+def target_isocenter_mm(case: Case) -> tuple[float, float, float]:
+    """Centre of mass of the union of the targets, LPS mm."""
+    union = np.any([t.mask for t in case.targets], axis=0)
+    return tuple(float(v) for v in case.geometry.index_to_lps(ndimage.center_of_mass(union)))
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+# ---------------------------------------------------------------- writing plans
+
+
+def plan_arrays(source: dict[str, np.ndarray], case: Case, arrangement: Arrangement,
+                isocenter_mm: Sequence[float], result: PhysicsResult, source_case: str
+                ) -> dict[str, np.ndarray]:
+    """The arrays of one generated plan file (see the module docstring)."""
+    dose_cgy = np.clip(np.rint(zyx_to_openkbp(result.dose.array) * 100.0), 0, 65535)
+    gantry = [a for angles in arrangement.gantry_deg for a in angles]
+    index = [i for i, angles in enumerate(arrangement.gantry_deg) for _ in angles]
+    iso_zyx = case.geometry.lps_to_index(isocenter_mm)
+    physics = {"engine": result.info, "settings": dataclasses.asdict(result.settings),
+               "normalization": result.normalization, "primary_target": result.primary_target,
+               "delivery_gantry_deg": list(result.delivery_gantry_deg),
+               "format_version": FORMAT_VERSION}
+    out = {k: source[k] for k in ("ct", "roi_bits", "roi_names", "present", "voxel_mm")}
+    out.update(
+        dose_cgy=dose_cgy.astype(np.uint16),
+        gantry_deg=np.asarray(gantry, dtype=np.float32),
+        beam_index=np.asarray(index, dtype=np.int16),
+        beam_technique=np.asarray([t.value for t in arrangement.techniques]),
+        isocenter_vox=np.asarray([iso_zyx[1], iso_zyx[2], iso_zyx[0]], dtype=np.float32),
+        source_case=np.asarray(source_case),
+        physics_json=np.asarray(json.dumps(physics)),
+    )
+    return out
+
+
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Compressed ``.npz`` written to a temporary name in the same folder, then renamed."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_plan_beams(arrays: dict[str, np.ndarray]) -> Arrangement:
+    """The beam arrangement stored in a generated plan file."""
+    techniques = tuple(Technique(str(t)) for t in arrays["beam_technique"])
+    gantry = arrays["gantry_deg"].astype(np.float64)
+    index = arrays["beam_index"]
+    return Arrangement(techniques, tuple(tuple(float(a) for a in gantry[index == i])
+                                         for i in range(len(techniques))))
+
+
+# ---------------------------------------------------------------- the generator
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """What ``physics generate`` does: for each case ``plans_per_case`` plans with
+    ``beams[0]..beams[1]`` static beams (or arcs with probability ``arc_fraction``)."""
+
+    plans_per_case: int
+    beams: tuple[int, int] = (5, 11)
+    arc_fraction: float = 0.0
+    seed: int = 0
+    settings: PhysicsSettings = PhysicsSettings()
+
+    def __post_init__(self) -> None:
+        lo, hi = self.beams
+        if not 1 <= lo <= hi:
+            raise ValueError(f"beam range must be 1 <= lo <= hi, got {lo}..{hi}")
+        if self.plans_per_case < 1:
+            raise ValueError("plans_per_case must be >= 1")
+        if not 0.0 <= self.arc_fraction <= 1.0:
+            raise ValueError("arc_fraction must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class PlanJob:
+    source: Path
+    index: int
+    out: Path
+
+
+def plan_rng(seed: int, case_name: str, index: int) -> np.random.Generator:
+    """A generator that depends only on (seed, case, plan index): resumed runs draw the same."""
+    digest = int.from_bytes(hashlib.blake2b(case_name.encode(), digest_size=8).digest(), "big")
+    return np.random.default_rng([seed, digest, index])
+
+
+def list_cases(dataset_dir: Path) -> list[Path]:
+    """The case files (``*.npz``) of a dataset folder, in natural order (pt_2 before pt_10)."""
+    def key(p: Path) -> tuple:
+        digits = "".join(c for c in p.stem if c.isdigit())
+        return (p.stem.rstrip("0123456789"), int(digits) if digits else -1, p.stem)
+    return sorted(dataset_dir.glob("*.npz"), key=key)
+
+
+def plan_jobs(cases: Sequence[Path], out_dir: Path, plans_per_case: int) -> list[PlanJob]:
+    """All plan jobs, plan-index major so a partial run covers every case once first."""
+    return [PlanJob(c, k, out_dir / f"{c.stem}_plan{k}.npz")
+            for k in range(plans_per_case) for c in cases]
+
+
+def generate_one(job: PlanJob, config: GenerateConfig) -> float:
+    """Compute and write one plan; returns its wall time in seconds."""
+    t0 = time.perf_counter()
+    source = load_arrays(job.source)
+    case = openkbp_case(source, job.source.stem)
+    arrangement = random_arrangement(plan_rng(config.seed, job.source.stem, job.index),
+                                     config.beams, config.arc_fraction)
+    iso = target_isocenter_mm(case)
+    plan = Plan(arrangement.beams(iso), name=f"{job.source.stem}_plan{job.index}")
+    result = compute_physics_dose(case, plan, config.settings)
+    write_npz_atomic(job.out, plan_arrays(source, case, arrangement, iso, result,
+                                          job.source.stem))
+    return time.perf_counter() - t0
+
+
+def manifest_settings(config: GenerateConfig, dataset_dir: Path) -> dict:
+    return {"format_version": FORMAT_VERSION, "dataset_dir": str(dataset_dir.resolve()),
+            "plans_per_case": config.plans_per_case, "beams": list(config.beams),
+            "arc_fraction": config.arc_fraction, "seed": config.seed,
+            "physics": dataclasses.asdict(config.settings)}
+
+
+def prepare_manifest(out_dir: Path, config: GenerateConfig, dataset_dir: Path,
+                     engine: dict) -> dict:
+    """Create ``manifest.json`` or check that an existing one has the same settings."""
+    path = out_dir / "manifest.json"
+    settings = manifest_settings(config, dataset_dir)
+    if path.exists():
+        manifest = json.loads(path.read_text())
+        if manifest.get("settings") != settings:
+            raise ValueError(f"{out_dir} holds plans generated with other settings "
+                             f"({manifest.get('settings')}); use another output folder")
+        return manifest
+    manifest = {"generator": "dosepilot physics generate", "engine": engine,
+                "settings": settings, "created_unix": time.time(), "plans_written": 0}
+    write_json_atomic(path, manifest)
+    return manifest
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def run_generation(jobs: Sequence[PlanJob], config: GenerateConfig, workers: int,
+                   on_done: Callable[[PlanJob, float | None, str | None], None]) -> None:
+    """Run ``jobs`` (in ``workers`` processes when > 1), calling ``on_done(job, seconds,
+    error)`` after each."""
+    if workers <= 1:
+        for job in jobs:
+            try:
+                on_done(job, generate_one(job, config), None)
+            except Exception as exc:  # one bad case must not stop a long run
+                log.exception("plan %s failed", job.out.name)
+                on_done(job, None, f"{type(exc).__name__}: {exc}")
+        return
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(generate_one, job, config): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            job = futures[future]
+            try:
+                on_done(job, future.result(), None)
+            except Exception as exc:
+                on_done(job, None, f"{type(exc).__name__}: {exc}")
+
+
+def summarize_times(seconds: Sequence[float]) -> dict:
+    if not seconds:
+        return {}
+    return {"median_s_per_plan": statistics.median(seconds), "plans_timed": len(seconds)}
