@@ -109,7 +109,9 @@ class PhysicsSettings:
         max_iter: optimiser iteration cap.
         arc_step_deg: arcs are delivered as static beams every this many degrees.
         target_margin_mm: targets are grown by this much for the optimiser (not for the
-            normalisation), so that the coarse dose grid still covers their edge.
+            normalisation), so that the coarse dose grid still covers their edge; one dose-grid
+            voxel by default (3 mm left PTV edges under-dosed: D50 - D95 of PTV70 went from
+            6.9 to 4.9 Gy on OpenKBP pt_1 with 5 random beams).
         timeout_s: the calculation is stopped after this long.
         optimize: False gives open fields (every beamlet weight 1) shaped to the grown targets
             instead of an optimised fluence; for commissioning-style checks.
@@ -119,7 +121,7 @@ class PhysicsSettings:
     bixel_width_mm: float = 5.0
     max_iter: int = 300
     arc_step_deg: float = 20.0
-    target_margin_mm: float = 3.0
+    target_margin_mm: float = 5.0
     timeout_s: float = 3600.0
     optimize: bool = True
 

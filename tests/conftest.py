@@ -21,3 +21,14 @@ def openkbp_dir() -> Path:
     if not (path / "train").is_dir():
         pytest.skip(f"shared OpenKBP data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def physics_env() -> Path:
+    """The isolated pyRadPlan interpreter; tests that need it skip, saying how to install it."""
+    from engine.physics import PhysicsUnavailableError, physics_python
+
+    try:
+        return physics_python()
+    except PhysicsUnavailableError as exc:
+        pytest.skip(str(exc))

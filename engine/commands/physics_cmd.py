@@ -56,12 +56,15 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
                    help="optimiser iterations (default %(default)s)")
     p.add_argument("--arc-step-deg", type=float, default=d.arc_step_deg,
                    help="arcs are computed as beams every this many degrees (default %(default)s)")
+    p.add_argument("--target-margin-mm", type=float, default=d.target_margin_mm,
+                   help="targets grown by this much for the optimiser (default %(default)s mm)")
 
 
 def _settings(args: argparse.Namespace) -> PhysicsSettings:
     try:
         return PhysicsSettings(dose_grid_mm=args.dose_grid_mm, bixel_width_mm=args.bixel_mm,
-                               max_iter=args.max_iter, arc_step_deg=args.arc_step_deg)
+                               max_iter=args.max_iter, arc_step_deg=args.arc_step_deg,
+                               target_margin_mm=args.target_margin_mm)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
