@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -129,9 +130,10 @@ def random_static(rng: np.random.Generator, n_beams: int) -> tuple[float, ...]:
 def random_arcs(rng: np.random.Generator, cp_step_deg: float = 10.0
                 ) -> tuple[tuple[float, ...], ...]:
     """One full arc (358 deg, either direction) or two partial arcs (180..300 deg each,
-    opposite directions, different start angles); control points every ``cp_step_deg``."""
+    opposite directions, different start angles); control points at most ``cp_step_deg``
+    apart."""
     def arc(start: float, span: float, direction: int) -> tuple[float, ...]:
-        n = max(2, int(round(span / cp_step_deg)) + 1)
+        n = max(2, math.ceil(span / cp_step_deg - 1e-9) + 1)
         return tuple(float((start + direction * s) % 360.0) for s in np.linspace(0, span, n))
 
     if rng.random() < 0.5:
