@@ -267,7 +267,11 @@ class Plan:
 
 @dataclass(frozen=True)
 class DicomRefs:
-    """DICOM identifiers that exports link to (empty strings when the case is not from DICOM)."""
+    """DICOM identifiers that exports link to (empty strings when the case is not from DICOM).
+
+    ``plan_path`` is the source RTPLAN file, re-read (never written) when an edited plan is
+    exported as a copy of it.
+    """
 
     patient_id: str = ""
     patient_name: str = ""
@@ -277,6 +281,7 @@ class DicomRefs:
     ct_sop_instance_uids: tuple[str, ...] = ()
     structure_set_sop_instance_uid: str = ""
     plan_sop_instance_uid: str = ""
+    plan_path: str = ""
 
 
 @dataclass(frozen=True)

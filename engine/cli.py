@@ -59,4 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module's main so that commands raise the UserError it catches
+    from engine.cli import main as _main
+
+    sys.exit(_main())

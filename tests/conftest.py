@@ -24,6 +24,18 @@ def openkbp_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def phantom_dicom(tmp_path_factory):
+    """A small phantom patient written as DICOM (CT, RTSTRUCT, RTPLAN, RTDOSE), read-only.
+
+    ``.case`` is the ground truth, the other attributes the written paths. Tests that alter
+    files work on a copy (``shutil.copytree``).
+    """
+    from engine.phantom import PhantomSpec, write_phantom
+
+    return write_phantom(tmp_path_factory.mktemp("phantom"), PhantomSpec(with_dose=True))
+
+
+@pytest.fixture(scope="session")
 def physics_env() -> Path:
     """The isolated pyRadPlan interpreter; tests that need it skip, saying how to install it."""
     from engine.physics import PhysicsUnavailableError, physics_python

@@ -1,0 +1,307 @@
+"""DosePilot model bundles: named components (architecture config + safetensors weights).
+
+Layout of a bundle folder::
+
+    bundle.json            format, version, components, normalisation, prediction, provenance
+    <component>.safetensors one per component (e.g. dit, vae, tiny_codec)
+
+``bundle.json``::
+
+    {"format": "dosepilot-model-bundle", "format_version": 1,
+     "prediction": "v",
+     "normalisation": {...},            # modality normalisation constants (DESIGN §3), free JSON
+     "provenance": {...},               # data, stages, steps, commit, ... free JSON
+     "components": {"dit": {"kind": "DiffKT3D", "config": {...},
+                            "weights": "dit.safetensors",
+                            "tensors": {"time_proj.bias": [[1536], "float32"], ...}}}}
+
+A component is generic: ``kind`` names an architecture in :data:`ARCHITECTURES` (a factory
+``config dict -> nn.Module``), ``config`` is that architecture's ``to_dict()``. Loading checks the
+JSON, that every weight file exists and holds exactly the manifest's tensors, and that the tensors
+match what the architecture builds from the config (on the meta device: nothing is allocated), and
+fails with a :class:`CheckpointError` naming what is wrong.
+
+Writes are atomic: the bundle is written to a temporary sibling folder, every file and the folder
+are fsynced, then it is renamed into place (an existing bundle is moved aside first and deleted
+after). Weights are never unpickled; official ``.pth`` files are read only through
+``torch.load(weights_only=True)`` in :func:`read_pth_weights_only`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+BUNDLE_FORMAT = "dosepilot-model-bundle"
+BUNDLE_VERSION = 1
+BUNDLE_JSON = "bundle.json"
+PREDICTIONS = ("v", "epsilon", "x0")
+
+# kind -> "module:factory", the factory taking a config dict and returning an nn.Module.
+ARCHITECTURES: dict[str, str] = {
+    "DiffKT3D": "engine.models.dit:build",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or bundle is missing, malformed or does not match its architecture."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """One named part of a bundle: its architecture kind, config dict and weights."""
+
+    kind: str
+    config: dict
+    state_dict: Mapping[str, Tensor] = field(repr=False)
+
+
+def _factory(kind: str, architectures: Mapping[str, str | Callable[[dict], nn.Module]]):
+    if kind not in architectures:
+        raise CheckpointError(
+            f"unknown component kind {kind!r}; known kinds: {sorted(architectures)}"
+        )
+    target = architectures[kind]
+    if callable(target):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _expected_shapes(
+    kind: str, config: dict, architectures: Mapping[str, str | Callable[[dict], nn.Module]]
+) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes the architecture builds from ``config`` (on the meta device)."""
+    factory = _factory(kind, architectures)
+    try:
+        with torch.device("meta"):
+            module = factory(config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"invalid {kind} config: {exc}") from exc
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _compare(where: str, have: Mapping[str, tuple], want: Mapping[str, tuple]) -> None:
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    wrong = [
+        f"{k} {list(have[k])} != {list(want[k])}"
+        for k in sorted(set(have) & set(want))
+        if tuple(have[k]) != tuple(want[k])
+    ]
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected (e.g. {extra[:3]})")
+        if wrong:
+            parts.append(f"{len(wrong)} with the wrong shape (e.g. {wrong[:3]})")
+        raise CheckpointError(f"{where}: " + "; ".join(parts))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_bundle(
+    path: str | Path,
+    components: Mapping[str, Component],
+    *,
+    normalisation: dict,
+    prediction: str = "v",
+    provenance: dict | None = None,
+    architectures: Mapping[str, str | Callable[[dict], nn.Module]] = ARCHITECTURES,
+) -> Path:
+    """Write a bundle folder at ``path`` atomically and return it.
+
+    Each component's weights must match what its architecture builds from its config; this is
+    checked before anything is written.
+    """
+    path = Path(path)
+    if prediction not in PREDICTIONS:
+        raise CheckpointError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if not components:
+        raise CheckpointError("a bundle needs at least one component")
+    manifest: dict[str, dict] = {}
+    for name, comp in components.items():
+        if not name.isidentifier():
+            raise CheckpointError(f"component name {name!r} must be a Python identifier")
+        shapes = {k: tuple(v.shape) for k, v in comp.state_dict.items()}
+        _compare(f"component {name!r} ({comp.kind})", shapes,
+                 _expected_shapes(comp.kind, comp.config, architectures))
+        manifest[name] = {
+            "kind": comp.kind,
+            "config": comp.config,
+            "weights": f"{name}.safetensors",
+            "tensors": {
+                k: [list(v.shape), str(v.dtype).removeprefix("torch.")]
+                for k, v in sorted(comp.state_dict.items())
+            },
+        }
+    document = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "prediction": prediction,
+        "normalisation": normalisation,
+        "provenance": provenance or {},
+        "components": manifest,
+    }
+    text = json.dumps(document, indent=1, sort_keys=True)  # fails early if not JSON-serialisable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        for name, comp in components.items():
+            tensors = {
+                k: v.detach().to("cpu").contiguous().clone() for k, v in comp.state_dict.items()
+            }
+            save_file(tensors, str(tmp / manifest[name]["weights"]))
+        (tmp / BUNDLE_JSON).write_text(text)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync(path.parent)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_bundle_config(path: str | Path) -> dict:
+    """The parsed, format-checked ``bundle.json`` of a bundle folder (no weights read)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model bundle not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"a model bundle is a folder with {BUNDLE_JSON}; got a file: {path}")
+    json_path = path / BUNDLE_JSON
+    if not json_path.is_file():
+        raise CheckpointError(f"{path} is not a model bundle: {BUNDLE_JSON} is missing")
+    try:
+        document = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{json_path} is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict) or document.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(f"{json_path} is not a {BUNDLE_FORMAT} file")
+    version = document.get("format_version")
+    if version != BUNDLE_VERSION:
+        raise CheckpointError(
+            f"{json_path}: unsupported bundle format version {version!r} "
+            f"(this DosePilot reads version {BUNDLE_VERSION})"
+        )
+    for key in ("components", "normalisation", "prediction", "provenance"):
+        if key not in document:
+            raise CheckpointError(f"{json_path}: missing field {key!r}")
+    if document["prediction"] not in PREDICTIONS:
+        raise CheckpointError(f"{json_path}: unknown prediction {document['prediction']!r}")
+    for name, comp in document["components"].items():
+        for key in ("kind", "config", "weights", "tensors"):
+            if key not in comp:
+                raise CheckpointError(f"{json_path}: component {name!r} lacks {key!r}")
+    return document
+
+
+def load_bundle(
+    path: str | Path,
+    architectures: Mapping[str, str | Callable[[dict], nn.Module]] = ARCHITECTURES,
+) -> tuple[dict, dict[str, dict[str, Tensor]]]:
+    """Read and check a bundle: returns (``bundle.json`` as a dict, component name -> state dict).
+
+    Raises :class:`CheckpointError` naming the file, component and tensors when anything is
+    missing, malformed or does not match the architecture its config describes.
+    """
+    path = Path(path)
+    document = read_bundle_config(path)
+    state_dicts: dict[str, dict[str, Tensor]] = {}
+    for name, comp in document["components"].items():
+        weights = path / comp["weights"]
+        if Path(comp["weights"]).name != comp["weights"] or not weights.is_file():
+            raise CheckpointError(
+                f"bundle {path}: weight file {comp['weights']!r} of {name!r} is missing"
+            )
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"bundle {path}: cannot read {weights.name}: {exc}") from exc
+        manifest = {k: tuple(v[0]) for k, v in comp["tensors"].items()}
+        _compare(f"bundle {path}: {weights.name} vs {BUNDLE_JSON}",
+                 {k: tuple(v.shape) for k, v in state.items()}, manifest)
+        dtypes = [
+            k for k, v in state.items()
+            if str(v.dtype).removeprefix("torch.") != comp["tensors"][k][1]
+        ]
+        if dtypes:
+            raise CheckpointError(
+                f"bundle {path}: {weights.name} dtypes differ from {BUNDLE_JSON}: {dtypes[:3]}"
+            )
+        _compare(f"bundle {path}: component {name!r} ({comp['kind']}) vs its config",
+                 manifest, _expected_shapes(comp["kind"], comp["config"], architectures))
+        state_dicts[name] = state
+    return document, state_dicts
+
+
+def read_pth_weights_only(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a PyTorch ``.pth`` file via ``torch.load(weights_only=True)`` (no code runs).
+
+    Accepts a plain state dict or one nested under ``"state_dict"``/``"model"``; anything that is
+    not a flat mapping of names to tensors is rejected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle and zip errors of many kinds; all mean "not loadable safely"
+        raise CheckpointError(
+            f"{path} cannot be read as a weights-only PyTorch checkpoint: {exc}"
+        ) from exc
+    if isinstance(data, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(data.get(key), dict):
+                data = data[key]
+                break
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in data.items()
+    ):
+        raise CheckpointError(f"{path} does not hold a flat state dict of named tensors")
+    return data
+
+
+def pth_to_safetensors(src: str | Path, dst: str | Path) -> Path:
+    """Convert an official ``.pth`` state dict to a ``.safetensors`` file (atomic write)."""
+    tensors = {k: v.contiguous().clone() for k, v in read_pth_weights_only(src).items()}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        _fsync(Path(tmp))
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
