@@ -13,8 +13,8 @@ For a plan we
    overdose objective on the rest of the body. Overlaps go to the higher prescription, then
    targets before organs at risk, as in matRad;
 3. compute the dose-influence matrix on a ``dose_grid_mm`` grid, optimise the fluence, compute the
-   dose on the CT grid, and normalise it like a clinical plan: D95 of the primary (highest
-   prescription) target = its prescription.
+   dose on the CT grid (zero outside the body, like a clinical dose), and normalise it like a
+   clinical plan: D95 of the primary (highest prescription) target = its prescription.
 
 Isolation. pyRadPlan pins ``numpy<2.4``, breaks with ``pydantic>=2.13`` and pulls a large
 dependency tree (pydantic-ai and its API clients), all at odds with the core environment. It
@@ -482,6 +482,7 @@ def compute_physics_dose(case: Case, plan: Plan | None = None,
     if raw.shape != case.geometry.shape:
         raise PhysicsError(f"the physics engine returned shape {raw.shape}, expected "
                            f"{case.geometry.shape}")
+    raw[~body_mask(case)] = 0.0  # interpolation from the dose grid spills past the skin
     dose, factor = normalize_to_d95(raw, primary.mask, rx)
     return PhysicsResult(Volume(dose, case.geometry), factor, primary.name,
                          tuple(a[0] for a in angles), settings, info)

@@ -1,8 +1,10 @@
 """Physics training plans: random beam arrangements on real anatomy, written as dataset cases.
 
 ``dosepilot physics generate`` reads OpenKBP-style cases (one ``.npz`` per patient, see
-``data/openkbp/README.md``), draws clinically plausible coplanar beam arrangements, computes an
-optimised physics dose for each (:mod:`engine.physics`) and writes one ``.npz`` per plan.
+``data/openkbp/README.md``) with :mod:`engine.io.openkbp`, draws clinically plausible coplanar
+beam arrangements, computes an optimised physics dose for each (:mod:`engine.physics`) and
+writes one ``.npz`` per plan, which :func:`engine.io.openkbp.load_openkbp_npz` reads back as a
+case whose plan has the stored beams.
 
 On-disk format (format version 1), one file ``<case>_plan<k>.npz`` per plan, written atomically
 and without pickle, with the OpenKBP keys unchanged so that the OpenKBP reader reads it, plus the
@@ -12,9 +14,9 @@ beams:
 key                       dtype      meaning
 ========================  =========  ==============================================================
 ``ct``                    int16      copied from the source case (OpenKBP array order and scale)
-``dose_cgy``              uint16     the physics dose in cGy (normalised: primary target D95 = Rx);
-                                     non-zero in the whole body, not only the OpenKBP
-                                     "possible dose mask" (bit 15 of ``roi_bits``)
+``dose_cgy``              uint16     the physics dose in cGy (normalised: primary target D95 = Rx),
+                                     computed inside the body (OpenKBP's possible-dose mask,
+                                     bit 15 of ``roi_bits``) like the clinical doses
 ``roi_bits``              uint16     copied
 ``roi_names``/``present``  str       copied
 ``voxel_mm``              float32    copied
@@ -28,9 +30,7 @@ key                       dtype      meaning
 ``physics_json``          str        JSON: engine and version, settings, normalisation, timings
 ========================  =========  ==============================================================
 
-OpenKBP array axes (checked on the anatomy: mandible anterior of the cord, left parotid at
-higher column index, brainstem above the cord): row = LPS +y (anterior -> posterior),
-column = LPS +x (right -> left), slice = LPS -z (superior -> inferior).
+Array order and orientation are OpenKBP's (see :mod:`engine.io.openkbp`).
 A ``manifest.json`` in the output folder records the engine version, the settings and the
 generator arguments; a run with other settings into the same folder is refused.
 """
@@ -51,31 +51,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
-from engine.case import (
-    AXIAL_DIRECTION,
-    Beam,
-    Case,
-    Geometry,
-    Plan,
-    Role,
-    Structure,
-    Technique,
-    Volume,
-)
+from engine.case import Beam, Case, Plan, Technique
+from engine.io.openkbp import from_case_axes, load_openkbp_npz
 from engine.physics import PhysicsResult, PhysicsSettings, compute_physics_dose
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-OPENKBP_PRESCRIPTIONS_GY = {"PTV70": 70.0, "PTV63": 63.0, "PTV56": 56.0}
-#: the nine equispaced fields every OpenKBP plan used
-OPENKBP_GANTRY_DEG = tuple(float(a) for a in range(0, 360, 40))
-# OpenKBP (row, column, slice) -> LPS direction of each array axis, in [z, y, x] order after
-# the transpose below: slice runs inferior (-z), row posterior (+y), column left (+x).
-_OPENKBP_DIRECTION = ((0.0, 0.0, -1.0), AXIAL_DIRECTION[1], AXIAL_DIRECTION[2])
-_OPENKBP_HU_OFFSET = 1024.0
 _MIN_OPPOSED_GAP_DEG = 10.0
 
 
@@ -156,55 +139,7 @@ def random_arrangement(rng: np.random.Generator, beams: tuple[int, int], arc_fra
                        tuple((a,) for a in random_static(rng, n)))
 
 
-# ---------------------------------------------------------------- OpenKBP-style cases
-
-
-def openkbp_geometry(shape: Sequence[int], voxel_mm: Sequence[float]) -> Geometry:
-    """Geometry of an OpenKBP volume after :func:`openkbp_to_zyx`, centred on LPS (0, 0, 0)."""
-    nz, ny, nx = int(shape[2]), int(shape[0]), int(shape[1])
-    sx, sy, sz = float(voxel_mm[1]), float(voxel_mm[0]), float(voxel_mm[2])
-    origin = (-(nx - 1) / 2 * sx, -(ny - 1) / 2 * sy, (nz - 1) / 2 * sz)
-    return Geometry((nz, ny, nx), origin, (sz, sy, sx), _OPENKBP_DIRECTION)
-
-
-def openkbp_to_zyx(array: np.ndarray) -> np.ndarray:
-    """OpenKBP (row, column, slice) array -> ``[z, y, x]`` on :func:`openkbp_geometry`."""
-    return np.transpose(array, (2, 0, 1))
-
-
-def zyx_to_openkbp(array: np.ndarray) -> np.ndarray:
-    return np.transpose(array, (1, 2, 0))
-
-
-def openkbp_case(arrays: dict[str, np.ndarray], name: str) -> Case:
-    """A :class:`Case` (HU CT, targets with prescriptions, OARs, reference dose) from the arrays
-    of one OpenKBP-format ``.npz``."""
-    voxel = arrays["voxel_mm"]
-    geometry = openkbp_geometry(arrays["ct"].shape, voxel)
-    hu = openkbp_to_zyx(arrays["ct"]).astype(np.float32) - _OPENKBP_HU_OFFSET
-    bits = openkbp_to_zyx(arrays["roi_bits"])
-    present = {str(p) for p in arrays["present"]}
-    structures = []
-    for k, roi in enumerate(str(n) for n in arrays["roi_names"]):
-        if roi not in present:
-            continue
-        mask = ((bits >> k) & 1).astype(bool)
-        rx = OPENKBP_PRESCRIPTIONS_GY.get(roi)
-        structures.append(Structure(roi, Role.TARGET if rx else Role.OAR, mask,
-                                    prescription_gy=rx, number=k + 1))
-    dose = Volume(openkbp_to_zyx(arrays["dose_cgy"]).astype(np.float32) / 100.0, geometry)
-    return Case(name, Volume(hu, geometry), tuple(structures), dose=dose)
-
-
-def possible_dose_mask(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """OpenKBP's scoring region (bit 15 of ``roi_bits``), ``[z, y, x]``."""
-    return ((openkbp_to_zyx(arrays["roi_bits"]) >> 15) & 1).astype(bool)
-
-
-def target_isocenter_mm(case: Case) -> tuple[float, float, float]:
-    """Centre of mass of the union of the targets, LPS mm."""
-    union = np.any([t.mask for t in case.targets], axis=0)
-    return tuple(float(v) for v in case.geometry.index_to_lps(ndimage.center_of_mass(union)))
+# ---------------------------------------------------------------- plan files
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -212,17 +147,14 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-# ---------------------------------------------------------------- writing plans
-
-
 def plan_arrays(source: dict[str, np.ndarray], case: Case, arrangement: Arrangement,
                 isocenter_mm: Sequence[float], result: PhysicsResult, source_case: str
                 ) -> dict[str, np.ndarray]:
     """The arrays of one generated plan file (see the module docstring)."""
-    dose_cgy = np.clip(np.rint(zyx_to_openkbp(result.dose.array) * 100.0), 0, 65535)
+    dose_cgy = np.clip(np.rint(from_case_axes(result.dose.array) * 100.0), 0, 65535)
     gantry = [a for angles in arrangement.gantry_deg for a in angles]
     index = [i for i, angles in enumerate(arrangement.gantry_deg) for _ in angles]
-    iso_zyx = case.geometry.lps_to_index(isocenter_mm)
+    k, j, i = case.geometry.lps_to_index(isocenter_mm)
     physics = {"engine": result.info, "settings": dataclasses.asdict(result.settings),
                "normalization": result.normalization, "primary_target": result.primary_target,
                "delivery_gantry_deg": list(result.delivery_gantry_deg),
@@ -233,7 +165,7 @@ def plan_arrays(source: dict[str, np.ndarray], case: Case, arrangement: Arrangem
         gantry_deg=np.asarray(gantry, dtype=np.float32),
         beam_index=np.asarray(index, dtype=np.int16),
         beam_technique=np.asarray([t.value for t in arrangement.techniques]),
-        isocenter_vox=np.asarray([iso_zyx[1], iso_zyx[2], iso_zyx[0]], dtype=np.float32),
+        isocenter_vox=np.asarray([j, i, case.geometry.shape[0] - 1 - k], dtype=np.float32),
         source_case=np.asarray(source_case),
         physics_json=np.asarray(json.dumps(physics)),
     )
@@ -257,6 +189,16 @@ def read_plan_beams(arrays: dict[str, np.ndarray]) -> Arrangement:
     index = arrays["beam_index"]
     return Arrangement(techniques, tuple(tuple(float(a) for a in gantry[index == i])
                                          for i in range(len(techniques))))
+
+
+def plan_from_arrays(arrays: dict[str, np.ndarray], case: Case) -> Plan:
+    """The plan stored in a generated plan file, for ``case`` read from the same file."""
+    i0, i1, i2 = (float(v) for v in arrays["isocenter_vox"])
+    iso = tuple(float(v) for v in case.geometry.index_to_lps(
+        [case.geometry.shape[0] - 1 - i2, i0, i1]))
+    base = case.plan or Plan(())
+    return dataclasses.replace(base, beams=read_plan_beams(arrays).beams(iso),
+                               name=f"physics plan ({arrays['source_case']})")
 
 
 # ---------------------------------------------------------------- the generator
@@ -314,11 +256,12 @@ def generate_one(job: PlanJob, config: GenerateConfig) -> float:
     """Compute and write one plan; returns its wall time in seconds."""
     t0 = time.perf_counter()
     source = load_arrays(job.source)
-    case = openkbp_case(source, job.source.stem)
+    case = load_openkbp_npz(job.source)
     arrangement = random_arrangement(plan_rng(config.seed, job.source.stem, job.index),
                                      config.beams, config.arc_fraction)
-    iso = target_isocenter_mm(case)
-    plan = Plan(arrangement.beams(iso), name=f"{job.source.stem}_plan{job.index}")
+    iso = case.plan.isocenter_mm
+    plan = dataclasses.replace(case.plan, beams=arrangement.beams(iso),
+                               name=f"{job.source.stem}_plan{job.index}")
     result = compute_physics_dose(case, plan, config.settings)
     write_npz_atomic(job.out, plan_arrays(source, case, arrangement, iso, result,
                                           job.source.stem))

@@ -7,11 +7,11 @@ import json
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from engine import physics_dataset as pd
 from engine.case import Technique, Volume
 from engine.cli import main
+from engine.io.openkbp import load_openkbp_npz
 from engine.physics import PhysicsResult, PhysicsSettings
 
 
@@ -102,44 +102,7 @@ def test_jobs_are_plan_major_in_natural_case_order(tmp_path):
                                               "pt_10_plan0.npz", "pt_1_plan1.npz"]
 
 
-# ---------------------------------------------------------------- OpenKBP layout
-
-
-def test_openkbp_case_orientation_and_units(tmp_path):
-    arrays = make_openkbp_case(tmp_path / "c.npz")
-    arrays["dose_cgy"][20, 20, 12] = 7000
-    case = pd.openkbp_case(arrays, "c")
-    g = case.geometry
-    assert g.shape == (24, 40, 40) and g.spacing == (2.5, 4.0, 4.0)
-    assert case.ct.array.max() == 0.0 and case.ct.array.min() == -1024.0
-    assert case.dose.array.max() == pytest.approx(70.0)
-
-    def centre(name):
-        return g.index_to_lps(ndimage.center_of_mass(case.structure(name).mask))
-
-    assert centre("LeftParotid")[0] > 20  # patient left = +x
-    assert centre("SpinalCord")[1] > centre("PTV70")[1] + 20  # posterior = +y
-    assert centre("Brainstem")[2] > centre("SpinalCord")[2]  # superior = +z
-    assert [t.name for t in case.targets] == ["PTV56", "PTV70"]
-    assert case.structure("PTV70").prescription_gy == 70.0
-    np.testing.assert_array_equal(pd.zyx_to_openkbp(pd.openkbp_to_zyx(arrays["ct"])),
-                                  arrays["ct"])
-
-
-def test_openkbp_orientation_on_real_anatomy(openkbp_dir):
-    path = sorted((openkbp_dir / "train").glob("*.npz"))[0]
-    arrays = pd.load_arrays(path)
-    case = pd.openkbp_case(arrays, path.stem)
-    g = case.geometry
-
-    def centre(name):
-        return g.index_to_lps(ndimage.center_of_mass(case.structure(name).mask))
-
-    names = {s.name for s in case.structures}
-    if {"LeftParotid", "RightParotid"} <= names:
-        assert centre("LeftParotid")[0] > centre("RightParotid")[0]
-    assert centre("Mandible")[1] < centre("SpinalCord")[1]
-    assert centre("Brainstem")[2] > centre("SpinalCord")[2]
+# ---------------------------------------------------------------- plan files
 
 
 def _fake_result(case, dose_gy):
@@ -147,14 +110,14 @@ def _fake_result(case, dose_gy):
                          PhysicsSettings(), {"engine": "pyRadPlan", "engine_version": "x"})
 
 
-def test_plan_file_round_trip(tmp_path):
+def test_plan_file_round_trip_through_the_openkbp_reader(tmp_path):
     arrays = make_openkbp_case(tmp_path / "c.npz")
-    case = pd.openkbp_case(arrays, "c")
+    case = load_openkbp_npz(tmp_path / "c.npz")
     dose = np.zeros(case.geometry.shape, np.float32)
-    dose[12, 20, 21] = 71.234
+    dose[23 - 12, 20, 21] = 71.234  # OpenKBP [20, 21, 12]: the reader flips the slice axis
     arrangement = pd.Arrangement((Technique.STATIC, Technique.ARC),
                                  ((15.0,), (100.0, 110.0, 120.0)))
-    iso = pd.target_isocenter_mm(case)
+    iso = (3.0, -4.0, 5.0)
     out = pd.plan_arrays(arrays, case, arrangement, iso, _fake_result(case, dose), "c")
     path = tmp_path / "out" / "c_plan0.npz"
     path.parent.mkdir()
@@ -168,14 +131,18 @@ def test_plan_file_round_trip(tmp_path):
     np.testing.assert_array_equal(back["gantry_deg"], [15, 100, 110, 120])
     np.testing.assert_array_equal(back["beam_index"], [0, 1, 1, 1])
     assert pd.read_plan_beams(back) == arrangement
-    # the isocentre index points at the targets' centre in the OpenKBP array order
-    t = ((arrays["roi_bits"] >> 7) & 1) | ((arrays["roi_bits"] >> 9) & 1)
-    np.testing.assert_allclose(back["isocenter_vox"], ndimage.center_of_mass(t), atol=1e-3)
     assert str(back["source_case"]) == "c"
     assert json.loads(str(back["physics_json"]))["normalization"] == 1.25
-    beams = arrangement.beams(iso)
-    assert beams[1].technique is Technique.ARC and beams[1].control_point_gantry_deg == (
-        100.0, 110.0, 120.0)
+    # the reader gives the generated case its stored beams, isocentre and dose
+    read = load_openkbp_npz(path)
+    assert [b.technique for b in read.plan.beams] == [Technique.STATIC, Technique.ARC]
+    assert read.plan.beams[0].gantry_deg == 15.0
+    assert read.plan.beams[1].control_point_gantry_deg == (100.0, 110.0, 120.0)
+    for beam in read.plan.beams:
+        np.testing.assert_allclose(beam.isocenter_mm, iso, atol=1e-3)
+    assert read.plan.prescription_gy == case.plan.prescription_gy
+    assert read.dose.array[23 - 12, 20, 21] == pytest.approx(71.23)
+    assert read.dose.array.sum() == pytest.approx(71.23)
 
 
 def test_manifest_refuses_other_settings(tmp_path):
@@ -210,7 +177,8 @@ def test_generate_without_physics_env_says_how_to_install(tmp_path, monkeypatch,
     (["physics", "generate", "{tmp}/nope", "{tmp}/out", "--plans-per-case", "1"],
      "does not exist"),
     (["physics", "generate", "{tmp}", "{tmp}/out", "--plans-per-case", "1"], "no case .npz"),
-    (["physics", "verify", "{tmp}/nope.npz"], "is not a dataset case"),
+    (["physics", "verify", "{tmp}/nope.npz"], "no such file"),
+    (["physics", "verify", "{tmp}/nope"], "neither a DICOM folder nor an OpenKBP case"),
 ])
 def test_cli_input_errors(tmp_path, capsys, argv, message):
     rc = main([a.format(tmp=tmp_path) for a in argv])
@@ -220,7 +188,7 @@ def test_cli_input_errors(tmp_path, capsys, argv, message):
 def test_verify_rejects_a_non_openkbp_npz(tmp_path, capsys):
     np.savez(tmp_path / "x.npz", a=np.zeros(3))
     assert main(["physics", "verify", str(tmp_path / "x.npz")]) == 2
-    assert "not an OpenKBP-format case" in capsys.readouterr().err
+    assert "missing arrays" in capsys.readouterr().err
 
 
 def test_beam_range_argument(capsys):

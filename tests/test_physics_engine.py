@@ -5,6 +5,7 @@ install the environment, when ``make physics-env`` has not been run."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ import pytest
 from engine import physics_dataset as pd
 from engine.case import Beam, Case, Geometry, Plan, Role, Structure, Technique, Volume
 from engine.cli import main
+from engine.io.dicom import load_dicom_case
+from engine.io.openkbp import load_openkbp_npz
 from engine.physics import PhysicsSettings, compute_physics_dose, physics_beam_plan
 from tests.test_physics_dataset import make_openkbp_case
 
@@ -96,7 +99,7 @@ def test_optimised_arc_plan_is_normalised_and_spares_the_organ(physics_env):
     assert result.info["engine"] == "pyRadPlan" and result.info["num_bixels"] > 0
 
 
-def test_generate_resume_and_verify(physics_env, tmp_path, capsys):
+def test_generate_and_resume(physics_env, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     make_openkbp_case(data / "pt_1.npz")
@@ -119,20 +122,30 @@ def test_generate_resume_and_verify(physics_env, tmp_path, capsys):
     beams = pd.read_plan_beams(plan)
     assert len(beams.techniques) == 5 and pd.is_plausible_static(
         [a[0] for a in beams.gantry_deg])
-    case = pd.openkbp_case(plan, "p")
+    case = load_openkbp_npz(out / "pt_1_plan1.npz")
+    assert [b.gantry_deg for b in case.plan.beams] == [a[0] for a in beams.gantry_deg]
     ptv70 = case.structure("PTV70").mask
     assert np.percentile(case.dose.array[ptv70], 5) == pytest.approx(70.0, abs=0.02)
+    assert case.dose.array[~case.external.mask].max() == 0.0  # dose only inside the body
     assert main(argv[:3] + [str(tmp_path / "other"), "--plans-per-case", "1",
                             "--beams", "5..5", "--max-iter", "40", "--limit", "0"]) == 0
     assert main(argv[:4] + ["--plans-per-case", "3"]) == 2  # other settings, same folder
     assert "other settings" in capsys.readouterr().err
 
-    # verify recomputes the generated plan from its stored beams and compares
-    assert main(["physics", "verify", str(out / "pt_1_plan1.npz"), "--max-iter", "40",
-                 "--out", str(tmp_path / "v.npz")]) == 0
+
+def test_verify_a_dicom_patient_writes_a_linked_rtdose(physics_env, phantom_dicom, tmp_path,
+                                                         capsys):
+    folder = phantom_dicom.rtplan_path.parent
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    out = tmp_path / "RD_physics.dcm"
+    assert main(["physics", "verify", str(folder), "--max-iter", "30", "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
-    np.testing.assert_allclose(sorted(report["delivery_gantry_deg"]),
-                               sorted(a[0] for a in beams.gantry_deg))
-    assert report["comparison_vs_case_dose"]["mae_gy"] < 0.5
-    with np.load(tmp_path / "v.npz", allow_pickle=False) as v:
-        assert v["dose_gy"].shape == plan["ct"].shape
+    assert report["primary_target"] == "PTV70" and report["comparison_vs_case_dose"]["mae_gy"] > 0
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # input untouched
+    patient = tmp_path / "patient"
+    shutil.copytree(folder, patient)
+    (patient / phantom_dicom.rtdose_path.relative_to(folder)).unlink()
+    shutil.copy(out, patient / out.name)
+    reread = load_dicom_case(patient)
+    ptv70 = reread.structure("PTV70").mask
+    assert np.percentile(reread.dose.array[ptv70], 5) == pytest.approx(70.0, rel=0.02)

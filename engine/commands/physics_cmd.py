@@ -4,9 +4,11 @@
   [--workers K]``: random beam arrangements on every case of an OpenKBP-format dataset, each
   optimised and computed with physics, written as dataset cases (format: engine.physics_dataset).
   Resumable: plans already in OUT_DIR are skipped.
-* ``physics verify PATH [--out FILE]``: the physics dose of a case's plan (a dataset ``.npz``:
-  a generated plan uses its stored beams, an OpenKBP case the nine clinical angles), compared
-  with the case's own dose; the dose is written as an ``.npz`` (Gy, same array order).
+* ``physics verify PATH [--out FILE]``: the physics dose of a case's plan, compared with the
+  case's own dose (MAE in the body, target D95 and OAR mean-dose differences, printed as JSON).
+  PATH is a DICOM folder (the dose is written as an RTDOSE linked to the case's study and plan)
+  or an OpenKBP case (``.npz`` or CSV folder; a generated plan file uses its stored beams, a
+  clinical case the nine clinical fields; the dose is written as an ``.npz``, Gy, OpenKBP order).
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ import numpy as np
 from tqdm import tqdm
 
 from engine import physics_dataset as pd
-from engine.case import Plan
+from engine.case import Case
 from engine.cli import UserError
+from engine.io.dicom import load_dicom_case
+from engine.io.dicom_errors import DicomImportError
+from engine.io.dicom_export import write_rtdose
+from engine.io.openkbp import OpenKBPFormatError, from_case_axes, load_openkbp
 from engine.physics import (
     PhysicsCancelled,
     PhysicsError,
@@ -31,7 +37,6 @@ from engine.physics import (
     PhysicsUnavailableError,
     compute_physics_dose,
     dose_comparison,
-    physics_beam_plan,
     physics_python,
 )
 
@@ -92,10 +97,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.set_defaults(func=run_generate)
 
     ver = sub.add_parser("verify", help="physics dose of a case's plan vs its own dose")
-    ver.add_argument("path", type=Path, help="a dataset case .npz (OpenKBP or generated)")
+    ver.add_argument("path", type=Path, help="a DICOM folder or an OpenKBP case (.npz, folder)")
     ver.add_argument("--out", type=Path, default=None,
-                     help="where to write the physics dose .npz (default: PATH stem + "
-                          "_physics.npz in the current folder)")
+                     help="where to write the physics dose (default: RD_physics_<case>.dcm "
+                          "for DICOM, <case>_physics.npz otherwise, in the current folder)")
     _settings_args(ver)
     ver.set_defaults(func=run_verify)
 
@@ -164,39 +169,44 @@ def run_generate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _load_case(path: Path) -> tuple[Case, str]:
+    """The case at ``path`` and its kind: ``openkbp`` (a ``.npz`` or a CSV patient folder) or
+    ``dicom`` (a folder of DICOM files)."""
+    try:
+        if path.suffix == ".npz" or (path / "ct.csv").is_file():
+            return load_openkbp(path), "openkbp"
+        if path.is_dir():
+            return load_dicom_case(path), "dicom"
+    except (OpenKBPFormatError, DicomImportError) as exc:
+        raise UserError(str(exc)) from None
+    raise UserError(f"{path} is neither a DICOM folder nor an OpenKBP case (.npz or CSV folder)")
+
+
 def run_verify(args: argparse.Namespace) -> int:
-    path: Path = args.path
-    if not path.is_file() or path.suffix != ".npz":
-        raise UserError(f"{path} is not a dataset case .npz file")
+    case, kind = _load_case(args.path)
     try:
-        arrays = pd.load_arrays(path)
-        case = pd.openkbp_case(arrays, path.stem)
-    except (KeyError, ValueError, OSError) as exc:
-        raise UserError(f"{path} is not an OpenKBP-format case: {exc}") from None
-    if "gantry_deg" in arrays:
-        iso_vox = arrays["isocenter_vox"].astype(np.float64)
-        iso = tuple(float(v) for v in case.geometry.index_to_lps(
-            [iso_vox[2], iso_vox[0], iso_vox[1]]))
-        plan = Plan(pd.read_plan_beams(arrays).beams(iso), name=path.stem)
-    else:
-        plan = physics_beam_plan(pd.OPENKBP_GANTRY_DEG, pd.target_isocenter_mm(case))
-    try:
-        result = compute_physics_dose(case, plan, _settings(args))
+        result = compute_physics_dose(case, case.plan, _settings(args))
     except (PhysicsUnavailableError, PhysicsError, PhysicsCancelled) as exc:
         raise UserError(str(exc)) from None
-    out = args.out or Path(f"{path.stem}_physics.npz")
-    pd.write_npz_atomic(out, {
-        "dose_gy": pd.zyx_to_openkbp(result.dose.array).astype(np.float32),
-        "gantry_deg": np.asarray(result.delivery_gantry_deg, dtype=np.float32),
-        "physics_json": np.asarray(json.dumps({"engine": result.info,
-                                               "normalization": result.normalization})),
-    })
-    report = {"case": path.stem, "delivery_gantry_deg": list(result.delivery_gantry_deg),
-              "normalization": result.normalization, "seconds": result.info["timings_s"]["total"],
-              "out": str(out)}
+    if kind == "dicom":
+        out = args.out or Path(f"RD_physics_{case.name}.dcm")
+        try:
+            write_rtdose(result.dose, case, out, description="pyRadPlan physics dose")
+        except ValueError as exc:
+            raise UserError(f"cannot write the RTDOSE: {exc}") from None
+    else:
+        out = args.out or Path(f"{case.name}_physics.npz")
+        pd.write_npz_atomic(out, {
+            "dose_gy": from_case_axes(result.dose.array).astype(np.float32),
+            "gantry_deg": np.asarray(result.delivery_gantry_deg, dtype=np.float32),
+            "physics_json": np.asarray(json.dumps({"engine": result.info,
+                                                   "normalization": result.normalization})),
+        })
+    report = {"case": case.name, "delivery_gantry_deg": list(result.delivery_gantry_deg),
+              "normalization": result.normalization, "primary_target": result.primary_target,
+              "seconds": result.info["timings_s"]["total"], "out": str(out)}
     if case.dose is not None:
-        scoring = pd.possible_dose_mask(arrays)
-        report["comparison_vs_case_dose"] = dose_comparison(
-            case, result.dose.array, case.dose.array, region=scoring if scoring.any() else None)
+        report["comparison_vs_case_dose"] = dose_comparison(case, result.dose.array,
+                                                            case.dose.array)
     print(json.dumps(report, indent=1))
     return 0
