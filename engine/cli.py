@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.evaluate_cmd",
     "trainer.cli",
     "planner_gui.cli",
+    "engine.commands.physics_cmd",
 )
 
 

@@ -106,3 +106,10 @@ def tiny_dose_bundle(tmp_path_factory):
     path = tmp_path_factory.mktemp("dose-model") / "bundle"
     return save_dose_model(path, dit, vae, codec, normalisation=Normalization().to_dict(),
                            provenance={"note": "random weights, for tests"})
+def physics_env() -> Path:
+    """The isolated pyRadPlan interpreter; tests that need it skip, saying how to install it."""
+    from engine.physics import PhysicsUnavailableError, physics_python
+    try:
+        return physics_python()
+    except PhysicsUnavailableError as exc:
+        pytest.skip(str(exc))
