@@ -15,6 +15,8 @@ import sys
 
 COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.inspect_cmd",
+    "engine.commands.predict_cmd",
+    "engine.commands.bench_cmd",
 )
 
 
