@@ -8,8 +8,8 @@ Until a trained default model ships, it measures a bundle of the shipping archit
 random weights (timing does not depend on the weights): DiT preset ``cpu-small``, VAE preset
 ``cpu8``, tiny codec preset ``preview``. ``--model`` measures a real bundle instead.
 
-    python -m benchmarks.bench_engine                 # 10 runs, all cores
-    python -m benchmarks.bench_engine --runs 12 --threads 1
+    python -m benchmarks.bench_engine                 # 10 runs, automatic thread count
+    python -m benchmarks.bench_engine --runs 12 --threads 1 2   # each count, same run
 """
 
 from __future__ import annotations
@@ -50,21 +50,27 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_engine", description=__doc__)
     p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, nargs="*", default=[],
+                   help="thread counts to measure in turn (default: automatic)")
     p.add_argument("--model", type=Path, help="a real bundle (default: shipping architecture, "
                                               "random weights)")
     args = p.parse_args(argv)
-    load_before = os.getloadavg()
+    reports = []
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or shipping_bundle(Path(tmp) / "bundle")
-        engine = DoseEngine.from_checkpoint(model, threads=args.threads)
         case = load_dicom_case(demo_patient())
-        report = measure(engine, case, runs=args.runs)
-    report["model"] = str(args.model) if args.model else f"random weights, presets {SHIPPING}"
-    report["load_average_before"] = list(load_before)
-    report["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    report["torch"] = torch.__version__
-    print(json.dumps(report, indent=2))
+        for threads in args.threads or [None]:
+            load_before = os.getloadavg()
+            engine = DoseEngine.from_checkpoint(model, threads=threads)
+            report = measure(engine, case, runs=args.runs)
+            report["load_average_before"] = list(load_before)
+            reports.append(report)
+    header = {"model": str(args.model) if args.model else
+              f"random weights, presets {SHIPPING}",
+              "machine": f"{platform.processor() or platform.machine()}, "
+                         f"{os.cpu_count()} cores",
+              "torch": torch.__version__}
+    print(json.dumps({**header, "runs": reports}, indent=2))
     return 0
 
 

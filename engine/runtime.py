@@ -63,6 +63,21 @@ def default_model_path() -> Path:
     return resources_dir() / "models" / "default"
 
 
+def auto_threads() -> int:
+    """CPU threads for inference: the cores that other processes leave free, at least one.
+
+    Intra-op threads wait for each other at every operator; when the cores are already busy
+    (1-minute load average), a preempted thread stalls the others, and one thread is several
+    times faster than two on a loaded 2-core machine (benchmarks/RESULTS.md, bench_engine).
+    """
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return cores
+    return int(min(cores, max(1, round(cores - load))))
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """``device`` if given, else CUDA when available, else CPU."""
     if device is not None:
@@ -176,7 +191,7 @@ class DoseEngine:
                  max_cases: int = 4, max_plans: int = 32) -> None:
         self.device = pick_device(device)
         if self.device.type == "cpu":
-            tune_cpu(threads or os.cpu_count() or 1)
+            tune_cpu(threads or auto_threads())
         self.threads = torch.get_num_threads()
         self.model = model.to(self.device)
         self.normalization = Normalization.from_dict(model.normalisation or {})

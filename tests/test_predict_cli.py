@@ -171,8 +171,12 @@ def test_openkbp_case_gets_dose_npy_in_the_dataset_layout(openkbp_run):
     case = load_openkbp(ref_dir / "pt_7.npz")
     ds = pydicom.dcmread(folder / "dose.dcm")
     dcm = ds.pixel_array * float(ds.DoseGridScaling)
-    # the RTDOSE holds the CT-grid dose; dose.npy is the same dose in OpenKBP's (i0, i1, i2)
-    np.testing.assert_allclose(to_case_axes(pred), dcm, atol=float(ds.DoseGridScaling))
+    # the RTDOSE holds the CT-grid dose; dose.npy is the same dose in OpenKBP's (i0, i1, i2),
+    # inside the possible-dose mask (the body)
+    body = next(s.mask for s in case.structures if s.name == "Body")
+    np.testing.assert_allclose(to_case_axes(pred), np.where(body, dcm, 0),
+                               atol=float(ds.DoseGridScaling))
+    assert dcm[~body].max() > 0  # the RTDOSE is not masked
     assert [float(v) for v in ds.ImagePositionPatient] == pytest.approx(case.geometry.origin)
     # the dose is where the model grid is: high inside the PTV relative to far outside
     assert float(pred.max()) > 0
@@ -192,6 +196,7 @@ def test_evaluate_reads_the_predict_output(openkbp_run, capsys):
     score = openkbp_case_score("pt_7", ref.dose_gy, pred, ref.masks, ref.possible_dose_mask,
                                ref.voxel_mm)
     body = ref.possible_dose_mask
+    assert not pred[~body].any()  # masked as the challenge's own predictions are
     assert score.dose_score == pytest.approx(np.abs(ref.dose_gy - pred)[body].mean(), rel=1e-6)
     try:
         import engine.commands.evaluate_cmd  # noqa: F401 - the command lands with the metrics

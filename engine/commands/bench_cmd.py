@@ -164,7 +164,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--model", type=Path, help="model bundle folder (default: the shipped model)")
     p.add_argument("--runs", type=int, default=10, help="runs per measurement (default 10)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads (default: the cores other processes leave free)")
     p.add_argument("--patient", type=Path,
                    help="DICOM patient folder (default: the demo patient)")
     p.set_defaults(func=run)

@@ -10,8 +10,9 @@ Predicts the dose of one or many cases with one model load. Each PATH is
 For each case, ``OUT/<case>/`` receives ``dose.dcm`` (RTDOSE on the CT grid, referring to the
 case's plan; dataset cases also get the ``plan.dcm`` it refers to), ``dvh.csv``,
 ``metrics.json``, ``report.png`` and, for dataset cases, ``dose.npy``: the dose in Gy in the
-dataset's own array layout (OpenKBP: 128³ in its (i0, i1, i2) order, which ``dosepilot evaluate
-OUT REF`` reads; GDP-HMM: the case file's [z, y, x] grid). A case that fails is reported and the
+dataset's own array layout (OpenKBP: 128³ in its (i0, i1, i2) order, zero outside the
+possible-dose mask, which ``dosepilot evaluate OUT REF`` reads; GDP-HMM: the case file's
+[z, y, x] grid). A case that fails is reported and the
 others still run; the exit code is 1 when any failed.
 """
 
@@ -144,13 +145,21 @@ def load_case(source: CaseInput, meta_dir: Path | None = None) -> Case:
     raise ValueError(f"unknown case kind {source.kind!r}")
 
 
-def dataset_array(source: CaseInput, dose_gy: np.ndarray) -> np.ndarray | None:
+def dataset_array(source: CaseInput, case: Case, dose_gy: np.ndarray) -> np.ndarray | None:
     """The CT-grid dose (Gy, [z, y, x]) in the dataset's own layout, None for DICOM cases.
 
     OpenKBP cases were read as ``a.transpose(2, 0, 1)[::-1]`` (engine.io.openkbp), so the
-    inverse is ``c[::-1].transpose(1, 2, 0)``; GDP-HMM cases keep the file's [z, y, x] grid.
+    inverse is ``c[::-1].transpose(1, 2, 0)``; the dose is zeroed outside the possible-dose mask
+    (the case's body), as the challenge's own prediction code does before scoring, since its
+    dose score sums the error over the whole volume. GDP-HMM cases keep the file's [z, y, x]
+    grid.
     """
     if source.kind == "openkbp":
+        from engine.case import Role
+
+        body = next((s.mask for s in case.structures if s.role is Role.EXTERNAL), None)
+        if body is not None:
+            dose_gy = np.where(body, dose_gy, np.float32(0))
         return np.ascontiguousarray(dose_gy[::-1].transpose(1, 2, 0), dtype=np.float32)
     if source.kind == "gdp-hmm":
         return np.ascontiguousarray(dose_gy, dtype=np.float32)
@@ -179,7 +188,7 @@ def write_outputs(source: CaseInput, case: Case, result, out: Path, model: str) 
         json.dumps(metrics_document(case, result, model), indent=2), encoding="utf-8")
     write_report_figure(case, result, out / "report.png")
     written += ["dose.dcm", "dvh.csv", "metrics.json", "report.png"]
-    array = dataset_array(source, result.dose.array)
+    array = dataset_array(source, case, result.dose.array)
     if array is not None:
         np.save(out / "dose.npy", array)
         written.append("dose.npy")
@@ -317,7 +326,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("predictions"),
                    help="output folder (default: ./predictions)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads (default: the cores other processes leave free)")
     p.add_argument("--meta-dir", type=Path,
                    help="GDP-HMM: folder with PTV_DICT.json (default: found next to the files)")
     p.set_defaults(func=run)
