@@ -21,6 +21,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "trainer.cli",
     "planner_gui.cli",
     "engine.commands.physics_cmd",
+    "engine.commands.predict_cmd",
+    "engine.commands.bench_cmd",
 )
 
 
