@@ -77,14 +77,19 @@ def openkbp_references(ref_dir: Path) -> dict[str, Path]:
 
 
 def openkbp_predictions(pred_dir: Path) -> dict[str, Path]:
-    """Patient id -> prediction file (``pt_N.csv`` or ``pt_N.npy``) in ``pred_dir``."""
+    """Patient id -> prediction file in ``pred_dir``: ``pt_N.csv``, ``pt_N.npy``, or
+    ``pt_N/dose.npy`` (the layout ``dosepilot predict`` writes)."""
     out: dict[str, Path] = {}
     for p in sorted(Path(pred_dir).iterdir()):
-        if p.suffix in (".csv", ".npy") and _PATIENT.match(p.stem):
-            if p.stem in out:
-                raise BenchmarkFileError(f"{pred_dir}: both {out[p.stem].name} and {p.name} "
-                                         f"predict {p.stem}")
-            out[p.stem] = p
+        if p.is_dir() and _PATIENT.match(p.name) and (p / "dose.npy").is_file():
+            p = p / "dose.npy"
+            name = p.parent.name
+        else:
+            name = p.stem
+        if p.suffix in (".csv", ".npy") and _PATIENT.match(name):
+            if name in out:
+                raise BenchmarkFileError(f"{pred_dir}: both {out[name]} and {p} predict {name}")
+            out[name] = p
     return out
 
 
