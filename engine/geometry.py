@@ -50,9 +50,16 @@ def geometry_from_sitk(image: sitk.Image) -> Geometry:
                     spacing=image.GetSpacing()[::-1], direction=direction)
 
 
+def readonly(array: np.ndarray) -> np.ndarray:
+    """Mark a freshly made array (no other references) read-only, so that wrapping it in a
+    :class:`Volume` or :class:`Structure` does not copy it."""
+    array.flags.writeable = False
+    return array
+
+
 def from_sitk(image: sitk.Image) -> Volume:
     """A :class:`Volume` from a 3-D SimpleITK image (array ``[z, y, x]``)."""
-    return Volume(sitk.GetArrayFromImage(image), geometry_from_sitk(image))
+    return Volume(readonly(sitk.GetArrayFromImage(image)), geometry_from_sitk(image))
 
 
 def _output_dtype(dtype: np.dtype, order: int) -> np.dtype:
@@ -100,7 +107,7 @@ def resample(volume: Volume, target: Geometry, order: int = 1, fill: float = 0.0
     out = sitk.GetArrayFromImage(f.Execute(image))
     if src.dtype == bool and order == 0:
         out = out.astype(bool)
-    return Volume(out.astype(out_dtype, copy=False), target)
+    return Volume(readonly(out.astype(out_dtype, copy=False)), target)
 
 
 def grid_around(center_mm: tuple[float, float, float], shape: tuple[int, int, int],
@@ -143,7 +150,24 @@ def flip_axes(volume: Volume, axes: tuple[int, ...]) -> Volume:
     return Volume(np.flip(volume.array, axis=axes), new)
 
 
-def axes_to_flip_for_axial(geometry: Geometry) -> tuple[int, ...]:
-    """Array axes whose direction points against the axial HFS convention (+z, +y, +x)."""
-    d = np.asarray(geometry.direction)
-    return tuple(k for k in range(3) if float(d[k] @ np.asarray(AXIAL_DIRECTION[k])) < 0)
+def reorient_axial(volume: Volume, tol: float = 1e-4) -> Volume:
+    """The volume in the axial convention: array axes along +z, +y, +x (``AXIAL_DIRECTION``).
+
+    Works for grids whose axes lie along the patient axes in any order and sense (HFP, FFS,
+    FFP images; decubitus images whose rows run along y): array axes are transposed and
+    reversed, which is exact. Raises ValueError for oblique grids (beyond ``tol``).
+    """
+    g = volume.geometry
+    d = np.asarray(g.direction)
+    if np.abs(np.abs(d) - np.round(np.abs(d))).max() > tol:
+        raise ValueError(f"the grid is oblique (direction {g.direction}); it has no exact "
+                         "axial reorientation")
+    # for result axis k (z, y, x) the source axis that runs along LPS axis 2 - k
+    source = [int(np.argmax(np.abs(d[:, 2 - k]))) for k in range(3)]
+    array = np.transpose(volume.array, source)
+    direction = tuple(tuple(d[a]) for a in source)
+    spacing = tuple(g.spacing[a] for a in source)
+    turned = Volume(array, Geometry(array.shape, g.origin, spacing, direction))
+    flipped = flip_axes(turned, tuple(k for k in range(3) if direction[k][2 - k] < 0))
+    f = flipped.geometry
+    return Volume(flipped.array, Geometry(f.shape, f.origin, f.spacing, AXIAL_DIRECTION))

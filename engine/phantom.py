@@ -35,7 +35,7 @@ from engine.case import (
     Technique,
     Volume,
 )
-from engine.geometry import grid_around, voxel_centers_lps
+from engine.geometry import grid_around
 from engine.io.dicom_export import WrittenCase, write_case_dicom
 
 
@@ -80,10 +80,11 @@ class Primitive:
     z_half: float
     cylinder: bool = False
 
-    def inside(self, p: np.ndarray) -> np.ndarray:
-        u = (p[..., 0] - self.center[0]) / self.radii_xy[0]
-        v = (p[..., 1] - self.center[1]) / self.radii_xy[1]
-        w = (p[..., 2] - self.center[2]) / self.z_half
+    def inside(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Which points are inside; ``x``, ``y``, ``z`` (mm) broadcast against each other."""
+        u = (x - self.center[0]) / self.radii_xy[0]
+        v = (y - self.center[1]) / self.radii_xy[1]
+        w = (z - self.center[2]) / self.z_half
         if self.cylinder:
             return (u * u + v * v <= 1.0) & (np.abs(w) <= 1.0)
         return u * u + v * v + w * w <= 1.0
@@ -181,21 +182,21 @@ def _beams(iso: tuple[float, float, float], spec: PhantomSpec) -> tuple[Beam, ..
 def make_phantom(spec: PhantomSpec = PhantomSpec()) -> Case:
     """The phantom as a :class:`Case` (masks = exact ground truth, contours = its polygons)."""
     g = grid_around((0.0, 0.0, 0.0), spec.shape, spec.spacing)
-    pts = voxel_centers_lps(g)
+    zs, ys, xs = g.axis_coordinates()
+    x, y, z = xs[None, None, :], ys[None, :, None], zs[:, None, None]
     organs = _anatomy(g, spec)
     rng = np.random.default_rng(spec.seed)
     ct = np.full(g.shape, -1000.0, dtype=np.float32)
-    z_planes = g.axis_coordinates()[0]
     step = 0.5 * min(g.spacing[1:])  # polygon edges of half a voxel
     structures = []
     for number, organ in enumerate(organs, start=1):
         mask = np.zeros(g.shape, dtype=bool)
         for part in organ.parts:
-            mask ^= part.inside(pts)
+            mask ^= part.inside(x, y, z)
         if organ.hu is not None:
             ct[mask] = organ.hu
-        contours = tuple(poly for z in z_planes for part in organ.parts
-                         if (poly := part.section(float(z), step)) is not None)
+        contours = tuple(poly for zk in zs for part in organ.parts
+                         if (poly := part.section(float(zk), step)) is not None)
         if mask.any():
             structures.append(Structure(organ.name, organ.role, mask, organ.prescription_gy,
                                         organ.color, number, contours))
@@ -225,3 +226,36 @@ def write_phantom(out_dir: str | Path, spec: PhantomSpec = PhantomSpec(),
     """Make the phantom and write it as DICOM (CT series, RTSTRUCT, RTPLAN, RTDOSE if any)."""
     return write_case_dicom(make_phantom(spec), out_dir, spec.patient_position,
                             contour_image_refs=contour_image_refs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.phantom OUT_DIR [options]``: write a phantom patient as DICOM."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m engine.phantom",
+                                description="Write a synthetic phantom patient as DICOM.")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                   default=PhantomSpec.shape)
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("DZ", "DY", "DX"),
+                   default=PhantomSpec.spacing)
+    p.add_argument("--position", default="HFS", choices=["HFS", "HFP", "FFS", "FFP"])
+    p.add_argument("--arc", action="store_true", help="two VMAT arcs instead of static beams")
+    p.add_argument("--beams", type=int, default=PhantomSpec.n_beams)
+    p.add_argument("--extra-oars", type=int, default=0)
+    p.add_argument("--dose", action="store_true", help="add a synthetic reference dose")
+    p.add_argument("--name", default=PhantomSpec.name)
+    args = p.parse_args(argv)
+    if args.out_dir.exists() and any(args.out_dir.iterdir()):
+        p.error(f"{args.out_dir} is not empty")
+    spec = PhantomSpec(shape=tuple(args.shape), spacing=tuple(args.spacing),
+                       patient_position=args.position, arc=args.arc, n_beams=args.beams,
+                       extra_oars=args.extra_oars, with_dose=args.dose, name=args.name)
+    written = write_phantom(args.out_dir, spec)
+    print(f"wrote {len(written.ct_paths)} CT slices, RTSTRUCT ({len(written.case.structures)} "
+          f"ROIs), RTPLAN{', RTDOSE' if written.rtdose_path else ''} to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

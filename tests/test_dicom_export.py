@@ -157,6 +157,15 @@ def test_minimal_plan_when_there_is_no_source(tmp_path):
     assert arc.control_point_gantry_deg == (181.0, 270.0, 0.0, 90.0, 179.0)
 
 
+def test_missing_source_plan_gives_a_minimal_plan(loaded, tmp_path, caplog):
+    case, src = loaded
+    (src / "RTPLAN.dcm").rename(src / "moved.dcm")
+    write_rtplan(case, case.plan.with_gantry(0, 90.0), tmp_path / "plan.dcm")
+    assert "could not be re-read" in caplog.text
+    back = read_rtplan(pydicom.dcmread(tmp_path / "plan.dcm")).plan
+    assert back.beams[0].gantry_deg == 90.0 and len(back.beams) == 7
+
+
 def test_changed_beam_set_gives_a_minimal_plan(loaded, tmp_path):
     case, _ = loaded
     fewer = case.plan.with_beams(case.plan.beams[:3])
@@ -191,3 +200,24 @@ def test_exports_pass_dciodvfy(loaded, tmp_path, phantom_dicom):
     for path in (dose_path, edited_path, minimal_path, arc_path, phantom_dicom.rtstruct_path,
                  phantom_dicom.ct_paths[0]):
         assert _dciodvfy_errors(path) == [], path.name
+
+
+def test_roi_numbers_link_plan_prescriptions_to_rtstruct_rois(tmp_path):
+    """Structures without ROI numbers get free ones, used by both RTSTRUCT and RTPLAN."""
+    from engine.io.dicom_export import roi_numbers, write_case_dicom
+
+    truth = make_phantom(PhantomSpec(shape=(8, 24, 28)))
+    renumbered = dataclasses.replace(truth, structures=tuple(
+        dataclasses.replace(s, number=0 if s.name != "PTV56" else 1) for s in truth.structures))
+    numbers = roi_numbers(renumbered)
+    names_in_order = [s.name for s in renumbered.structures]
+    assert len(set(numbers)) == len(numbers) and numbers[names_in_order.index("PTV56")] == 1
+    written = write_case_dicom(renumbered, tmp_path)
+    plan = pydicom.dcmread(written.rtplan_path)
+    by_roi = {int(r.ReferencedROINumber): float(r.TargetPrescriptionDose)
+              for r in plan.DoseReferenceSequence}
+    ss = pydicom.dcmread(written.rtstruct_path)
+    names = {int(r.ROINumber): r.ROIName for r in ss.StructureSetROISequence}
+    assert {names[n]: dose for n, dose in by_roi.items()} == {"PTV70": 70.0, "PTV56": 56.0}
+    case = load_dicom_case(tmp_path)
+    assert {s.name: s.prescription_gy for s in case.targets} == {"PTV70": 70.0, "PTV56": 56.0}

@@ -50,7 +50,7 @@ def test_contours_outside_off_plane_and_clipped(grid):
     tilted[:, 2] += np.linspace(0, 3, len(tilted))  # not in one slice plane
     edge = _circle(-24.5, 0, 6, 6.0)  # half of it left of the image
     r = rasterize([far, beside, tilted, edge], grid)
-    assert (r.outside, r.off_plane, r.clipped) == (2, 1, True)
+    assert (r.outside, r.off_plane, r.clipped, r.kept) == (2, 1, True, (3,))
     assert r.mask[3].any() and r.mask.sum() == r.mask[3].sum()
     assert r.mask[3, :, 0].any() and not r.mask[3, :, 7:].any()
 

@@ -106,3 +106,27 @@ def test_grid_around_centres_the_grid():
     centre = g.index_to_lps((np.asarray(g.shape) - 1) / 2.0)
     assert np.allclose(centre, (10.0, -5.0, 3.0))
     assert np.allclose(g.index_to_lps([48, 0, 0])[2], 3.0)
+
+
+def test_reorient_axial_undoes_flips_and_transposes():
+    from engine.geometry import flip_axes, reorient_axial
+
+    g = Geometry((3, 4, 5), (1.0, 2.0, 3.0), (2.0, 1.5, 1.0))
+    vol = Volume(np.arange(60, dtype=np.float32).reshape(3, 4, 5), g)
+    flipped = flip_axes(vol, (0, 2))
+    assert flipped.geometry.direction[0] == (0.0, 0.0, -1.0)
+    assert np.allclose(flipped.geometry.index_to_lps([2, 0, 4]), g.origin)
+    back = reorient_axial(flipped)
+    assert np.array_equal(back.array, vol.array) and back.geometry == g
+    # rows along x, columns along y (array axes 1 and 2 swapped), slices along -z
+    turned_dir = ((0.0, 0.0, -1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    turned = Volume(np.ascontiguousarray(vol.array[::-1].transpose(0, 2, 1)),
+                    Geometry((3, 5, 4), g.index_to_lps([2, 0, 0]), (2.0, 1.0, 1.5), turned_dir))
+    back = reorient_axial(turned)
+    assert np.array_equal(back.array, vol.array)
+    assert np.allclose(back.geometry.origin, g.origin) and back.geometry.spacing == g.spacing
+    axial = np.asarray(((0, 0, 1), (0, 1, 0), (1, 0, 0)), dtype=float)
+    oblique = Geometry((3, 4, 5), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+                       tuple(map(tuple, axial @ _rotation_z(5).T)))
+    with pytest.raises(ValueError, match="oblique"):
+        reorient_axial(Volume(vol.array, oblique))

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.case import Case, DicomRefs, Plan, Role, Structure
+from engine.case import Case, DicomRefs, Geometry, Plan, Role, Structure, Volume
+from engine.geometry import readonly
 from engine.io.dicom_ct import CtSeries, read_ct_series
 from engine.io.dicom_errors import DicomImportError
 from engine.io.dicom_rtdose import dose_on_ct, read_rtdose
@@ -28,12 +29,16 @@ __all__ = ["DicomImportError", "load_dicom_case"]
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def _is_ct_image(obj: DicomObject) -> bool:
+def _kind(obj: DicomObject) -> str:
+    """How the import treats an object: 'CT' (a slice of a CT series), 'RTSTRUCT', 'RTPLAN',
+    'RTDOSE', or a label for what it ignores."""
     sop_class = str(obj.ds.get("SOPClassUID", ""))
-    if sop_class != CT_IMAGE_STORAGE and obj.modality != "CT":
-        return False
-    image_type = [str(v).upper() for v in (obj.ds.get("ImageType") or [])]
-    return "LOCALIZER" not in image_type
+    if sop_class == CT_IMAGE_STORAGE or (obj.modality == "CT" and not sop_class):
+        image_type = [str(v).upper() for v in (obj.ds.get("ImageType") or [])]
+        return "CT localizer" if "LOCALIZER" in image_type else "CT"
+    if obj.modality == "CT":
+        return "CT of another kind (e.g. enhanced multi-frame)"
+    return obj.modality or "unknown"
 
 
 def _date_key(obj: DicomObject, prefix: str) -> str:
@@ -143,7 +148,8 @@ def _structures(ss: DicomObject, ct: CtSeries, for_uid: str, plan: PlanInfo | No
             rx = (plan.roi_prescriptions_gy.get(roi.number) if plan else None) \
                 or prescription_from_name(roi.name)
         built.append(Structure(name=roi.name, role=role, mask=r.mask, prescription_gy=rx,
-                               color=roi.color, number=roi.number, contours=roi.contours))
+                               color=roi.color, number=roi.number,
+                               contours=tuple(roi.contours[i] for i in r.kept)))
     targets = [s for s in built if s.role is Role.TARGET]
     if plan and plan.plan.prescription_gy and len(targets) == 1 and targets[0].prescription_gy \
             is None:
@@ -185,8 +191,10 @@ def _choose_plan(plans: list[DicomObject], ss: DicomObject | None, for_uid: str,
     return _newest(fitting, "RTPlan", "RTPLAN", warnings)
 
 
-def _choose_dose(doses: list[DicomObject], plan_uid: str, for_uid: str,
-                 warnings: list[str]) -> DicomObject | None:
+def _choose_doses(doses: list[DicomObject], plan_uid: str, for_uid: str,
+                  warnings: list[str]) -> list[DicomObject]:
+    """The plan's dose: its PLAN-summed RTDOSE, else all its per-beam RTDOSEs (to be summed),
+    else the best other candidate."""
     fitting = []
     for o in doses:
         if o.frame_of_reference_uid and o.frame_of_reference_uid != for_uid:
@@ -195,16 +203,41 @@ def _choose_dose(doses: list[DicomObject], plan_uid: str, for_uid: str,
         else:
             fitting.append(o)
     if not fitting:
-        return None
+        return []
 
-    def rank(o: DicomObject) -> tuple[bool, bool]:
-        refs = {str(r.get("ReferencedSOPInstanceUID", ""))
-                for r in o.ds.get("ReferencedRTPlanSequence", [])}
-        return (bool(plan_uid) and plan_uid in refs,
-                str(o.ds.get("DoseSummationType", "")).upper() == "PLAN")
+    def of_plan(o: DicomObject) -> bool:
+        return bool(plan_uid) and plan_uid in {str(r.get("ReferencedSOPInstanceUID", ""))
+                                               for r in o.ds.get("ReferencedRTPlanSequence", [])}
 
-    best = max(rank(o) for o in fitting)
-    return _newest([o for o in fitting if rank(o) == best], "Content", "RTDOSE", warnings)
+    def summation(o: DicomObject) -> str:
+        return str(o.ds.get("DoseSummationType", "")).upper()
+
+    beams = [o for o in fitting if of_plan(o) and summation(o) == "BEAM"]
+    if len(beams) > 1 and not any(of_plan(o) and summation(o) == "PLAN" for o in fitting):
+        warnings.append(f"no plan-summed RTDOSE; summed the plan's {len(beams)} per-beam "
+                        f"doses ({', '.join(o.path.name for o in beams)})")
+        return beams
+    best = max((of_plan(o), summation(o) == "PLAN") for o in fitting)
+    return [_newest([o for o in fitting if (of_plan(o), summation(o) == "PLAN") == best],
+                    "Content", "RTDOSE", warnings)]
+
+
+def _read_doses(objs: list[DicomObject], ct: Geometry, body: np.ndarray | None,
+                warnings: list[str]) -> Volume | None:
+    """The sum of the given RTDOSEs on the CT grid (None when there are none or one fails)."""
+    total: np.ndarray | None = None
+    for obj in objs:
+        where = f"RTDOSE {obj.path.name}"
+        try:
+            grid = read_rtdose(obj.ds, where)
+        except DicomImportError as exc:
+            warnings.append(f"{exc}; no dose loaded")
+            return None
+        warnings.extend(grid.notes)
+        on_ct, notes = dose_on_ct(grid.volume, ct, body, where)
+        warnings.extend(notes)
+        total = on_ct.array.copy() if total is None else total + on_ct.array
+    return Volume(readonly(total), ct) if total is not None else None
 
 
 def load_dicom_case(path: str | Path, name: str | None = None) -> Case:
@@ -229,14 +262,14 @@ def _load(root: Path, name: str | None) -> Case:
     warnings.extend(scan.notes)
     by_modality: dict[str, list[DicomObject]] = defaultdict(list)
     for obj in scan.objects:
-        by_modality["CT" if _is_ct_image(obj) else obj.modality].append(obj)
+        by_modality[_kind(obj)].append(obj)
     cts: dict[str, list[DicomObject]] = defaultdict(list)
     for obj in by_modality.pop("CT", []):
         cts[obj.series_uid].append(obj)
     rtstructs = by_modality.pop("RTSTRUCT", [])
     plans = by_modality.pop("RTPLAN", [])
     doses = by_modality.pop("RTDOSE", [])
-    ignored = {m or "unknown": len(v) for m, v in by_modality.items()}
+    ignored = {m: len(v) for m, v in by_modality.items()}
     if ignored:
         warnings.append("ignored objects DosePilot does not use: "
                         + ", ".join(f"{n} {m}" for m, n in sorted(ignored.items())))
@@ -252,7 +285,12 @@ def _load(root: Path, name: str | None) -> Case:
         warnings.append(f"skipped {scan.non_dicom} non-DICOM file(s)")
     ct_uid, ss = _choose_ct(cts, rtstructs, warnings)
     ct_objs = cts[ct_uid]
-    ct = read_ct_series([(o.path, o.ds) for o in ct_objs], ct_uid)
+    try:
+        ct = read_ct_series([(o.path, o.ds) for o in ct_objs], ct_uid)
+    except DicomImportError as exc:
+        if not scan.notes:
+            raise
+        raise DicomImportError(f"{exc} Unreadable files: {'; '.join(scan.notes)}") from exc
     warnings.extend(ct.notes)
     for_uid = ct_objs[0].frame_of_reference_uid
     if ss is not None:
@@ -273,20 +311,10 @@ def _load(root: Path, name: str | None) -> Case:
             plan_obj = None
     structures = _structures(ss, ct, for_uid, plan_info, warnings) if ss is not None else ()
     plan: Plan | None = plan_info.plan if plan_info else None
-    dose_obj = _choose_dose(doses, plan_obj.sop_instance_uid if plan_obj else "", for_uid,
-                            warnings)
-    dose = None
-    if dose_obj is not None:
-        where = f"RTDOSE {dose_obj.path.name}"
-        try:
-            grid = read_rtdose(dose_obj.ds, where)
-        except DicomImportError as exc:
-            warnings.append(f"{exc}; no dose loaded")
-        else:
-            warnings.extend(grid.notes)
-            body = next((s.mask for s in structures if s.role is Role.EXTERNAL), None)
-            dose, notes = dose_on_ct(grid.volume, ct.volume.geometry, body, where)
-            warnings.extend(notes)
+    dose_objs = _choose_doses(doses, plan_obj.sop_instance_uid if plan_obj else "", for_uid,
+                              warnings)
+    body = next((s.mask for s in structures if s.role is Role.EXTERNAL), None)
+    dose = _read_doses(dose_objs, ct.volume.geometry, body, warnings)
     first = ct_objs[0].ds
     refs = DicomRefs(
         patient_id=str(first.get("PatientID", "") or ""),

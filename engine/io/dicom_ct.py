@@ -3,9 +3,9 @@
 Slices are sorted by their position along the slice normal (ImagePositionPatient projected on
 row x column direction), never by InstanceNumber. The stack must be axial (the image axes along
 the patient axes, in any of the HFS/HFP/FFS/FFP flips), evenly spaced and stacked along its
-normal; anything else is refused with a message that names what is wrong. Flipped acquisitions
-(HFP, FFS, FFP) are turned into the axial convention (+x, +y, +z along the array axes) exactly,
-by reversing array axes.
+normal; anything else is refused with a message that names what is wrong. Flipped or turned
+acquisitions (HFP, FFS, FFP, decubitus) are put into the axial convention (+z, +y, +x along the
+array axes) exactly, by reversing and transposing array axes.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from engine.case import AXIAL_DIRECTION, Geometry, Volume
-from engine.geometry import axes_to_flip_for_axial, flip_axes
+from engine.case import Geometry, Volume
+from engine.geometry import readonly, reorient_axial
 from engine.io.dicom_errors import DicomImportError
 
 # largest deviation of a direction cosine from a patient axis that still counts as axial
@@ -213,15 +213,10 @@ def read_ct_series(slices: list[tuple[Path, Dataset]], series_uid: str) -> CtSer
     geometry = Geometry(shape=raw.shape, origin=tuple(ipps_sorted[0]),
                         spacing=(dz, float(spacing_rc[0]), float(spacing_rc[1])),
                         direction=(tuple(normal), tuple(col), tuple(row)))
-    volume = Volume(raw, geometry)
+    volume = reorient_axial(Volume(readonly(raw), geometry))
     uids = [str(ds.get("SOPInstanceUID", "")) for _, ds in items]
-    flips = axes_to_flip_for_axial(geometry)
-    if flips:
-        volume = flip_axes(volume, flips)
-        if 0 in flips:
-            uids.reverse()
-    g = volume.geometry
-    volume = Volume(volume.array, Geometry(g.shape, g.origin, g.spacing, AXIAL_DIRECTION))
+    if normal[2] < 0:  # slices were sorted along -z
+        uids.reverse()
     position = first.get("PatientPosition")
     return CtSeries(volume=volume, sop_instance_uids=tuple(uids),
                     patient_position=str(position).strip().upper() if position else None,

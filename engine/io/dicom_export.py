@@ -113,6 +113,22 @@ def _contour_data(points: np.ndarray) -> list[str]:
     return [f"{v:.3f}".rstrip("0").rstrip(".") for v in np.asarray(points, np.float64).ravel()]
 
 
+def roi_numbers(case: Case) -> list[int]:
+    """The ROI number each structure gets in an RTSTRUCT: its own when it has a unique one,
+    else the lowest free number."""
+    numbers: list[int] = []
+    taken = {s.number for s in case.structures if s.number > 0}
+    free = 1
+    for s in case.structures:
+        if s.number > 0 and s.number not in numbers:
+            numbers.append(s.number)
+            continue
+        while free in taken or free in numbers:
+            free += 1
+        numbers.append(free)
+    return numbers
+
+
 def write_rtstruct(case: Case, path: str | Path, contour_image_refs: bool = True) -> str:
     """The case's structures as an RTSTRUCT (a new SOP instance); returns its UID.
 
@@ -139,15 +155,7 @@ def write_rtstruct(case: Case, path: str | Path, contour_image_refs: bool = True
     frame.RTReferencedStudySequence = Sequence([study])
     ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
     rois, contours, observations = [], [], []
-    used = {s.number for s in case.structures if s.number > 0}
-    next_free = 1
-    for index, s in enumerate(case.structures):
-        number = s.number
-        if number <= 0:
-            while next_free in used:
-                next_free += 1
-            number = next_free
-            used.add(number)
+    for index, (s, number) in enumerate(zip(case.structures, roi_numbers(case))):
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = refs.frame_of_reference_uid
@@ -271,13 +279,14 @@ def _minimal_plan(case: Case, plan: Plan, uid: str) -> Dataset:
     else:
         ds.RTPlanGeometry = "TREATMENT_DEVICE"
     dose_refs = []
-    targets = [s for s in case.structures if s.role is Role.TARGET and s.prescription_gy]
+    targets = [(s, n) for s, n in zip(case.structures, roi_numbers(case))
+               if s.role is Role.TARGET and s.prescription_gy]
     if refs.structure_set_sop_instance_uid and targets:
-        for s in targets:
+        for s, number in targets:
             r = Dataset()
             r.DoseReferenceNumber = len(dose_refs) + 1
             r.DoseReferenceStructureType = "VOLUME"
-            r.ReferencedROINumber = s.number
+            r.ReferencedROINumber = number
             r.DoseReferenceDescription = s.name[:64]
             r.DoseReferenceType = "TARGET"
             r.TargetPrescriptionDose = ds_str(s.prescription_gy)
@@ -426,6 +435,7 @@ def write_rtdose(dose: Volume, case: Case, path: str | Path,
     ds = new_dataset(RT_DOSE_STORAGE, uid)
     add_common_modules(ds, refs, "RTDOSE", generate_uid(), 4, description)
     ds.InstanceNumber = 1
+    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     ds.ImagePositionPatient = ds_list(g.origin)
     ds.ImageOrientationPatient = ds_list(np.concatenate([row, col]))
     ds.PixelSpacing = ds_list([g.spacing[1], g.spacing[2]])

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
-from engine.case import AXIAL_DIRECTION, Geometry, Volume
-from engine.geometry import axes_to_flip_for_axial, flip_axes, resample
+from engine.case import Geometry, Volume
+from engine.geometry import readonly, reorient_axial, resample
 from engine.io.dicom_ct import axial_frame, pixel_array
 from engine.io.dicom_errors import DicomImportError
 
@@ -64,9 +64,7 @@ def read_rtdose(ds: Dataset, where: str = "RTDOSE") -> DoseGrid:
     dose = (raw.astype(np.float64) * scaling).astype(np.float32)
     geometry = Geometry(shape=dose.shape, origin=tuple(ipp), spacing=(abs(dz), dy, dx),
                         direction=(tuple(axis0), tuple(col), tuple(row)))
-    volume = flip_axes(Volume(dose, geometry), axes_to_flip_for_axial(geometry))
-    g = volume.geometry
-    volume = Volume(volume.array, Geometry(g.shape, g.origin, g.spacing, AXIAL_DIRECTION))
+    volume = reorient_axial(Volume(readonly(dose), geometry))
     units = str(ds.get("DoseUnits", "GY") or "GY").upper()
     if units != "GY":
         notes.append(f"{where}: dose units are {units}, not Gy; values are shown unscaled")

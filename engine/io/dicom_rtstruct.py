@@ -11,7 +11,6 @@ row it crosses, and a running XOR along the row turns toggles into inside/outsid
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import contourpy
@@ -19,8 +18,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from engine.case import Geometry
-
-log = logging.getLogger(__name__)
+from engine.geometry import readonly
 
 CONTOUR_DATA = 0x30060050
 # a contour belongs to a slice when all its vertices are this close (in slices) to one plane
@@ -58,7 +56,7 @@ def _contour_points(item: Dataset) -> np.ndarray:
         values = np.asarray(item.ContourData if value is not None else [], dtype=np.float64)
     if values.size % 3:
         raise ValueError(f"ContourData has {values.size} numbers, not a multiple of 3")
-    return values.reshape(-1, 3)
+    return readonly(values.reshape(-1, 3))
 
 
 def _color(value: object) -> tuple[int, int, int] | None:
@@ -124,9 +122,10 @@ def read_rois(ds: Dataset) -> list[RoiContours]:
 
 @dataclass(frozen=True)
 class Rasterized:
-    """A ROI's mask and how many of its contours were left out (and why)."""
+    """A ROI's mask, the indices of the contours that made it, and how many were left out."""
 
     mask: np.ndarray
+    kept: tuple[int, ...] = ()
     outside: int = 0
     off_plane: int = 0
     clipped: bool = False
@@ -136,16 +135,17 @@ def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
               geometry: Geometry) -> Rasterized:
     """Fill closed planar contours (LPS mm) on ``geometry`` with the even-odd rule per slice.
 
-    Returns the bool ``[z, y, x]`` mask; contours beyond the CT (more than half a slice away
-    from the first/last slice, or entirely outside the image) and contours that do not lie in a
-    slice plane are counted in ``outside`` / ``off_plane`` and left out.
+    Returns the read-only bool ``[z, y, x]`` mask; contours beyond the CT (more than half a
+    slice from the first/last slice, or entirely outside the image) and contours that do not lie
+    in a slice plane are counted in ``outside`` / ``off_plane`` and left out.
     """
     nz, ny, nx = geometry.shape
     mask = np.zeros(geometry.shape, dtype=bool)
     ks, ja, ia, jb, ib = [], [], [], [], []
     outside = off_plane = 0
     clipped = False
-    for pts in contours:
+    kept: list[int] = []
+    for n_contour, pts in enumerate(contours):
         idx = geometry.lps_to_index(pts)
         kk = idx[:, 0]
         if np.ptp(kk) > _PLANARITY_TOL:
@@ -159,13 +159,14 @@ def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
             continue
         if j.min() < -0.5 or j.max() > ny - 0.5 or i.min() < -0.5 or i.max() > nx - 0.5:
             clipped = True
+        kept.append(n_contour)
         ks.append(np.full(len(j), k))
         ja.append(j)
         ia.append(i)
         jb.append(np.roll(j, -1))
         ib.append(np.roll(i, -1))
     if not ks:
-        return Rasterized(mask, outside, off_plane, clipped)
+        return Rasterized(readonly(mask), tuple(kept), outside, off_plane, clipped)
     k = np.concatenate(ks)
     y0, x0, y1, x1 = (np.concatenate(a) for a in (ja, ia, jb, ib))
     lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
@@ -175,7 +176,7 @@ def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
     n = np.maximum(r_stop - r_first, 0)
     keep = n > 0
     if not keep.any():
-        return Rasterized(mask, outside, off_plane, clipped)
+        return Rasterized(readonly(mask), tuple(kept), outside, off_plane, clipped)
     k, y0, x0, y1, x1, r_first, n = (a[keep] for a in (k, y0, x0, y1, x1, r_first, n))
     edge = np.repeat(np.arange(len(n)), n)
     offsets = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
@@ -195,7 +196,7 @@ def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
     toggles[uniq[count % 2 == 1]] = 1
     inside = np.bitwise_xor.accumulate(toggles.reshape(k1 - k0, r1 - r0, width + 1), axis=2)
     mask[k0:k1, r0:r1, c0:c0 + width] = inside[:, :, :width].view(bool)
-    return Rasterized(mask, outside, off_plane, clipped)
+    return Rasterized(readonly(mask), tuple(kept), outside, off_plane, clipped)
 
 
 def trace_contours(mask: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, ...]:

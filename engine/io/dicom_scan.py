@@ -1,9 +1,9 @@
 """Find the DICOM objects in a folder tree (any file names) and read them once.
 
-Files are opened read-only and never written. Files that are not DICOM are skipped (counted in a
-note); DICOM files that cannot be read (truncated, corrupt) are skipped with a note naming them.
-Files without the Part 10 preamble (older RT exports) are read when they start like a DICOM
-data set.
+Files are opened read-only and never written. Files that are not DICOM are skipped and counted,
+so the user can be told (documents such as README.md or notes.txt quietly); DICOM files that
+cannot be read (truncated, corrupt) are skipped with a note naming them. Files without the
+Part 10 preamble (older RT exports) are read when they start like a DICOM data set.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 _DICOMDIR = "1.2.840.10008.1.3.10"
+# documents that often sit next to DICOM files; when they are not DICOM they are skipped quietly
+_DOCUMENT_SUFFIXES = {".md", ".txt", ".pdf", ".htm", ".html", ".json", ".csv", ".xml", ".log"}
 
 
 @contextlib.contextmanager
@@ -29,7 +31,8 @@ def quiet_pydicom() -> Iterator[None]:
     """Silence pydicom's value-validation warnings (invalid UIDs, odd VRs) while reading.
 
     Clinical files often break VR rules in harmless ways; what matters to the user is reported
-    in the case's warnings instead.
+    in the case's warnings instead. Like ``warnings.catch_warnings`` it changes process-wide
+    state for its duration.
     """
     logger = logging.getLogger("pydicom")
     level = logger.level
@@ -139,7 +142,7 @@ def scan_folder(root: Path) -> ScanResult:
             continue
         result = read_object(path)
         if result is None:
-            non_dicom += 1
+            non_dicom += path.suffix.lower() not in _DOCUMENT_SUFFIXES
         elif isinstance(result, str):
             notes.append(f"skipped {path.relative_to(root)}: {result}")
         else:

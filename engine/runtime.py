@@ -1,0 +1,395 @@
+"""The dose engine: interactive 1-step previews and full N-step predictions (DESIGN §5).
+
+:class:`DoseEngine` owns one :class:`~engine.dose_model.DoseModel` on its device (CUDA when
+present, else CPU; bf16 autocast on CUDA only) and does the least work per request:
+
+* per case and isocentre, the condition modalities (CT, PTV, OAR, body) are built and encoded
+  once with the full VAE; their latents are cached (cases are immutable, so the cache is keyed
+  by the case object and its isocentre);
+* per plan, the beam and angle plates are rebuilt (tens of ms) and encoded — through the tiny
+  codec for a preview, through the VAE for a full prediction — and cached by the plan value;
+* the DiT runs 1 step (preview) or N steps (prediction, several seeds batched), the dose latent
+  is decoded (tiny codec / VAE), mapped back onto the CT grid through the kept transform, and
+  DVHs, metrics and the scorecard are computed on the CT grid.
+
+:class:`AsyncDoseEngine` is the asyncio face for the GUI: one worker thread, latest-wins
+(:mod:`engine.latest_wins`), a running prediction cancelled between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import diffusion
+from engine.case import Case, Geometry, Plan, Volume
+from engine.cpu_tuning import tune_cpu
+from engine.dose_model import DoseModel, load_dose_model
+from engine.features import (
+    ModelGridTransform,
+    ModelInputs,
+    Normalization,
+    Slot,
+    build_modalities,
+    plan_plates,
+)
+from engine.geometry import resample
+from engine.latest_wins import Cancelled, LatestWinsRunner, Outcome
+from engine.metrics.dvh import DVH, DoseMetrics, StructureSet, all_metrics, prepare
+from engine.metrics.scorecard import BoundScorecard, ScorecardResult, builtin_template
+from engine.models.dit import any2any_velocity
+from engine.resources import resources_dir
+
+log = logging.getLogger(__name__)
+
+CONDITION_SLOTS = (Slot.CT, Slot.PTV, Slot.OAR, Slot.BODY)
+PLATE_SLOTS = (Slot.BEAM_PLATE, Slot.ANGLE_PLATE)
+SCORECARD_SITES = ("head_neck", "lung", "prostate")
+ProgressCallback = Callable[[int, int], None]
+
+
+def default_model_path() -> Path:
+    """The shipped default model bundle."""
+    return resources_dir() / "models" / "default"
+
+
+def auto_threads() -> int:
+    """CPU threads for inference: the cores that other processes leave free, at least one.
+
+    Intra-op threads wait for each other at every operator; when the cores are already busy
+    (1-minute load average), a preempted thread stalls the others, and one thread is several
+    times faster than two on a loaded 2-core machine (benchmarks/RESULTS.md, bench_engine).
+    """
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return cores
+    return int(min(cores, max(1, round(cores - load))))
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_box_on_patient(transform: ModelGridTransform) -> tuple[slice, slice, slice] | None:
+    """The part of the patient grid that the model grid covers (with a one-voxel margin).
+
+    The model grid's outer faces (half a voxel beyond its outer voxel centres, the reach of
+    :func:`engine.geometry.resample`) are mapped to patient indices; patient voxels outside the
+    returned box lie outside the model grid. ``None`` when the grids do not overlap.
+    """
+    shape = np.asarray(transform.model.shape, dtype=np.float64)
+    corners = np.array([[a, b, c] for a in (-0.5, shape[0] - 0.5) for b in (-0.5, shape[1] - 0.5)
+                        for c in (-0.5, shape[2] - 0.5)])
+    index = transform.patient.lps_to_index(transform.model.index_to_lps(corners))
+    lo = np.maximum(np.floor(index.min(axis=0)).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(index.max(axis=0)).astype(int) + 2, transform.patient.shape)
+    if np.any(hi <= lo):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def to_patient_cropped(transform: ModelGridTransform, array: np.ndarray, order: int) -> Volume:
+    """``transform.to_patient(array, order, fill=0)``, resampling only the covered sub-box.
+
+    The same values as resampling onto the whole patient grid (the sub-box is a grid of the
+    same voxel positions), without interpolating the zeros of a large CT around the model grid.
+    """
+    patient = transform.patient
+    out = np.zeros(patient.shape, dtype=np.float32)
+    box = model_box_on_patient(transform)
+    if box is not None:
+        start = [b.start for b in box]
+        sub = Geometry(shape=tuple(b.stop - b.start for b in box),
+                       origin=tuple(patient.index_to_lps(np.asarray(start, dtype=np.float64))),
+                       spacing=patient.spacing, direction=patient.direction)
+        out[box] = resample(Volume(np.asarray(array, dtype=np.float32), transform.model), sub,
+                            order=order, fill=0.0).array
+    return Volume(out, patient)
+
+
+@dataclass(frozen=True)
+class DoseResult:
+    """One predicted dose and what was computed from it.
+
+    Attributes:
+        kind: "preview" (1 step, tiny codec) or "predict" (N steps, full VAE).
+        dose: mean predicted dose in Gy on the case's CT grid.
+        std: voxel-wise standard deviation over seeds (Gy, CT grid); None for one seed.
+        dvhs: structure name -> cumulative DVH on the CT grid.
+        metrics: structure name -> standard dose metrics.
+        scorecard: the best-matching shipped scorecard, or None when none applies.
+        timings_s: seconds per stage (features, encode, dit, decode, to_patient, dvh, total).
+        steps: sampler steps; seeds: the initial-noise seeds.
+    """
+
+    kind: str
+    dose: Volume
+    std: Volume | None
+    dvhs: dict[str, DVH]
+    metrics: dict[str, DoseMetrics]
+    scorecard: ScorecardResult | None
+    timings_s: dict[str, float]
+    steps: int
+    seeds: tuple[int, ...] = (0,)
+
+
+@dataclass
+class _GridState:
+    """What is fixed for one case and isocentre: the model inputs and condition latents."""
+
+    inputs: ModelInputs
+    ptv_model: np.ndarray
+    condition_latents: torch.Tensor  # [4, C, d, h, w], slots CT, PTV, OAR, body
+
+
+@dataclass
+class _CaseState:
+    case: Case  # held so that id(case) stays unique while cached
+    structures: StructureSet
+    grids: dict[tuple[float, float, float], _GridState] = field(default_factory=dict)
+    scorecard: BoundScorecard | None = None
+    scorecard_chosen: bool = False
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Span()
+
+
+class DoseEngine:
+    """Dose previews and predictions for cases, with caches keyed by content."""
+
+    def __init__(self, model: DoseModel, device: str | torch.device | None = None,
+                 threads: int | None = None, solver: diffusion.Solver = "euler",
+                 max_cases: int = 4, max_plans: int = 32) -> None:
+        self.device = pick_device(device)
+        if self.device.type == "cpu":
+            tune_cpu(threads or auto_threads())
+        self.threads = torch.get_num_threads()
+        self.model = model.to(self.device)
+        self.normalization = Normalization.from_dict(model.normalisation or {})
+        self.solver = solver
+        self._cases: OrderedDict[int, _CaseState] = OrderedDict()
+        self._plates: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._max_cases, self._max_plans = max_cases, max_plans
+        self._lock = threading.Lock()  # one inference at a time per engine
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path | None = None, device: str | None = None,
+                        threads: int | None = None) -> DoseEngine:
+        """Load a model bundle (default: the shipped one) onto ``device``."""
+        path = Path(path) if path is not None else default_model_path()
+        return cls(load_dose_model(path, "cpu"), device=device, threads=threads)
+
+    # --- public API ------------------------------------------------------------------------
+
+    def preview(self, case: Case, plan: Plan | None = None,
+                cancel: threading.Event | None = None) -> DoseResult:
+        """1-step prediction; plates and dose go through the tiny codec when the model has one."""
+        return self._run(case, plan, steps=1, seeds=(0,), kind="preview", progress=None,
+                         cancel=cancel, solver="euler")
+
+    def predict(self, case: Case, plan: Plan | None = None, steps: int = 10,
+                seeds: Sequence[int] = (0,), progress: ProgressCallback | None = None,
+                cancel: threading.Event | None = None,
+                solver: diffusion.Solver | None = None) -> DoseResult:
+        """N-step prediction through the full VAE; several seeds give mean and std."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if not seeds:
+            raise ValueError("at least one seed is needed")
+        return self._run(case, plan, steps=steps, seeds=tuple(int(s) for s in seeds),
+                         kind="predict", progress=progress, cancel=cancel,
+                         solver=solver or self.solver)
+
+    # --- stages ----------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _to_tensor(self, volumes: np.ndarray) -> torch.Tensor:
+        """[N, D, H, W] float32 -> [N, 1, D, H, W] on the device."""
+        return torch.from_numpy(np.ascontiguousarray(volumes))[:, None].to(self.device)
+
+    def _encode(self, volumes: np.ndarray, fast: bool) -> torch.Tensor:
+        codec = self.model.codec if fast and self.model.codec is not None else self.model.vae
+        return codec.encode(self._to_tensor(volumes)).float()
+
+    def _decode(self, latents: torch.Tensor, fast: bool) -> np.ndarray:
+        codec = self.model.codec if fast and self.model.codec is not None else self.model.vae
+        return codec.decode(latents).float()[:, 0].cpu().numpy()
+
+    def _case_state(self, case: Case) -> _CaseState:
+        state = self._cases.get(id(case))
+        if state is None or state.case is not case:
+            state = _CaseState(case=case, structures=prepare(case.structures, case.geometry))
+            self._cases[id(case)] = state
+            while len(self._cases) > self._max_cases:
+                self._cases.popitem(last=False)
+        self._cases.move_to_end(id(case))
+        return state
+
+    def _grid_state(self, state: _CaseState, plan: Plan, timer: _Timer) -> _GridState:
+        iso = tuple(round(v, 3) for v in plan.isocenter_mm)
+        grid = state.grids.get(iso)
+        if grid is None:
+            with timer("features"):
+                inputs = build_modalities(state.case, plan, self.normalization)
+            with timer("encode"):
+                cond = self._encode(inputs.volumes[list(CONDITION_SLOTS)], fast=False)
+            grid = _GridState(inputs=inputs, ptv_model=inputs[Slot.PTV] > -1.0,
+                              condition_latents=cond)
+            state.grids[iso] = grid
+        return grid
+
+    def _plate_latents(self, state: _CaseState, grid: _GridState, plan: Plan, fast: bool,
+                       timer: _Timer) -> torch.Tensor:
+        key = (id(state.case), plan.beams, plan.patient_position, fast)
+        latents = self._plates.get(key)
+        if latents is None:
+            with timer("features"):
+                norm = grid.inputs.normalization
+                beam, angle, n_angles = plan_plates(grid.ptv_model, grid.inputs.transform.model,
+                                                    plan)
+                plates = np.stack([norm.beam_plate(beam, n_angles), norm.binary(angle)])
+            with timer("encode"):
+                latents = self._encode(plates, fast=fast)
+            self._plates[key] = latents
+            while len(self._plates) > self._max_plans:
+                self._plates.popitem(last=False)
+        self._plates.move_to_end(key)
+        return latents
+
+    def _scorecard(self, state: _CaseState, dose: np.ndarray) -> ScorecardResult | None:
+        if not state.scorecard_chosen:
+            best, best_n = None, 0
+            for site in SCORECARD_SITES:
+                bound = BoundScorecard(builtin_template(site), state.case.structures,
+                                       state.case.geometry)
+                n = bound.score(dose).evaluated
+                if n > best_n:
+                    best, best_n = bound, n
+            state.scorecard, state.scorecard_chosen = best, True
+        return state.scorecard.score(dose) if state.scorecard is not None else None
+
+    def _run(self, case: Case, plan: Plan | None, steps: int, seeds: tuple[int, ...], kind: str,
+             progress: ProgressCallback | None, cancel: threading.Event | None,
+             solver: diffusion.Solver) -> DoseResult:
+        plan = plan or case.plan
+        if plan is None or not plan.beams:
+            raise ValueError(f"case {case.name!r} has no plan with beams to predict a dose for")
+        fast = kind == "preview"
+        timer = _Timer()
+        t0 = time.perf_counter()
+        with self._lock, torch.inference_mode(), self._autocast():
+            state = self._case_state(case)
+            grid = self._grid_state(state, plan, timer)
+            plates = self._plate_latents(state, grid, plan, fast, timer)
+            clean, target, present = self._assemble(grid, plates, len(seeds))
+            noise = torch.stack([
+                diffusion.initial_noise(clean.shape[1:], torch.Generator().manual_seed(seed))
+                for seed in seeds]).to(self.device)
+            velocity = any2any_velocity(self.model.dit, clean, target, present,
+                                        self.model.prediction)
+
+            def on_step(i: int, n: int, s: float, x: torch.Tensor) -> None:
+                if progress is not None:
+                    progress(i, n)
+
+            with timer("dit"):
+                try:
+                    sample = diffusion.sample(
+                        velocity, torch.where(target[..., None, None, None, None], noise, clean),
+                        steps=steps, solver=solver, callback=on_step,
+                        should_cancel=cancel.is_set if cancel is not None else None)
+                except diffusion.SamplingCancelled as exc:
+                    raise Cancelled(str(exc)) from exc
+            with timer("decode"):
+                unit = self._decode(sample[:, Slot.DOSE], fast=fast)
+        norm = grid.inputs.normalization
+        gy = norm.dose_to_gy(unit)
+        order = 1 if fast else 3
+        with timer("to_patient"):
+            transform = grid.inputs.transform
+            mean = to_patient_cropped(transform, gy.mean(axis=0), order=order)
+            dose = Volume(np.maximum(mean.array, np.float32(0)), mean.geometry)
+            std = None
+            if len(seeds) > 1:
+                std = to_patient_cropped(transform, gy.std(axis=0), order=1)
+        with timer("dvh"):
+            curves, metrics = all_metrics(dose.array, state.structures, case.geometry)
+            scorecard = self._scorecard(state, dose.array)
+        timer.times["total"] = time.perf_counter() - t0
+        return DoseResult(kind=kind, dose=dose, std=std,
+                          dvhs={c.name: c for c in curves}, metrics={m.name: m for m in metrics},
+                          scorecard=scorecard, timings_s=dict(timer.times), steps=steps,
+                          seeds=seeds)
+
+    def _assemble(self, grid: _GridState, plates: torch.Tensor, batch: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean latents [B, 7, C, d, h, w], the dose-target mask [B, 7] and present slots [7]."""
+        cond = grid.condition_latents
+        clean = torch.zeros((7, *cond.shape[1:]), device=self.device)
+        clean[list(CONDITION_SLOTS)] = cond
+        clean[list(PLATE_SLOTS)] = plates
+        clean = clean.expand(batch, *clean.shape).contiguous()
+        target = torch.zeros((batch, 7), dtype=torch.bool, device=self.device)
+        target[:, Slot.DOSE] = True
+        present = torch.tensor([True, True, True, grid.inputs.present[Slot.BODY], True, True,
+                                True], device=self.device)
+        return clean, target, present
+
+
+class AsyncDoseEngine:
+    """The asyncio face of a :class:`DoseEngine`: latest-wins, one worker thread.
+
+    ``await submit_preview(...)`` / ``await submit_predict(...)`` return an
+    :class:`~engine.latest_wins.Outcome` whose ``value`` is a :class:`DoseResult` when ``ok``;
+    a newer request supersedes older ones (status ``superseded``), a running prediction is
+    cancelled between steps, and errors come back as ``error`` outcomes.
+    """
+
+    def __init__(self, engine: DoseEngine) -> None:
+        self.engine = engine
+        self.runner = LatestWinsRunner("dose-engine")
+
+    async def submit_preview(self, case: Case, plan: Plan | None = None) -> Outcome[DoseResult]:
+        return await self.runner.submit(lambda cancel: self.engine.preview(case, plan, cancel))
+
+    async def submit_predict(self, case: Case, plan: Plan | None = None, steps: int = 10,
+                             seeds: Sequence[int] = (0,),
+                             progress: ProgressCallback | None = None) -> Outcome[DoseResult]:
+        return await self.runner.submit(lambda cancel: self.engine.predict(
+            case, plan, steps=steps, seeds=seeds, progress=progress, cancel=cancel))
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()

@@ -1,0 +1,124 @@
+"""DoseEngine on a phantom patient with a small real (randomly initialised) DiffKT3D bundle."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from engine.dose_model import load_dose_model
+from engine.latest_wins import Cancelled, Status
+from engine.models.checkpoint import CheckpointError
+from engine.phantom import PhantomSpec, make_phantom
+from engine.runtime import AsyncDoseEngine, DoseEngine
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_dose_bundle):
+    return tiny_dose_bundle
+
+
+@pytest.fixture(scope="module")
+def engine(bundle):
+    return DoseEngine.from_checkpoint(bundle, threads=2)
+
+
+@pytest.fixture(scope="module")
+def case():
+    return make_phantom(PhantomSpec(shape=(24, 48, 56), spacing=(4.0, 4.0, 4.0)))
+
+
+class _Counting:
+    """Counts calls of a module's encode (the real method still runs)."""
+
+    def __init__(self, module):
+        self.calls = 0
+        self._encode = module.encode
+        module.encode = self
+
+    def __call__(self, x):
+        self.calls += 1
+        return self._encode(x)
+
+
+def test_preview_gives_dose_dvhs_and_timings_on_the_ct_grid(engine, case):
+    result = engine.preview(case)
+    assert result.kind == "preview" and result.steps == 1
+    assert result.dose.geometry == case.geometry
+    assert np.isfinite(result.dose.array).all() and result.dose.array.min() >= 0
+    assert set(result.dvhs) == {s.name for s in case.structures}
+    assert set(result.metrics) == set(result.dvhs)
+    assert {"encode", "dit", "decode", "dvh", "total"} <= set(result.timings_s)
+
+
+def test_conditions_are_encoded_once_and_plates_only_when_beams_change(bundle, case):
+    engine = DoseEngine.from_checkpoint(bundle, threads=2)
+    vae_encode = _Counting(engine.model.vae)
+    codec_encode = _Counting(engine.model.codec)
+    first = engine.preview(case)
+    assert (vae_encode.calls, codec_encode.calls) == (1, 1)  # 4 conditions batched; 2 plates
+    moved = case.plan.with_gantry(0, case.plan.beams[0].gantry_deg + 40)
+    second = engine.preview(case, moved)
+    assert (vae_encode.calls, codec_encode.calls) == (1, 2)
+    engine.preview(case, moved)
+    assert (vae_encode.calls, codec_encode.calls) == (1, 2)
+    assert not np.array_equal(first.dose.array, second.dose.array)
+    engine.predict(case, moved, steps=2)
+    assert (vae_encode.calls, codec_encode.calls) == (2, 2)  # plates through the full VAE
+
+
+def test_seeds_give_zero_std_when_identical_and_positive_otherwise(engine, case):
+    same = engine.predict(case, steps=2, seeds=(3, 3))
+    different = engine.predict(case, steps=2, seeds=(3, 4))
+    assert same.std is not None and float(np.abs(same.std.array).max()) < 1e-4
+    assert float(different.std.array.max()) > 0
+
+
+def test_progress_and_cancel_between_steps(engine, case):
+    seen = []
+    engine.predict(case, steps=3, progress=lambda i, n: seen.append((i, n)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    cancel = threading.Event()
+
+    def progress(i, n):
+        if i == 1:
+            cancel.set()
+
+    seen.clear()
+    with pytest.raises(Cancelled):
+        engine.predict(case, steps=10, progress=lambda i, n: (seen.append(i), progress(i, n)),
+                       cancel=cancel)
+    assert seen == [1]
+
+
+def test_async_latest_wins_and_errors_do_not_stop_the_engine(engine, case):
+    service = AsyncDoseEngine(engine)
+    plans = [case.plan.with_gantry(0, float(a)) for a in range(0, 100, 10)]
+
+    async def drag_then_release():
+        previews = []
+        for plan in plans:
+            previews.append(asyncio.ensure_future(service.submit_preview(case, plan)))
+            await asyncio.sleep(0.001)
+        broken = await service.submit_preview(case, plans[0].with_beams(()))
+        final = await service.submit_predict(case, plans[-1], steps=2)
+        return await asyncio.gather(*previews), broken, final
+
+    previews, broken, final = asyncio.run(drag_then_release())
+    assert all(o.status is Status.SUPERSEDED for o in previews[:-1])
+    assert broken.status is Status.ERROR and "no plan with beams" in broken.error
+    assert final.ok and final.value.kind == "predict"
+    assert service.runner.started <= 4
+    service.shutdown()
+
+
+def test_a_bundle_that_is_not_a_dose_model_is_refused(bundle, tmp_path):
+    from engine.models.checkpoint import Component, save_bundle
+
+    model = load_dose_model(bundle)
+    path = save_bundle(tmp_path / "dit-only",
+                       {"dit": Component("DiffKT3D", model.dit.config.to_dict(),
+                                         model.dit.state_dict())},
+                       normalisation={})
+    with pytest.raises(CheckpointError, match="not a dose model"):
+        load_dose_model(path)
