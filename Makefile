@@ -6,7 +6,7 @@ XVFB := $(if $(DISPLAY),,xvfb-run -a -s "-screen 0 1280x1024x24")
 export QT_API := pyside6
 export VTK_DEFAULT_OPENGL_WINDOW := vtkEGLRenderWindow
 
-.PHONY: setup system run test lint bench physics-env
+.PHONY: setup system run test lint bench physics-env default-model
 
 system:
 	bash installer/install-system-packages.sh
@@ -37,3 +37,10 @@ bench: setup
 # the isolated pyRadPlan environment for `dosepilot physics` (no prerequisites; ~1 GB, < 1 min)
 physics-env:
 	bash installer/physics-env.sh
+
+# retrain the shipped model (resources/models/default; see its MODEL_CARD.md); resumable: run it
+# again after an interruption. RUNS is the run folder, OPENKBP the dataset (train/, validation/).
+RUNS ?= runs/default-model
+default-model: $(VENV)/.installed
+	PATH=$(abspath $(VENV))/bin:$$PATH resources/models/default/train.sh $(RUNS)
+	@echo "copy $(RUNS)/stage-b/model/* to resources/models/default/ to ship it"
