@@ -1,0 +1,27 @@
+"""The shipped default model and its preset fit the runtime (full model grid, cpu-small DiT)."""
+
+from __future__ import annotations
+
+from engine.features.model_grid import MODEL_SHAPE
+from engine.models.dit import PRESETS as DIT_PRESETS
+from engine.runtime import DoseEngine, default_model_path
+from trainer.config import load_config
+from trainer.stages.common import dit_config
+
+
+def test_default_preset_trains_on_the_runtime_grid_with_the_budgeted_dit():
+    cfg = load_config("default-cpu")
+    assert cfg.data.grid == MODEL_SHAPE
+    assert dit_config(cfg) == DIT_PRESETS["cpu-small"]
+    assert (cfg.model.vae, cfg.model.codec) == ("cpu8", "preview")
+
+
+def test_shipped_model_loads_with_its_card_and_provenance():
+    folder = default_model_path()
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 100e6
+    assert "Validation" in (folder / "MODEL_CARD.md").read_text(encoding="utf-8")
+    engine = DoseEngine.from_checkpoint(device="cpu")
+    model = engine.model
+    assert model.dit.config == DIT_PRESETS["cpu-small"]
+    assert model.vae.config.name == "cpu8" and model.codec is not None
+    assert model.provenance["stage"] == "dose" and model.provenance["steps"] > 0
