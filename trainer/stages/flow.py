@@ -7,8 +7,9 @@ clean; the loss is the MSE to the parameterisation's target (v = e - x0 by defau
 target slots only, averaged per sample, then over the batch.
 
 Validation: the same loss with dose as the only target at fixed flow times and fixed noises
-(``val_loss``, comparable across steps and runs), and, when the stage decodes, the voxel MAE in
-Gy inside the body of the 10-step sampled dose (``val_mae_gy``).
+(``val_loss``, comparable across steps and runs), and, when the VAE is a fitted one, for the
+10-step sampled dose: the voxel MAE in Gy inside the body (``val_mae_gy``) and the GDP-HMM
+leaderboard MAE (``val_gdp_hmm_mae``), both on the training grid.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def flow_task(stage: str, model: nn.Module, cache: Cache, index: dict, cfg: Trai
         return value, stats
 
     def evaluate(m: nn.Module, items: list[LatentItem]) -> dict[str, float]:
-        losses, maes = [], []
+        losses, maes, gdp = [], [], []
         for i, item in enumerate(items):
             x0 = load(item, None)[0][None].to(ctx.device)
             g = torch.Generator().manual_seed(10_000 + i)
@@ -137,9 +138,14 @@ def flow_task(stage: str, model: nn.Module, cache: Cache, index: dict, cfg: Trai
                                           solver=cfg.diffusion.solver, shift=cfg.diffusion.shift)
                 dose = decode_dose(sample[:, DOSE_SLOT])[0].float().cpu()
                 maes.append(body_mae_gy(dose, volumes, index["normalisation"]))
+                score = gdp_hmm_mae_on_grid(dose, volumes, index["normalisation"])
+                if score is not None:
+                    gdp.append(score)
         out = {"val_loss": sum(losses) / len(losses)}
         if maes:
             out["val_mae_gy"] = sum(maes) / len(maes)
+        if gdp:
+            out["val_gdp_hmm_mae"] = sum(gdp) / len(gdp)
         return out
 
     return Task(stage=stage, model=model, params=[p for p in model.parameters()
@@ -163,6 +169,24 @@ def body_mae_gy(dose_gy: torch.Tensor, volumes, normalisation: dict) -> float:
     ref = dose_to_gy(volumes.volumes[DOSE_SLOT], normalisation)
     body = volumes.volumes[Slot.BODY] > 0
     return float((dose_gy - ref).abs()[body].mean())
+
+
+def gdp_hmm_mae_on_grid(dose_gy: torch.Tensor, volumes, normalisation: dict) -> float | None:
+    """The GDP-HMM leaderboard MAE (``engine.metrics.scores.gdp_hmm_mae``) on the training grid,
+    with the highest-prescription target as the high PTV; None when it is not defined."""
+    from engine.features import Slot
+    from engine.metrics.scores import gdp_hmm_mae
+    targets = [(k, s["prescription_gy"]) for k, s in enumerate(volumes.structure_info)
+               if s.get("role") == "target" and s.get("prescription_gy")]
+    if not targets:
+        return None
+    k, rx = max(targets, key=lambda t: t[1])
+    ref = dose_to_gy(volumes.volumes[DOSE_SLOT], normalisation).numpy()
+    try:
+        return gdp_hmm_mae(dose_gy.numpy(), ref, (volumes.volumes[Slot.BODY] > 0).numpy(),
+                           volumes.mask(k).numpy(), rx)
+    except ValueError:  # e.g. the PTV vanished on a coarse grid
+        return None
 
 
 class DiTWithDecoder(nn.Module):
