@@ -33,3 +33,14 @@ def phantom_dicom(tmp_path_factory):
     from engine.phantom import PhantomSpec, write_phantom
 
     return write_phantom(tmp_path_factory.mktemp("phantom"), PhantomSpec(with_dose=True))
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Run a module's tiny networks on one torch thread (pool overhead dominates otherwise,
+    badly so on a loaded 2-core machine); restores the previous count afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,6 +15,7 @@ from trainer.config import load_config  # noqa: E402
 from trainer.events import read_events  # noqa: E402
 from trainer.stages.common import build_vae  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 TINY = load_config("test-tiny").source
 
 

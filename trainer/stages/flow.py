@@ -27,6 +27,7 @@ from engine.models.dit import any2any_velocity, noise_targets
 
 from ..caches import Cache
 from ..config import TrainConfig
+from ..data import hash_fraction
 from ..distributed import DistContext
 from ..loop import Task, data_signature
 from .common import DOSE_SLOT
@@ -58,6 +59,11 @@ def any2any_targets(cfg: TrainConfig) -> TargetSampler:
         return mask
 
     return draw
+
+
+def item_generator(seed: int, name: str) -> torch.Generator:
+    """A generator fixed by the run seed and a case name (validation noise, rank-independent)."""
+    return torch.Generator().manual_seed(int(hash_fraction(f"{seed}/{name}") * 2 ** 62))
 
 
 def dose_targets(present: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -118,9 +124,9 @@ def flow_task(stage: str, model: nn.Module, cache: Cache, index: dict, cfg: Trai
 
     def evaluate(m: nn.Module, items: list[LatentItem]) -> dict[str, float]:
         losses, maes, gdp = [], [], []
-        for i, item in enumerate(items):
+        for item in items:
             x0 = load(item, None)[0][None].to(ctx.device)
-            g = torch.Generator().manual_seed(10_000 + i)
+            g = item_generator(cfg.run.seed, item.name)
             mask = dose_targets(torch.ones(7, dtype=torch.bool), g)[None].to(ctx.device)
             for s_val in VAL_SIGMAS:
                 noise = torch.randn(x0.shape, generator=g).to(ctx.device)

@@ -28,6 +28,7 @@ from engine import diffusion
 
 from .. import lora, nft
 from ..config import TrainConfig
+from ..data import hash_fraction
 from ..distributed import DistContext, all_gather_tensor
 from ..loop import Task
 
@@ -94,8 +95,9 @@ def nft_task(policy: PeftModel, velocity: Velocity, reward: Reward,
 
     def evaluate(model: nn.Module, items: list[Any]) -> dict[str, float]:
         rewards, maes = [], []
-        for i, it in enumerate(items):
-            g = torch.Generator().manual_seed(cfg.run.seed * 7919 + i)
+        for it in items:
+            g = torch.Generator().manual_seed(
+                int(hash_fraction(f"{cfg.run.seed}/{it!r}") * 2 ** 62))
             noise = torch.randn((k, *sample_shape), generator=g).to(ctx.device)
             rew, mae = reward(rollout(model, it, noise), it)
             rewards.append(rew.float().mean())
