@@ -35,6 +35,94 @@ def phantom_dicom(tmp_path_factory):
     return write_phantom(tmp_path_factory.mktemp("phantom"), PhantomSpec(with_dose=True))
 
 
+# ---- GUI (planner_gui) --------------------------------------------------------------------
+# One qasync loop for the whole session, marked running only while a test that asks for it
+# runs, so asyncio tasks advance whenever qtbot spins Qt and other tests can still use
+# asyncio.run(). Never stop() it: that calls QApplication.exit() and later loops' timers never
+# fire (notes/qt-vtk-headless.md §3.3).
+@pytest.fixture(scope="session")
+def _qasync_loop(qapp):
+    import asyncio
+
+    import pyvista as pv
+    import qasync
+
+    pv.OFF_SCREEN = True
+    pv.global_theme.multi_samples = 0
+    loop = qasync.QEventLoop(qapp, already_running=True)
+    loop._QEventLoop__is_running = False
+    asyncio.events._set_running_loop(None)
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def aloop(_qasync_loop):
+    import asyncio
+
+    from PySide6.QtWidgets import QApplication
+
+    loop = _qasync_loop
+    loop._QEventLoop__is_running = True
+    asyncio.events._set_running_loop(loop)
+    asyncio.set_event_loop(loop)
+    yield loop
+    for task in [t for t in asyncio.all_tasks(loop) if not t.done()]:
+        task.cancel()
+    for _ in range(3):
+        QApplication.processEvents()
+    loop._QEventLoop__is_running = False
+    asyncio.events._set_running_loop(None)
+    asyncio.set_event_loop(None)
+
+
+@pytest.fixture
+def gui_settings(tmp_path):
+    """Window settings (recent patients) in a temporary INI file, not the user's."""
+    from PySide6 import QtCore
+
+    return QtCore.QSettings(str(tmp_path / "dosepilot.ini"), QtCore.QSettings.Format.IniFormat)
+
+
+@pytest.fixture(scope="session")
+def tiny_dose_bundle(tmp_path_factory) -> Path:
+    """A small real DiffKT3D dose-model bundle (DiT + VAE + tiny codec) with random weights.
+
+    The networks are tiny but of the real architectures, so the engine runs its real path at the
+    full 97 x 128 x 160 model grid in about a second per step on a 2-core CPU.
+    """
+    import torch
+
+    from engine.dose_model import save_dose_model
+    from engine.features import Normalization
+    from engine.models.dit import DiffKT3D, DiTConfig
+    from engine.models.tiny_codec import TinyCodec, TinyCodecConfig
+    from engine.models.vae import VAEConfig, WanVAE
+
+    torch.manual_seed(0)
+    dit = DiffKT3D(DiTConfig(dim=32, num_layers=1, num_heads=2, ffn_dim=64))
+    with torch.no_grad():  # make the untrained DiT's output depend on its inputs
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    vae = WanVAE(VAEConfig(name="test", base_dim=4, num_res_blocks=1))
+    codec = TinyCodec(TinyCodecConfig(name="test", hidden=8, mid=4, encoder_blocks=1,
+                                      decoder_blocks=1))
+    path = tmp_path_factory.mktemp("dose_model") / "bundle"
+    return save_dose_model(path, dit, vae, codec, normalisation=Normalization().to_dict(),
+                           provenance={"note": "random weights, for tests"})
+
+
+@pytest.fixture(scope="session")
+def physics_env() -> Path:
+    """The isolated pyRadPlan interpreter; tests that need it skip, saying how to install it."""
+    from engine.physics import PhysicsUnavailableError, physics_python
+
+    try:
+        return physics_python()
+    except PhysicsUnavailableError as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.fixture(scope="module")
 def torch_one_thread():
     """Run a module's tiny networks on one torch thread (pool overhead dominates otherwise,
