@@ -246,7 +246,7 @@ def run_stage(stage: str, targets: TargetSampler, cfg: TrainConfig, data_dir: Pa
 
     manifest = scan_dataset(data_dir, cfg.data.val_fraction)
     cache = cache_for(cfg, run_dir)
-    vae = build_vae(cfg).eval()
+    vae = build_vae(cfg).to(ctx.device).eval()
     index = cache.require_latents(vae.config.to_dict())
     if {c["name"] for c in index["cases"]} != {c.name for c in manifest.cases}:
         raise UserError(f"the latent cache {cache.folder} was built from other cases than "

@@ -44,6 +44,7 @@ def nft_task(policy: PeftModel, velocity: Velocity, reward: Reward,
              export: Callable[[Path], Path] | None = None, data_signature: str = "") -> Task:
     """The ScardNFT task for a LoRA-wrapped ``policy`` (see the module docstring)."""
     sc = cfg.scardnft
+    policy.to(ctx.device)  # before the old-policy snapshot copies the trainable values
     params = lora.trainable_parameters(policy)
     old = nft.PolicySnapshot(params)
     sigmas = diffusion.sampling_sigmas(cfg.diffusion.sample_steps, cfg.diffusion.shift).float()
