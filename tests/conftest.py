@@ -85,8 +85,12 @@ def gui_settings(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_dose_bundle(tmp_path_factory):
-    """A small real DiffKT3D dose-model bundle (random weights) that DoseEngine loads."""
+def tiny_dose_bundle(tmp_path_factory) -> Path:
+    """A small real DiffKT3D dose-model bundle (DiT + VAE + tiny codec) with random weights.
+
+    The networks are tiny but of the real architectures, so the engine runs its real path at the
+    full 97 x 128 x 160 model grid in about a second per step on a 2-core CPU.
+    """
     import torch
 
     from engine.dose_model import save_dose_model
@@ -103,6 +107,17 @@ def tiny_dose_bundle(tmp_path_factory):
     vae = WanVAE(VAEConfig(name="test", base_dim=4, num_res_blocks=1))
     codec = TinyCodec(TinyCodecConfig(name="test", hidden=8, mid=4, encoder_blocks=1,
                                       decoder_blocks=1))
-    path = tmp_path_factory.mktemp("dose-model") / "bundle"
+    path = tmp_path_factory.mktemp("dose_model") / "bundle"
     return save_dose_model(path, dit, vae, codec, normalisation=Normalization().to_dict(),
                            provenance={"note": "random weights, for tests"})
+
+
+@pytest.fixture(scope="session")
+def physics_env() -> Path:
+    """The isolated pyRadPlan interpreter; tests that need it skip, saying how to install it."""
+    from engine.physics import PhysicsUnavailableError, physics_python
+
+    try:
+        return physics_python()
+    except PhysicsUnavailableError as exc:
+        pytest.skip(str(exc))

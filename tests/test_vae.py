@@ -174,3 +174,22 @@ def test_bad_inputs_get_clear_errors(pair):
         ours.encode(torch.zeros(1, 3, 5, 8, 8))
     with pytest.raises(ValueError, match="latent"):
         ours.decode(torch.zeros(1, 4, 2, 1, 1))
+
+
+@pytest.mark.slow
+def test_official_size_config_matches_diffusers():
+    """The real Wan 2.1 sizes (127 M parameters), on a small volume: about 1 GB and 30 s."""
+    config = VAEConfig.preset("wan2.1")
+    ref = random_reference(config)
+    ours = WanVAE(config).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.rand(1, 1, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mu_ref = ref.encode(x.repeat(1, 3, 1, 1, 1)).latent_dist.mode()
+        z = ours.encode(x)
+        assert rel_err(ours.denormalize_latent(z), mu_ref) <= 1e-4
+        z_ref = (mu_ref - torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1)) / \
+            torch.tensor(config.latents_std).view(1, -1, 1, 1, 1)
+        assert rel_err(z, z_ref) <= 1e-4
+        out_ref = ref.decode(mu_ref).sample.mean(dim=1, keepdim=True)
+        assert rel_err(ours.decode(z), out_ref) <= 1e-4

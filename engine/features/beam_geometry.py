@@ -50,9 +50,13 @@ def iec_axes_lps(position: PatientPosition | str) -> np.ndarray:
 
 def source_direction_lps(gantry_deg: float, couch_deg: float = 0.0,
                          position: PatientPosition | str = PatientPosition.HFS) -> np.ndarray:
-    """Unit LPS vector from the isocentre towards the source."""
-    g, c = math.radians(gantry_deg), math.radians(couch_deg)
-    fixed = np.array([math.sin(g), 0.0, math.cos(g)])
+    """Unit LPS vector from the isocentre towards the source.
+
+    Computed, like the GDP-HMM toolkit, from ``theta = gantry - 90``: (sin g, cos g) =
+    (cos theta, -sin theta), so source voxels truncate to the same integers as the reference.
+    """
+    theta, c = np.pi / 180 * float(gantry_deg - 90.0), math.radians(couch_deg)
+    fixed = np.array([np.cos(theta), 0.0, -np.sin(theta)])
     cc, sc = math.cos(-c), math.sin(-c)
     support = np.array([cc * fixed[0] - sc * fixed[1], sc * fixed[0] + cc * fixed[1], fixed[2]])
     return support @ iec_axes_lps(position)

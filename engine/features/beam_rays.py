@@ -62,33 +62,34 @@ def ray_ends(surface: np.ndarray, source: np.ndarray, shape: tuple[int, int, int
     return delta, np.abs(delta).max(axis=1)
 
 
-def _sparse_tables(values: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    lows, highs = [values], [values]
+def _sparse_tables(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Range-minimum/maximum tables: row ``l`` holds min/max of ``values[i : i + 2**l]``."""
+    n = len(values)
+    levels = max(int(n).bit_length(), 1)
+    lows = np.full((levels, n), np.inf)
+    highs = np.full((levels, n), -np.inf)
+    lows[0], highs[0] = values, values
     width = 1
-    while 2 * width <= len(values):
-        lows.append(np.minimum(lows[-1][:-width], lows[-1][width:]))
-        highs.append(np.maximum(highs[-1][:-width], highs[-1][width:]))
+    for lev in range(1, levels):
+        lows[lev, : n - width] = np.minimum(lows[lev - 1, : n - width], lows[lev - 1, width:])
+        highs[lev, : n - width] = np.maximum(highs[lev - 1, : n - width],
+                                             highs[lev - 1, width:])
         width *= 2
     return lows, highs
 
 
-def _range_min_max(tables: tuple[list[np.ndarray], list[np.ndarray]], lo: np.ndarray,
-                   hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _range_min_max(tables: tuple[np.ndarray, np.ndarray], lo: np.ndarray, hi: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Min and max of ``values[lo:hi]`` per query, and which queries were non-empty."""
     n = hi - lo
     nonempty = n > 0
     n = np.where(nonempty, n, 1)
     lo = np.where(nonempty, lo, 0)
     level = np.frexp(n)[1] - 1  # floor(log2 n)
-    vmin = np.empty(lo.shape)
-    vmax = np.empty(lo.shape)
+    b = lo + n - (1 << level)
     lows, highs = tables
-    for lev in np.unique(level):
-        sel = level == lev
-        a, b = lo[sel], lo[sel] + n[sel] - (1 << int(lev))
-        vmin[sel] = np.minimum(lows[lev][a], lows[lev][b])
-        vmax[sel] = np.maximum(highs[lev][a], highs[lev][b])
-    return vmin, vmax, nonempty
+    return (np.minimum(lows[level, lo], lows[level, b]),
+            np.maximum(highs[level, lo], highs[level, b]), nonempty)
 
 
 def _label_rays(slope_o: np.ndarray, slope_z: np.ndarray, bin_size: float
@@ -133,7 +134,7 @@ def _label_rays(slope_o: np.ndarray, slope_z: np.ndarray, bin_size: float
 
 def _rasterise(delta: np.ndarray, length: np.ndarray, source: np.ndarray,
                shape: tuple[int, int, int], major: int, sign: float) -> np.ndarray:
-    """Flat indices of the in-grid samples of rays sharing one major axis and direction."""
+    """``(3, n)`` indices of the in-grid samples of rays sharing one major axis and direction."""
     n_major = shape[major]
     k = (np.arange(n_major, dtype=np.float64) - source[major]) * sign
     k = np.broadcast_to(k, (len(length), n_major))
@@ -146,8 +147,7 @@ def _rasterise(delta: np.ndarray, length: np.ndarray, source: np.ndarray,
             c = np.rint(k * (delta[:, axis] / length)[:, None] + source[axis])
             valid &= (c >= 0) & (c < shape[axis])
         coords.append(c)
-    flat = [c[valid].astype(np.int64) for c in coords]
-    return (flat[0] * shape[1] + flat[1]) * shape[2] + flat[2]
+    return np.stack([c[valid] for c in coords]).astype(np.int32)
 
 
 class BeamMarks:
@@ -156,7 +156,7 @@ class BeamMarks:
     Attributes:
         intervals: ``(z_lo, z_hi)`` pairs of ``(Y, X)`` arrays, the inclusive marked z range per
             column (``z_lo > z_hi``: none), one pair per group of rays sharing a major axis.
-        points: flat indices of voxels marked sample by sample.
+        points: ``(3, n)`` indices ``(z, y, x)`` of voxels marked sample by sample.
     """
 
     def __init__(self, shape: tuple[int, int, int], surface: np.ndarray, source: np.ndarray):
@@ -164,12 +164,18 @@ class BeamMarks:
         z_n, y_n, x_n = shape
         self.intervals: list[tuple[np.ndarray, np.ndarray]] = []
         points = []
+        self.points = np.zeros((3, 0), dtype=np.int32)
         if len(surface) == 0:
-            self.points = np.zeros(0, dtype=np.int64)
             return
         delta, length = ray_ends(surface, source, shape)
-        keep = length > 0
-        delta, length = delta[keep], length[keep]
+        delta = delta[length > 0]
+        # rays with the same truncated end point are the same ray: keep one of each
+        key = delta - delta.min(axis=0)
+        span = key.max(axis=0) + 1
+        _, first = np.unique((key[:, 0] * span[1] + key[:, 1]) * span[2] + key[:, 2],
+                             return_index=True)
+        delta = delta[first]
+        length = np.abs(delta).max(axis=1)
         major = np.argmax(np.abs(delta) >= length[:, None], axis=1)
         sign = np.sign(delta[np.arange(len(length)), major])
         slope = delta / length[:, None]
@@ -196,7 +202,8 @@ class BeamMarks:
                     one = ~hard & (labels == label)
                     if one.any():
                         self._hull(s_o[one], s_z[one], source, ax, other, rows, kk)
-        self.points = np.concatenate(points) if points else np.zeros(0, dtype=np.int64)
+        if points:
+            self.points = np.concatenate(points, axis=1)
 
     def _hull(self, s_o: np.ndarray, s_z: np.ndarray, source: np.ndarray, ax: int, other: int,
               rows: np.ndarray, kk: np.ndarray) -> None:
@@ -230,16 +237,15 @@ class BeamMarks:
                 xs = np.nonzero(cols.any(axis=0))[0]
                 lo = np.minimum(lo, [z_lo.min(), ys[0], xs[0]])
                 hi = np.maximum(hi, [z_hi.max(), ys[-1], xs[-1]])
-        if len(self.points):
-            zyx = np.unravel_index(self.points, self.shape)
-            lo = np.minimum(lo, [c.min() for c in zyx])
-            hi = np.maximum(hi, [c.max() for c in zyx])
+        if self.points.shape[1]:
+            lo = np.minimum(lo, self.points.min(axis=1))
+            hi = np.maximum(hi, self.points.max(axis=1))
         if (hi < lo).any():
             return None
         return tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
 
     def render(self, box: tuple[slice, slice, slice]) -> np.ndarray:
-        """The marks inside ``box`` as a boolean block."""
+        """The marks as a boolean block over ``box``, which must contain :meth:`bounding_box`."""
         zs, ys, xs = box
         shape = (zs.stop - zs.start, ys.stop - ys.start, xs.stop - xs.start)
         block = np.zeros(shape, dtype=bool)
@@ -252,9 +258,9 @@ class BeamMarks:
             width = np.where(z_hi[ys, xs] >= lo, z_hi[ys, xs] - lo + 1, 0).astype(unsigned)
             np.subtract(z, lo.astype(unsigned)[None], out=tmp)
             block |= tmp < width[None]
-        if len(self.points):
-            zi, yi, xi = np.unravel_index(self.points, self.shape)
-            inside = ((zi >= zs.start) & (zi < zs.stop) & (yi >= ys.start) & (yi < ys.stop)
-                      & (xi >= xs.start) & (xi < xs.stop))
-            block[zi[inside] - zs.start, yi[inside] - ys.start, xi[inside] - xs.start] = True
+        if self.points.shape[1]:  # the box holds every point (see bounding_box)
+            p = self.points
+            flat = ((p[0] - zs.start) * shape[1] + (p[1] - ys.start)) * shape[2] + (
+                p[2] - xs.start)
+            block.reshape(-1)[flat] = True
         return block

@@ -14,10 +14,10 @@ Semantics follow the GDP-HMM challenge toolkit (notes/gdp-hmm-challenge.md §2.2
   pixels within ``width / 2`` of the segment (a capsule).
 
 Everything works in the grid's index space. Sources come from the beams' IEC angles and the
-patient position (:mod:`engine.features.beam_geometry`), then are snapped towards zero to
-integer voxel positions as the reference's ``int()`` does. Static beams use their gantry angle;
-an arc uses its control-point angles, thinned to at most one per ``arc_step_deg`` and weighted so
-the sum still counts every control point.
+patient position (:mod:`engine.features.beam_geometry`), then are truncated to integer voxel
+positions as the reference's ``int()`` does (:func:`source_index`). Static beams use their
+gantry angle; an arc uses its control-point angles, thinned to at most one per
+``arc_step_deg`` and weighted so the sum still counts every control point.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from engine.case import Geometry, Plan, Technique
-from engine.features.beam_geometry import source_direction_lps, source_positions_mm
+from engine.features.beam_geometry import source_direction_lps
 from engine.features.beam_rays import BeamMarks, surface_voxels
 
 ANGLE_PLATE_LENGTH = 50.0
@@ -35,11 +35,23 @@ ANGLE_PLATE_WIDTH = 4.0
 ANGLE_PLATE_HALF_SLICES = 5
 
 
-def snap_source(index: np.ndarray) -> np.ndarray:
-    """Truncate source indices towards zero (the reference's ``int()``), robust to round-off."""
-    index = np.asarray(index, dtype=np.float64)
+def _snap(index: np.ndarray) -> np.ndarray:
+    """Indices within 1e-6 of an integer become that integer (round-off from LPS transforms)."""
     nearest = np.rint(index)
-    return np.where(np.abs(index - nearest) < 1e-6, nearest, np.trunc(index))
+    return np.where(np.abs(index - nearest) < 1e-6, nearest, index)
+
+
+def source_index(geometry: Geometry, isocenter_index: np.ndarray, direction_lps: np.ndarray,
+                 sad_mm: float) -> np.ndarray:
+    """The source as voxel indices, computed as the reference does and truncated like ``int()``.
+
+    The reference adds ``SAD * direction / spacing`` to the integer isocentre and truncates;
+    doing the same arithmetic (rather than mapping the LPS source point) gives bit-identical
+    sources on axis-aligned grids.
+    """
+    along_axes = np.asarray(geometry.direction) @ np.asarray(direction_lps, dtype=np.float64)
+    offset = sad_mm * along_axes / np.asarray(geometry.spacing)
+    return np.trunc(_snap(np.asarray(isocenter_index, dtype=np.float64)) + offset)
 
 
 def _shift_bits(packed: np.ndarray, towards_lower: bool) -> np.ndarray:
@@ -102,7 +114,7 @@ def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index:
     Args:
         ptv: boolean target mask ``[z, y, x]``.
         isocenter_index: isocentre ``(z, y, x)`` in voxel indices.
-        sources_index: ``(n, 3)`` source positions in voxel indices (see :func:`snap_source`).
+        sources_index: ``(n, 3)`` source positions in voxel indices (see :func:`source_index`).
         weights: per-source multiplier of its plate (default 1 each).
     """
     shape = tuple(int(n) for n in ptv.shape)
@@ -193,17 +205,15 @@ def plan_plates(ptv: np.ndarray, geometry: Geometry, plan: Plan, arc_step_deg: f
     if not plan.beams:
         raise ValueError(f"plan {plan.name!r} has no beams: no beam plate can be drawn")
     angles = plan_angles(plan, arc_step_deg)
-    iso_mm = np.asarray(plan.isocenter_mm)
-    iso_index = geometry.lps_to_index(iso_mm)
+    iso_index = _snap(geometry.lps_to_index(np.asarray(plan.isocenter_mm)))
     sources = []
     directions = []
     for beam_index, angle, _ in angles:
         beam = plan.beams[beam_index]
-        src_mm = source_positions_mm(beam, plan.patient_position, (angle,))[0]
-        sources.append(snap_source(geometry.lps_to_index(src_mm)))
-        ray = geometry.lps_to_index(iso_mm + source_direction_lps(
-            angle, beam.couch_deg, plan.patient_position)) - iso_index
-        directions.append(ray[1:])
+        direction = source_direction_lps(angle, beam.couch_deg, plan.patient_position)
+        sources.append(source_index(geometry, iso_index, direction, beam.sad_mm))
+        directions.append((np.asarray(geometry.direction) @ direction)[1:]
+                          / np.asarray(geometry.spacing[1:]))
     weights = [w for _, _, w in angles]
     beam = beam_plate(ptv, iso_index, np.array(sources), weights)
     angle = angle_plate(ptv.shape, iso_index, np.array(directions))

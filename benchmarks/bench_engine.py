@@ -1,0 +1,78 @@
+"""Dose-engine latencies (DESIGN §9) on the demo patient at the full 97 x 128 x 160 model grid.
+
+Runs the same measurement as ``dosepilot bench`` (:func:`engine.commands.bench_cmd.measure`):
+preview after a beam-angle change with warm caches, full 10-step prediction, DVH + metrics, beam +
+angle plates, with the per-stage breakdown, and records the load average before and after.
+
+Until a trained default model ships, it measures a bundle of the shipping architecture with
+random weights (timing does not depend on the weights): DiT preset ``cpu-small``, VAE preset
+``cpu8``, tiny codec preset ``preview``. ``--model`` measures a real bundle instead.
+
+    python -m benchmarks.bench_engine                 # 10 runs, automatic thread count
+    python -m benchmarks.bench_engine --runs 12 --threads 1 2   # each count, same run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+SHIPPING = {"dit": "cpu-small", "vae": "cpu8", "tiny_codec": "preview"}
+
+
+def shipping_bundle(path: Path, seed: int = 0) -> Path:
+    """A dose-model bundle of the shipping architecture with random weights."""
+    from engine.dose_model import save_dose_model
+    from engine.features import Normalization
+    from engine.models.dit import DiffKT3D, preset
+    from engine.models.tiny_codec import TinyCodec, TinyCodecConfig
+    from engine.models.vae import VAEConfig, WanVAE
+
+    torch.manual_seed(seed)
+    return save_dose_model(
+        path, DiffKT3D(preset(SHIPPING["dit"])), WanVAE(VAEConfig.preset(SHIPPING["vae"])),
+        TinyCodec(TinyCodecConfig.preset(SHIPPING["tiny_codec"])),
+        normalisation=Normalization().to_dict(),
+        provenance={"note": "random weights of the shipping architecture, for timing only",
+                    "presets": SHIPPING})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.commands.bench_cmd import demo_patient, measure
+    from engine.io.dicom import load_dicom_case
+    from engine.runtime import DoseEngine
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_engine", description=__doc__)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--threads", type=int, nargs="*", default=[],
+                   help="thread counts to measure in turn (default: automatic)")
+    p.add_argument("--model", type=Path, help="a real bundle (default: shipping architecture, "
+                                              "random weights)")
+    args = p.parse_args(argv)
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or shipping_bundle(Path(tmp) / "bundle")
+        case = load_dicom_case(demo_patient())
+        for threads in args.threads or [None]:
+            load_before = os.getloadavg()
+            engine = DoseEngine.from_checkpoint(model, threads=threads)
+            report = measure(engine, case, runs=args.runs)
+            report["load_average_before"] = list(load_before)
+            reports.append(report)
+    header = {"model": str(args.model) if args.model else
+              f"random weights, presets {SHIPPING}",
+              "machine": f"{platform.processor() or platform.machine()}, "
+                         f"{os.cpu_count()} cores",
+              "torch": torch.__version__}
+    print(json.dumps({**header, "runs": reports}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""``dosepilot bench [--json] [--model CKPT] [--runs N] [--threads T]``: the engine's latencies.
+
+Measures, on the demo patient (``resources/demo``) with the default model (or ``--model``) at the
+full 97 x 128 x 160 model grid, the medians over ``--runs`` runs of:
+
+* ``preview_s``: a 1-step preview after a beam-angle change, caches warm (the condition latents
+  are cached; the changed plates are rebuilt and encoded through the tiny codec), DVH and
+  scorecard refresh included;
+* ``predict10_s``: a full 10-step prediction after a beam-angle change (plates through the VAE);
+* ``dvh_ms``: DVHs and metrics of every structure for one dose on the CT grid;
+* ``plates_ms``: beam and angle plates of the plan on the model grid.
+
+``breakdown`` holds the median seconds of each engine stage (features, encode, dit, decode,
+to_patient, dvh) for the preview and the prediction. ``--json`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.case import Case
+from engine.cli import UserError
+from engine.features import Slot, build_modalities, plan_plates
+from engine.metrics.dvh import all_metrics, prepare
+from engine.resources import resources_dir
+from engine.runtime import DoseEngine
+
+STAGES = ("features", "encode", "dit", "decode", "to_patient", "dvh", "total")
+ANGLE_STEP_DEG = 7.0  # each run moves beam 0 by this much, so the plates are never cached
+
+
+def demo_patient() -> Path:
+    return resources_dir() / "demo"
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _stage_medians(timings: list[dict[str, float]]) -> dict[str, float]:
+    return {k: _median([t.get(k, 0.0) for t in timings]) for k in STAGES}
+
+
+def measure(engine: DoseEngine, case: Case, runs: int = 10, steps: int = 10) -> dict[str, Any]:
+    """Median latencies of the engine on ``case`` (see the module docstring for the keys).
+
+    The first preview and prediction (condition encoding, allocator warm-up) are not counted.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    plan = case.plan
+    if plan is None or not plan.beams:
+        raise ValueError(f"case {case.name!r} has no plan with beams")
+    base = plan.beams[0].gantry_deg
+
+    def moved(i: int):
+        return plan.with_gantry(0, (base + ANGLE_STEP_DEG * (i + 1)) % 360.0)
+
+    engine.preview(case, plan)  # warm: condition latents, scorecard choice
+    engine.predict(case, plan, steps=1)  # warm the full-VAE plate path
+    previews, predictions = [], []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        result = engine.preview(case, moved(i))
+        previews.append({**result.timings_s, "wall": time.perf_counter() - t0})
+    for i in range(runs):
+        t0 = time.perf_counter()
+        result = engine.predict(case, moved(runs + i), steps=steps)
+        predictions.append({**result.timings_s, "wall": time.perf_counter() - t0})
+
+    inputs = build_modalities(case, plan, engine.normalization)
+    ptv = inputs[Slot.PTV] > -1.0
+    structures = prepare(case.structures, case.geometry)
+    dose = result.dose.array
+    dvh_s, plate_s = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        all_metrics(dose, structures, case.geometry)
+        dvh_s.append(time.perf_counter() - t0)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        plan_plates(ptv, inputs.transform.model, moved(i))
+        plate_s.append(time.perf_counter() - t0)
+
+    return {
+        "preview_s": _median([p["wall"] for p in previews]),
+        "predict10_s": _median([p["wall"] for p in predictions]),
+        "dvh_ms": 1000.0 * _median(dvh_s),
+        "plates_ms": 1000.0 * _median(plate_s),
+        "device": str(engine.device),
+        "threads": engine.threads,
+        "runs": runs,
+        "steps": steps,
+        "structures": len(case.structures),
+        "beams": len(plan.beams),
+        "breakdown": {"preview": _stage_medians(previews),
+                      "predict10": _stage_medians(predictions)},
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _text(r: dict[str, Any]) -> str:
+    lines = [f"device {r['device']}, {r['threads']} thread(s), median of {r['runs']} run(s); "
+             f"{r['structures']} structures, {r['beams']} beams",
+             f"preview after a beam-angle change  {r['preview_s']:8.3f} s",
+             f"{r['steps']}-step prediction{'':17}{r['predict10_s']:8.3f} s",
+             f"DVH + metrics{'':22}{r['dvh_ms']:8.1f} ms",
+             f"beam + angle plates{'':16}{r['plates_ms']:8.1f} ms",
+             "breakdown (s):   " + "  ".join(f"{k:>10}" for k in STAGES)]
+    for kind, stages in r["breakdown"].items():
+        lines.append(f"  {kind:<14}" + "  ".join(f"{stages[k]:10.3f}" for k in STAGES))
+    if r["load_average"]:
+        lines.append("load average " + ", ".join(f"{v:.2f}" for v in r["load_average"]))
+    return "\n".join(lines)
+
+
+def load_engine(model: Path | None, threads: int | None, device: str | None = None
+                ) -> DoseEngine:
+    """The engine for ``model`` (default: the shipped one), with a clear error when missing."""
+    from engine.models.checkpoint import CheckpointError
+    from engine.runtime import default_model_path
+
+    path = model if model is not None else default_model_path()
+    if model is None and not (path / "bundle.json").is_file():
+        raise UserError(f"no default model is installed (expected a model bundle in {path}); "
+                        "pass one with --model PATH (a folder written by the trainer)")
+    if not path.exists():
+        raise UserError(f"{path}: no such model bundle")
+    try:
+        return DoseEngine.from_checkpoint(path, device=device, threads=threads)
+    except (CheckpointError, OSError, ValueError) as exc:
+        raise UserError(f"cannot load the model {path}: {exc}") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.io.dicom import DicomImportError, load_dicom_case
+
+    if args.runs < 1:
+        raise UserError(f"--runs must be >= 1, got {args.runs}")
+    engine = load_engine(args.model, args.threads)
+    try:
+        case = load_dicom_case(args.patient or demo_patient())
+    except DicomImportError as exc:
+        raise UserError(str(exc)) from exc
+    if case.plan is None or not case.plan.beams:
+        raise UserError(f"{case.name}: the patient has no plan with beams to benchmark")
+    report = measure(engine, case, runs=args.runs)
+    report["model"] = str(engine.model.path)
+    report["patient"] = case.name
+    print(json.dumps(report, indent=2) if args.json else _text(report))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench", help="measure preview, prediction, DVH and plate latencies on this machine",
+        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--model", type=Path, help="model bundle folder (default: the shipped model)")
+    p.add_argument("--runs", type=int, default=10, help="runs per measurement (default 10)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads (default: the cores other processes leave free)")
+    p.add_argument("--patient", type=Path,
+                   help="DICOM patient folder (default: the demo patient)")
+    p.set_defaults(func=run)
