@@ -279,7 +279,9 @@ class TrainingPanel(QtWidgets.QWidget):
         self._set_status(message)
         self.start_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
-        self.use_button.setEnabled(status == "completed" and bool(self.exported_model))
+        # a dose-model bundle is a folder (a VAE or codec stage exports a single file)
+        self.use_button.setEnabled(status == "completed" and bool(self.exported_model)
+                                   and Path(self.exported_model).is_dir())
         self.finished.emit(status)
 
     def _set_status(self, text: str) -> None:

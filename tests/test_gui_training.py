@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import tomllib
 
@@ -31,6 +32,17 @@ def has_train_command() -> bool:
 
 needs_trainer = pytest.mark.skipif(not has_train_command(),
                                    reason="the `dosepilot train` command is not installed here")
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(openkbp_dir, tmp_path_factory):
+    """Three training and one validation OpenKBP case (links to the shared data)."""
+    root = tmp_path_factory.mktemp("training-data")
+    for split, count in (("train", 3), ("validation", 1)):
+        (root / split).mkdir()
+        for src in sorted((openkbp_dir / split).glob("pt_*.npz"))[:count]:
+            (root / split / src.name).symlink_to(src)
+    return root
 
 
 def test_command_is_the_cli_train_command_with_a_derived_preset(tmp_path):
@@ -104,3 +116,38 @@ def test_the_form_refuses_a_missing_dataset_folder(panel, tmp_path):
     panel.data_edit.setText(str(tmp_path / "missing"))
     panel.start_button.click()
     assert not panel.running and "existing dataset folder" in panel.status_label.text()
+
+
+@needs_display
+@needs_trainer
+def test_a_tiny_real_training_run_completes_with_its_loss_curve(panel, qtbot, tiny_dataset):
+    panel.preset_combo.setCurrentText("test-tiny")
+    assert panel.steps_spin.value() == 4, "the preset's values are shown in the form"
+    panel.data_edit.setText(str(tiny_dataset))
+    panel.stage_combo.setCurrentText("vae")
+    with qtbot.waitSignal(panel.finished, timeout=240_000) as blocker:
+        panel.start_button.click()
+    assert blocker.args == ["completed"], panel.status_label.text()
+    steps, losses = panel.loss_curve.getData()
+    assert list(steps) == [1, 2, 3, 4] and all(np.isfinite(losses))
+    assert panel.progress.value() == panel.progress.maximum() == 4
+    assert panel.exported_model.endswith("vae.safetensors")
+    assert not panel.use_button.isEnabled(), "a VAE is not a dose model"
+    assert "Training completed" in panel.status_label.text()
+
+
+@needs_display
+@needs_trainer
+def test_cancelling_a_run_ends_its_process(panel, qtbot, tiny_dataset, tmp_path):
+    request = TrainRequest("vae", tiny_dataset, tmp_path / "runs" / "long", preset="test-tiny",
+                           overrides={"run.max_steps": 100_000, "run.eval_every": 100_000,
+                                      "run.checkpoint_every": 100_000})
+    panel.start(request)
+    pid = panel.process.processId()
+    qtbot.waitUntil(lambda: any(e.get("type") == "train" for e in panel.events), timeout=240_000)
+    assert panel.running
+    with qtbot.waitSignal(panel.finished, timeout=30_000) as blocker:
+        panel.cancel_button.click()
+    assert blocker.args == ["cancelled"] and not panel.running
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the training process is gone
