@@ -244,8 +244,10 @@ class MainWindow(QtWidgets.QMainWindow):
             self.progress_bar.setFormat("Predicting %v/%m")
             self.progress_bar.setVisible(True)
         elif kind == "preview":
-            self.progress_bar.setRange(0, 0)
-            self.progress_bar.setFormat("Preview")
+            # a fixed bar: the indeterminate animation would repaint the window all the time
+            self.progress_bar.setRange(0, 1)
+            self.progress_bar.setValue(0)
+            self.progress_bar.setFormat("Preview …")
             self.progress_bar.setVisible(True)
         else:
             self.progress_bar.setVisible(False)
@@ -257,7 +259,7 @@ class MainWindow(QtWidgets.QMainWindow):
     def _on_result(self, result: Any) -> None:
         if result is None:
             return
-        seconds = sum(result.timings_s.values())
+        seconds = result.timings_s.get("total", sum(result.timings_s.values()))
         self.statusBar().showMessage(f"{result.kind.capitalize()} ready in {seconds:.2f} s")
 
     # ---- patients -----------------------------------------------------------------------------
