@@ -210,10 +210,8 @@ class TrainingPanel(QtWidgets.QWidget):
         self._cancelling = True
         self._set_status("Cancelling …")
         self.process.terminate()
-        process = self.process
-        QtCore.QTimer.singleShot(TERMINATE_GRACE_MS, lambda: (
-            process.kill() if process.state() != QtCore.QProcess.ProcessState.NotRunning
-            else None))
+        # the process object is the timer's context: no kill once it is gone
+        QtCore.QTimer.singleShot(TERMINATE_GRACE_MS, self.process, self.process.kill)
 
     # ---- following ----------------------------------------------------------------------------
     def poll(self) -> None:
