@@ -15,7 +15,7 @@ from engine.case import Beam, Case, Geometry, Plan, Role, Structure, Technique, 
 from engine.cli import main
 from engine.io.dicom import load_dicom_case
 from engine.io.openkbp import load_openkbp_npz
-from engine.physics import PhysicsSettings, compute_physics_dose, physics_beam_plan
+from engine.physics import PhysicsSettings, compute_physics_dose
 from tests.test_physics_dataset import make_openkbp_case
 
 SPACING = 2.0
@@ -34,8 +34,7 @@ def lateral_field(physics_env):
     case = Case("water", Volume(ct, g), (Structure("PTV", Role.TARGET, target, 2.0),
                                          Structure("Water", Role.EXTERNAL, ct > -500.0)))
     settings = PhysicsSettings(dose_grid_mm=SPACING, optimize=False, target_margin_mm=0.0)
-    result = compute_physics_dose(case, physics_beam_plan([90.0], (0.0, 0.0, 0.0), 2.0),
-                                  settings)
+    result = compute_physics_dose(case, Plan((Beam("B", 90.0, (0.0, 0.0, 0.0)),)), settings)
     return case, result, (x[10, 20], y[10, :, 55])
 
 
