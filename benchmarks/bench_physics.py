@@ -6,7 +6,9 @@ For the first N OpenKBP cases (natural order) it computes the physics dose of th
 beam arrangement (nine fields at 0, 40, ..., 320 degrees) and compares it with the shipped
 clinical dose inside the body (OpenKBP's possible-dose mask): MAE, PTV D95 and OAR mean-dose
 differences (physics - clinical). On the first case it also times a random 7-beam plan and a
-random arc plan, as ``physics generate`` makes them. Prints one JSON document. Needs the
+random arc plan, as ``physics generate`` makes them. Wall time and the engine's CPU time (user +
+system of the subprocess; less sensitive to other jobs on a shared machine) are reported.
+Prints one JSON line per plan, then a summary. Needs the
 physics environment (``make physics-env``).
 """
 
@@ -17,6 +19,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from engine import physics_dataset as pd
-from engine.case import Technique
 from engine.io.openkbp import load_openkbp_npz
 from engine.physics import PhysicsSettings, compute_physics_dose, dose_comparison
 
@@ -32,13 +34,18 @@ DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared/data/open
 
 
 def _timed(case, plan, settings):
+    """(result, wall s, CPU s of the engine subprocess: user + system)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     result = compute_physics_dose(case, plan, settings)
-    return result, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return result, wall, cpu
 
 
-def _row(case, result, seconds: float) -> dict:
-    out = {"case": case.name, "wall_s": round(seconds, 1),
+def _row(case, result, seconds: float, cpu_s: float) -> dict:
+    out = {"case": case.name, "wall_s": round(seconds, 1), "cpu_s": round(cpu_s, 1),
            "engine_s": {k: round(v, 1) for k, v in result.info["timings_s"].items()},
            "beams": len(result.delivery_gantry_deg), "bixels": result.info["num_bixels"],
            "normalization": round(result.normalization, 3)}
@@ -58,28 +65,27 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     p.add_argument("--cases", type=int, default=3)
-    p.add_argument("--no-random", action="store_true", help="skip the random plans")
+    p.add_argument("--random", choices=("none", "static", "both"), default="both",
+                   help="random plans to time on the first case: none, a 7-beam static plan, "
+                        "or that and an arc plan (default)")
     args = p.parse_args(argv)
     settings = PhysicsSettings()
     cases = pd.list_cases(args.dataset)[:args.cases]
     rows = []
     for path in cases:
         case = load_openkbp_npz(path)
-        result, seconds = _timed(case, case.plan, settings)
-        rows.append(_row(case, result, seconds))
+        rows.append(_row(case, *_timed(case, case.plan, settings)))
         print(json.dumps(rows[-1]), flush=True)
     random_rows = []
-    if not args.no_random and cases:
-        case = load_openkbp_npz(cases[0])
+    first = pd.list_cases(args.dataset)[:1]
+    if args.random != "none" and first:
+        case = load_openkbp_npz(first[0])
         rng = np.random.default_rng(0)
-        while len(random_rows) < 2:
-            want_arc = len(random_rows) == 1
+        for want_arc in (False, True)[:2 if args.random == "both" else 1]:
             arrangement = pd.random_arrangement(rng, (7, 7), 1.0 if want_arc else 0.0)
-            assert (arrangement.techniques[0] is Technique.ARC) == want_arc
             plan = dataclasses.replace(case.plan,
                                        beams=arrangement.beams(case.plan.isocenter_mm))
-            result, seconds = _timed(case, plan, settings)
-            row = _row(case, result, seconds)
+            row = _row(case, *_timed(case, plan, settings))
             row["arrangement"] = "arc" if want_arc else "7 random static beams"
             random_rows.append(row)
             print(json.dumps(row), flush=True)
@@ -90,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "clinical_angles": rows,
         "random_plans": random_rows,
         "median_wall_s_clinical": statistics.median(r["wall_s"] for r in rows) if rows else None,
+        "median_cpu_s_clinical": statistics.median(r["cpu_s"] for r in rows) if rows else None,
         "mean_mae_gy": statistics.mean(r["vs_clinical"]["mae_gy"] for r in rows) if rows
         else None,
     }

@@ -112,7 +112,7 @@ def test_generate_and_resume(physics_env, tmp_path, capsys):
     assert manifest["settings"]["physics"]["max_iter"] == 40
 
     mtime = (out / "pt_1_plan0.npz").stat().st_mtime_ns
-    assert main(argv) == 0  # resumes: computes only the missing plan
+    assert main(argv + ["--workers", "2"]) == 0  # resumes: computes only the missing plan
     assert (out / "pt_1_plan0.npz").stat().st_mtime_ns == mtime
     assert json.loads((out / "manifest.json").read_text())["plans_written"] == 2
     assert "1 of 2 plans present" in capsys.readouterr().err
