@@ -72,7 +72,7 @@ def dicom_run(dicom_patient, tiny_dose_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("pred") / "out"
     before = {p: p.read_bytes() for p in dicom_patient.rglob("*") if p.is_file()}
     code = main(["predict", str(dicom_patient), "--model", str(tiny_dose_bundle), "--out",
-                 str(out), "--steps", "2", "--json"])
+                 str(out), "--steps", "2", "--threads", "1", "--json"])
     after = {p: p.read_bytes() for p in dicom_patient.rglob("*") if p.is_file()}
     assert before == after  # the user's files are never modified
     return code, out / dicom_patient.name
@@ -81,7 +81,7 @@ def dicom_run(dicom_patient, tiny_dose_bundle, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dicom_result(dicom_patient, tiny_dose_bundle):
     """The same prediction straight from the engine."""
-    engine = DoseEngine.from_checkpoint(tiny_dose_bundle, threads=2)
+    engine = DoseEngine.from_checkpoint(tiny_dose_bundle, threads=1)  # as the CLI run
     case = load_dicom_case(dicom_patient)
     return case, engine.predict(case, steps=2, seeds=(0,))
 
