@@ -89,8 +89,11 @@ def _single_case(path: Path) -> CaseInput | None:
         return CaseInput(path, "openkbp")
     if any(p.is_file() and _is_dicom_file(p) for p in path.iterdir()):
         return CaseInput(path, "dicom")
+    if any(p.suffix.lower() in DATASET_SUFFIXES or (p / "ct.csv").is_file()
+           for p in path.iterdir()):
+        return None  # a folder of dataset cases
     subfolders = [p for p in path.iterdir() if p.is_dir() and _has_dicom(p)]
-    if subfolders and len({_patient_key(p) for p in subfolders}) == 1:
+    if len(subfolders) > 1 and len({_patient_key(p) for p in subfolders}) == 1:
         return CaseInput(path, "dicom")  # one patient's series in sub-folders
     return None
 
