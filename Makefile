@@ -6,7 +6,7 @@ XVFB := $(if $(DISPLAY),,xvfb-run -a -s "-screen 0 1280x1024x24")
 export QT_API := pyside6
 export VTK_DEFAULT_OPENGL_WINDOW := vtkEGLRenderWindow
 
-.PHONY: setup system run test lint bench
+.PHONY: setup system run test lint bench physics-env
 
 system:
 	bash installer/install-system-packages.sh
@@ -33,3 +33,7 @@ lint: $(VENV)/.installed
 
 bench: setup
 	$(PY) -m benchmarks.run_all
+
+# the isolated pyRadPlan environment for `dosepilot physics` (no prerequisites; ~1 GB, < 1 min)
+physics-env:
+	bash installer/physics-env.sh

@@ -15,6 +15,12 @@ import sys
 
 COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.inspect_cmd",
+    "engine.commands.convert_cmd",
+    "engine.commands.dvh_cmd",
+    "engine.commands.evaluate_cmd",
+    "trainer.cli",
+    "planner_gui.cli",
+    "engine.commands.physics_cmd",
     "engine.commands.predict_cmd",
     "engine.commands.bench_cmd",
 )

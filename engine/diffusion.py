@@ -21,6 +21,7 @@ They are deterministic given the initial noise (make it with :func:`initial_nois
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -225,7 +226,9 @@ def sample(
     preview: ``x0 = noise - v(noise, 1)``. Solvers: ``"euler"`` (first order, one model call per
     step) and ``"dpm++2m"`` (DPM-Solver++ 2M in flow form: second order, also one call per step;
     its last step is first order, as usual for few-step sampling).
-    ``sigmas`` (decreasing, ending at 0) replaces Wan's schedule; ``steps`` is then ignored.
+    ``sigmas`` (decreasing, ending at 0) replaces Wan's schedule; ``steps`` is then ignored. An
+    epsilon-prediction model determines no velocity at s = 1 (``v = (e - x_s) / (1 - s)``): sample
+    it from just below 1, e.g. ``sigmas=sampling_sigmas(10).clamp(max=0.999)``.
     Raises :class:`SamplingCancelled` when ``should_cancel()`` is True before a step.
     """
     if solver not in SOLVERS:
@@ -234,8 +237,9 @@ def sample(
         sigmas = sampling_sigmas(steps, shift)
     sigmas = sigmas.double().tolist()
     steps = len(sigmas) - 1
-    if steps < 1 or sigmas[-1] != 0.0 or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
-        raise ValueError(f"sigmas must decrease strictly to 0 over >= 1 step, got {sigmas}")
+    if (steps < 1 or not 0.0 < sigmas[0] <= 1.0 or sigmas[-1] != 0.0
+            or any(a <= b for a, b in zip(sigmas, sigmas[1:]))):
+        raise ValueError(f"sigmas must decrease strictly from <= 1 to 0 (>= 1 step), got {sigmas}")
     x = noise
     previous_x0: Tensor | None = None
     previous_h: float | None = None
@@ -256,7 +260,7 @@ def sample(
 
 def _lambda(s: float) -> float:
     """Half log-SNR of the flow path: log(alpha / sigma) with alpha = 1 - s, sigma = s."""
-    return float(torch.log(torch.tensor((1 - s) / s, dtype=torch.float64)))
+    return math.log((1 - s) / s)
 
 
 def _dpmpp_2m_step(
@@ -275,7 +279,7 @@ def _dpmpp_2m_step(
     if s >= 1.0:
         return (1 - s_next) * x0 + s_next * x, x0, float("inf")
     h = _lambda(s_next) - _lambda(s)
-    expm1 = float(torch.expm1(torch.tensor(-h, dtype=torch.float64)))  # e^{-h} - 1
+    expm1 = math.expm1(-h)  # e^{-h} - 1
     if previous_x0 is None or previous_h is None or previous_h == float("inf"):
         d = x0
     else:

@@ -35,6 +35,55 @@ def phantom_dicom(tmp_path_factory):
     return write_phantom(tmp_path_factory.mktemp("phantom"), PhantomSpec(with_dose=True))
 
 
+# ---- GUI (planner_gui) --------------------------------------------------------------------
+# One qasync loop for the whole session, marked running only while a test that asks for it
+# runs, so asyncio tasks advance whenever qtbot spins Qt and other tests can still use
+# asyncio.run(). Never stop() it: that calls QApplication.exit() and later loops' timers never
+# fire (notes/qt-vtk-headless.md §3.3).
+@pytest.fixture(scope="session")
+def _qasync_loop(qapp):
+    import asyncio
+
+    import pyvista as pv
+    import qasync
+
+    pv.OFF_SCREEN = True
+    pv.global_theme.multi_samples = 0
+    loop = qasync.QEventLoop(qapp, already_running=True)
+    loop._QEventLoop__is_running = False
+    asyncio.events._set_running_loop(None)
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def aloop(_qasync_loop):
+    import asyncio
+
+    from PySide6.QtWidgets import QApplication
+
+    loop = _qasync_loop
+    loop._QEventLoop__is_running = True
+    asyncio.events._set_running_loop(loop)
+    asyncio.set_event_loop(loop)
+    yield loop
+    for task in [t for t in asyncio.all_tasks(loop) if not t.done()]:
+        task.cancel()
+    for _ in range(3):
+        QApplication.processEvents()
+    loop._QEventLoop__is_running = False
+    asyncio.events._set_running_loop(None)
+    asyncio.set_event_loop(None)
+
+
+@pytest.fixture
+def gui_settings(tmp_path):
+    """Window settings (recent patients) in a temporary INI file, not the user's."""
+    from PySide6 import QtCore
+
+    return QtCore.QSettings(str(tmp_path / "dosepilot.ini"), QtCore.QSettings.Format.IniFormat)
+
+
 @pytest.fixture(scope="session")
 def tiny_dose_bundle(tmp_path_factory) -> Path:
     """A small real DiffKT3D dose-model bundle (DiT + VAE + tiny codec) with random weights.
@@ -61,3 +110,14 @@ def tiny_dose_bundle(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("dose_model") / "bundle"
     return save_dose_model(path, dit, vae, codec, normalisation=Normalization().to_dict(),
                            provenance={"note": "random weights, for tests"})
+
+
+@pytest.fixture(scope="session")
+def physics_env() -> Path:
+    """The isolated pyRadPlan interpreter; tests that need it skip, saying how to install it."""
+    from engine.physics import PhysicsUnavailableError, physics_python
+
+    try:
+        return physics_python()
+    except PhysicsUnavailableError as exc:
+        pytest.skip(str(exc))

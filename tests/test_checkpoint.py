@@ -15,6 +15,7 @@ from engine.models.checkpoint import (
     BUNDLE_JSON,
     CheckpointError,
     Component,
+    build_component,
     load_bundle,
     pth_to_safetensors,
     read_bundle_config,
@@ -31,7 +32,7 @@ def _codec(config: dict) -> nn.Module:
     return nn.Conv3d(1, config["channels"], kernel_size=3)
 
 
-ARCHS = {"DiffKT3D": "engine.models.dit:build", "Codec": _codec}
+ARCHS = {"DiffKT3D": "engine.models.dit:DiffKT3D:DiTConfig", "Codec": _codec}
 NORMALISATION = {"ct": {"clip": [-1000, 1000]}, "dose": {"scale_gy": 80.0}}
 PROVENANCE = {"data": "openkbp", "stages": ["A", "B"], "steps": 1200, "commit": "abc123"}
 
@@ -66,8 +67,11 @@ def test_round_trip_restores_configs_and_weights(tmp_path):
     for name, comp in original.items():
         assert set(states[name]) == set(comp.state_dict)
         assert all(torch.equal(states[name][k], v) for k, v in comp.state_dict.items())
-    model = DiffKT3D(DiTConfig.from_dict(config["components"]["dit"]["config"]))
-    model.load_state_dict(states["dit"], strict=True)
+    model = build_component(config, states, "dit", ARCHS)
+    assert isinstance(model, DiffKT3D) and model.config == CONFIG
+    assert torch.equal(model.time_proj.weight, original["dit"].state_dict["time_proj.weight"])
+    with pytest.raises(CheckpointError, match="no component 'vae'.*\\['dit', 'tiny_codec'\\]"):
+        build_component(config, states, "vae", ARCHS)
     assert sorted(p.name for p in path.iterdir()) == [BUNDLE_JSON, "dit.safetensors",
                                                       "tiny_codec.safetensors"]
 
@@ -78,6 +82,34 @@ def test_default_registry_knows_the_dit(tmp_path):
     path = save_bundle(tmp_path / "m", {"dit": comp}, normalisation={})
     config, states = load_bundle(path)
     assert config["provenance"] == {} and "dit" in states
+
+
+def test_dit_vae_and_tiny_codec_travel_together_in_one_bundle(tmp_path):
+    from engine.features.normalization import Normalization
+    from engine.models.tiny_codec import TinyCodec, TinyCodecConfig
+    from engine.models.vae import VAEConfig, WanVAE
+
+    torch.manual_seed(0)
+    vae_config = VAEConfig.preset("cpu8").with_latent_stats([0.5] * 16, [2.0] * 16)
+    codec_config = TinyCodecConfig(hidden=8, mid=4, encoder_blocks=1, decoder_blocks=1)
+    models = {
+        "dit": (DiffKT3D(CONFIG), CONFIG),
+        "vae": (WanVAE(vae_config), vae_config),
+        "tiny_codec": (TinyCodec(codec_config), codec_config),
+    }
+    comps = {name: Component(type(m).__name__, cfg.to_dict(), m.state_dict())
+             for name, (m, cfg) in models.items()}
+    path = save_bundle(tmp_path / "m", comps, normalisation=Normalization().to_dict(),
+                       provenance=PROVENANCE)
+    config, states = load_bundle(path)
+    assert Normalization.from_dict(config["normalisation"]) == Normalization()
+    assert VAEConfig.from_dict(config["components"]["vae"]["config"]) == vae_config
+    assert TinyCodecConfig.from_dict(config["components"]["tiny_codec"]["config"]) == codec_config
+    for name, (model, _) in models.items():
+        assert all(torch.equal(states[name][k], v) for k, v in model.state_dict().items())
+    _edit_json(path, lambda d: d["components"]["vae"]["config"].update(base_dim=12))
+    with pytest.raises(CheckpointError, match="component 'vae' \\(WanVAE\\) vs its config"):
+        load_bundle(path)
 
 
 def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path):
@@ -95,6 +127,18 @@ def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_never_replaces_something_that_is_not_a_bundle(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    (tmp_path / "file.bin").write_bytes(b"keep me too")
+    for target in ("notes", "file.bin"):
+        with pytest.raises(CheckpointError, match="is not a model bundle; refusing"):
+            _save(tmp_path / target)
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+    assert (tmp_path / "file.bin").read_bytes() == b"keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin", "notes"]
+
+
 def test_failure_while_writing_keeps_the_old_bundle(tmp_path, monkeypatch):
     path = _save(tmp_path / "model")
     before = _digest(path)
@@ -108,6 +152,24 @@ def test_failure_while_writing_keeps_the_old_bundle(tmp_path, monkeypatch):
         _save(tmp_path / "model", seed=1)
     assert _digest(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_failure_while_swapping_puts_the_old_bundle_back(tmp_path, monkeypatch):
+    path = _save(tmp_path / "model")
+    before = _digest(path)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("rename failed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        _save(tmp_path / "model", seed=1)
+    assert _digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o755)
 
 
 def test_save_refuses_weights_that_do_not_match_the_config(tmp_path):

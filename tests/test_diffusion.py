@@ -112,6 +112,20 @@ def test_callback_reports_each_step_and_cancel_stops_between_steps():
     assert flow.calls == 2
 
 
+def test_epsilon_and_x0_models_sample_through_the_conversions():
+    """Exact epsilon/x0 predictors, converted to velocities, follow the same flow."""
+    flow, noise = GaussianFlow(), _noise()
+    reference = fm.sample(flow.velocity, noise, steps=40)
+    sigmas = fm.sampling_sigmas(40).clamp(max=0.999)
+    for prediction in ("epsilon", "x0"):
+        def velocity(x, s, p=prediction):
+            predicted = fm.convert(flow.velocity(x, s), x, s, "v", p)  # what the model outputs
+            return fm.to_velocity(predicted, x, s, p)
+
+        out = fm.sample(velocity, noise, sigmas=sigmas)
+        assert (out - reference).abs().max() < 0.02
+
+
 def test_sampler_uses_the_velocity_it_is_given():
     """A constant velocity field moves the sample by exactly -v over s: 1 -> 0."""
     v = torch.full((2, 3), 0.5, dtype=torch.float64)
@@ -234,8 +248,9 @@ def test_bad_names_and_shapes_are_rejected():
         fm.sample(GaussianFlow().velocity, _noise(), solver="heun")
     with pytest.raises(ValueError, match="shape"):
         fm.add_noise(x0, noise, torch.ones(3))
-    with pytest.raises(ValueError, match="decrease strictly to 0"):
-        fm.sample(GaussianFlow().velocity, _noise(), sigmas=torch.tensor([1.0, 0.5]))
+    for bad in ([1.0, 0.5], [1.5, 0.5, 0.0], [1.0, 1.0, 0.0], [0.0]):
+        with pytest.raises(ValueError, match="decrease strictly from <= 1 to 0"):
+            fm.sample(GaussianFlow().velocity, _noise(), sigmas=torch.tensor(bad))
 
 
 def test_diffusion_module_never_imports_models():

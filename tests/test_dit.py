@@ -9,6 +9,7 @@ import torch
 
 from engine import diffusion
 from engine.models.dit import (
+    LORA_TARGETS,
     PRESETS,
     DiffKT3D,
     DiTConfig,
@@ -61,6 +62,17 @@ def test_config_json_round_trip_and_presets():
         DiTConfig(dim=32, num_heads=2, rope_slot_dim=10)
     with pytest.raises(ValueError, match="unknown DiTConfig fields: \\['depth'\\]"):
         DiTConfig.from_dict({"depth": 3})
+
+
+def test_wan_preset_has_wan_1_3b_sizes_minus_text_and_cross_attention():
+    """notes/diffusion-stack.md §2: 1,126,858,816 parameters without cross-attention and text;
+    36,991,232 per block. DiffKT3D adds 6 more patch embeddings and heads and the roles."""
+    with torch.device("meta"):
+        model = DiffKT3D(preset("wan2.1-1.3b"))
+    patch_embed, head = 1536 * 16 * 1 * 2 * 2 + 1536, 64 * 1536 + 64
+    expected = 1_126_858_816 + 6 * (patch_embed + head) + 2 * 1536
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert sum(p.numel() for p in model.blocks[0].parameters()) == 36_991_232
 
 
 def test_cpu_small_sequence_length_on_the_full_latent_grid():
@@ -147,6 +159,12 @@ def test_bad_inputs_are_rejected(model):
         model(x, torch.ones(3), _mask(2, 4))
     with pytest.raises(ValueError, match="target_mask must be a bool"):
         model(x, torch.ones(2), _mask(2, 4).float())
+    with pytest.raises(ValueError, match="t must be a tensor"):
+        model(x, 0.5, _mask(2, 4))
+    with pytest.raises(ValueError, match="x must be a .* tensor, got list"):
+        model([x], torch.ones(2), _mask(2, 4))
+    with pytest.raises(ValueError, match="present must be a bool tensor"):
+        model(x, torch.ones(2), _mask(2, 4), [True] * 7)
 
 
 def test_rope_same_slot_is_wan_3d_and_slots_differ_by_a_phase():
@@ -229,3 +247,18 @@ def test_any2any_velocity_converts_other_parameterisations(model, prediction):
         v = any2any_velocity(model, clean, mask, prediction=prediction)(x_s, s)
     expected = diffusion.to_velocity(raw, x_s, s, prediction)
     assert torch.allclose(v[:, 4], expected[:, 4])
+
+
+def test_lora_targets_wrap_attention_and_ffn_and_start_as_identity():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = DiffKT3D(TINY).eval()
+    x, mask, t = _x(), _mask(2, 4), torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        expected = base(x, t, mask)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=4,
+                                                     target_modules=list(LORA_TARGETS)))
+    wrapped = {n for n, _ in lora.named_modules() if n.endswith("lora_A")}
+    assert len(wrapped) == len(LORA_TARGETS) * TINY.num_layers
+    with torch.no_grad():
+        assert torch.equal(lora(x, t, mask), expected)

@@ -169,6 +169,26 @@ def test_whole_model_equals_wan_without_cross_attention_at_start(pair):
             assert (out[:, slot] - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def test_sharded_diffusers_folder_and_bf16_weights_load(checkpoints, tmp_path):
+    import json
+
+    _, sd, _ = checkpoints
+    folder = tmp_path / "Wan2.1-T2V-1.3B-Diffusers" / "transformer"
+    folder.mkdir(parents=True)
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2],
+              "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: sd[k].to(torch.bfloat16) for k in part}, str(folder / name))
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    model = _ours()
+    load_wan_weights(model, folder.parent)
+    got = model.state_dict()["blocks.0.attn.to_q.weight"]
+    assert got.dtype == torch.float32
+    assert torch.equal(got, sd["blocks.0.attn1.to_q.weight"].to(torch.bfloat16).float())
+
+
 def test_mismatched_or_foreign_checkpoints_fail_clearly(checkpoints, tmp_path):
     folder, sd, _ = checkpoints
     small = DiffKT3D(DiTConfig(dim=32, num_layers=1, num_heads=2, ffn_dim=64, in_channels=4))

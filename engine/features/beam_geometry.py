@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from engine.case import Beam, PatientPosition
+from engine.case import PatientPosition
 
 _AXES: dict[PatientPosition, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     PatientPosition.HFS: ((0, 0, 1), (0, -1, 0)),
@@ -50,18 +50,13 @@ def iec_axes_lps(position: PatientPosition | str) -> np.ndarray:
 
 def source_direction_lps(gantry_deg: float, couch_deg: float = 0.0,
                          position: PatientPosition | str = PatientPosition.HFS) -> np.ndarray:
-    """Unit LPS vector from the isocentre towards the source."""
-    g, c = math.radians(gantry_deg), math.radians(couch_deg)
-    fixed = np.array([math.sin(g), 0.0, math.cos(g)])
+    """Unit LPS vector from the isocentre towards the source.
+
+    Computed, like the GDP-HMM toolkit, from ``theta = gantry - 90``: (sin g, cos g) =
+    (cos theta, -sin theta), so source voxels truncate to the same integers as the reference.
+    """
+    theta, c = np.pi / 180 * float(gantry_deg - 90.0), math.radians(couch_deg)
+    fixed = np.array([np.cos(theta), 0.0, -np.sin(theta)])
     cc, sc = math.cos(-c), math.sin(-c)
     support = np.array([cc * fixed[0] - sc * fixed[1], sc * fixed[0] + cc * fixed[1], fixed[2]])
     return support @ iec_axes_lps(position)
-
-
-def source_positions_mm(beam: Beam, position: PatientPosition | str = PatientPosition.HFS,
-                        angles_deg: tuple[float, ...] | None = None) -> np.ndarray:
-    """LPS source positions (mm), one row per gantry angle (the beam's own angles by default)."""
-    angles = beam.gantry_angles_deg if angles_deg is None else angles_deg
-    iso = np.asarray(beam.isocenter_mm, dtype=np.float64)
-    return np.stack([iso + beam.sad_mm * source_direction_lps(a, beam.couch_deg, position)
-                     for a in angles])

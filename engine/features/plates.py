@@ -14,20 +14,21 @@ Semantics follow the GDP-HMM challenge toolkit (notes/gdp-hmm-challenge.md §2.2
   pixels within ``width / 2`` of the segment (a capsule).
 
 Everything works in the grid's index space. Sources come from the beams' IEC angles and the
-patient position (:mod:`engine.features.beam_geometry`), then are snapped towards zero to
-integer voxel positions as the reference's ``int()`` does. Static beams use their gantry angle;
-an arc uses its control-point angles, thinned to at most one per ``arc_step_deg`` and weighted so
-the sum still counts every control point.
+patient position (:mod:`engine.features.beam_geometry`), then are truncated to integer voxel
+positions as the reference's ``int()`` does (:func:`source_index`). Static beams use their
+gantry angle; an arc uses its control-point angles, thinned to at most one per
+``arc_step_deg`` and weighted so the sum still counts every control point.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from engine.case import Geometry, Plan, Technique
-from engine.features.beam_geometry import source_direction_lps, source_positions_mm
+from engine.features.beam_geometry import source_direction_lps
 from engine.features.beam_rays import BeamMarks, surface_voxels
 
 ANGLE_PLATE_LENGTH = 50.0
@@ -35,11 +36,23 @@ ANGLE_PLATE_WIDTH = 4.0
 ANGLE_PLATE_HALF_SLICES = 5
 
 
-def snap_source(index: np.ndarray) -> np.ndarray:
-    """Truncate source indices towards zero (the reference's ``int()``), robust to round-off."""
-    index = np.asarray(index, dtype=np.float64)
+def _snap(index: np.ndarray) -> np.ndarray:
+    """Indices within 1e-6 of an integer become that integer (round-off from LPS transforms)."""
     nearest = np.rint(index)
-    return np.where(np.abs(index - nearest) < 1e-6, nearest, np.trunc(index))
+    return np.where(np.abs(index - nearest) < 1e-6, nearest, index)
+
+
+def source_index(geometry: Geometry, isocenter_index: np.ndarray, direction_lps: np.ndarray,
+                 sad_mm: float) -> np.ndarray:
+    """The source as voxel indices, computed as the reference does and truncated like ``int()``.
+
+    The reference adds ``SAD * direction / spacing`` to the integer isocentre and truncates;
+    doing the same arithmetic (rather than mapping the LPS source point) gives bit-identical
+    sources on axis-aligned grids.
+    """
+    along_axes = np.asarray(geometry.direction) @ np.asarray(direction_lps, dtype=np.float64)
+    offset = sad_mm * along_axes / np.asarray(geometry.spacing)
+    return np.trunc(_snap(np.asarray(isocenter_index, dtype=np.float64)) + offset)
 
 
 def _shift_bits(packed: np.ndarray, towards_lower: bool) -> np.ndarray:
@@ -51,6 +64,29 @@ def _shift_bits(packed: np.ndarray, towards_lower: bool) -> np.ndarray:
     else:  # out[x] = bits[x - 1]
         np.right_shift(packed, 1, out=out)
         out[..., 1:] |= packed[..., :-1] << 7
+    return out
+
+
+def _dilate_axis(a: np.ndarray, axis: int) -> np.ndarray:
+    """``out[i] = a[i-1] | a[i] | a[i+1] | a[i+2]`` along ``axis`` (outside: 0)."""
+    def cut(lo: int | None, hi: int | None) -> tuple[slice, ...]:
+        return (slice(None),) * axis + (slice(lo, hi),)
+
+    out = a.copy()
+    out[cut(1, None)] |= a[cut(None, -1)]
+    out[cut(None, -1)] |= a[cut(1, None)]
+    out[cut(None, -2)] |= a[cut(2, None)]
+    return out
+
+
+def _erode_axis(a: np.ndarray, axis: int) -> np.ndarray:
+    """``out[i] = a[i-1] & a[i] & a[i+1]`` along ``axis`` (outside: 0)."""
+    def cut(lo: int | None, hi: int | None) -> tuple[slice, ...]:
+        return (slice(None),) * axis + (slice(lo, hi),)
+
+    out = np.zeros_like(a)
+    np.bitwise_and(a[cut(None, -2)], a[cut(1, -1)], out=out[cut(1, -1)])
+    out[cut(1, -1)] &= a[cut(2, None)]
     return out
 
 
@@ -66,24 +102,12 @@ def close_like_reference(marks: np.ndarray) -> np.ndarray:
     m = np.packbits(marks, axis=2)
     if nx % 8:  # keep the padding bits out of the array: they must act as "outside" (0)
         m[..., -1] &= np.uint8((0xFF << (8 - nx % 8)) & 0xFF)
-    tail = m[..., -1].copy() if nx % 8 else None
-    for axis in (0, 1):  # pair[i] = m[i] | m[i+1]; out[i] = m[i-1] | pair[i] | pair[i+1]
-        a = np.moveaxis(m, axis, 0)
-        pair = a.copy()
-        pair[:-1] |= a[1:]
-        out = pair.copy()
-        out[1:] |= a[:-1]
-        out[:-1] |= pair[1:]
-        m = np.ascontiguousarray(np.moveaxis(out, 0, axis))
+    m = _dilate_axis(_dilate_axis(m, 0), 1)
     pair = m | _shift_bits(m, towards_lower=True)
     m = pair | _shift_bits(m, towards_lower=False) | _shift_bits(pair, towards_lower=True)
-    if tail is not None:
+    if nx % 8:
         m[..., -1] &= np.uint8((0xFF << (8 - nx % 8)) & 0xFF)
-    for axis in (0, 1):
-        a = np.moveaxis(m, axis, 0)
-        out = np.zeros_like(a)
-        out[1:-1] = a[:-2] & a[1:-1] & a[2:]
-        m = np.ascontiguousarray(np.moveaxis(out, 0, axis))
+    m = _erode_axis(_erode_axis(m, 0), 1)
     m = m & _shift_bits(m, towards_lower=True) & _shift_bits(m, towards_lower=False)
     out = np.unpackbits(m, axis=2, count=nx).view(bool)
     out[..., 0] = False
@@ -95,15 +119,34 @@ def _padded_box(box: tuple[slice, ...], shape: tuple[int, ...], pad: int = 3) ->
     return tuple(slice(max(b.start - pad, 0), min(b.stop + pad, n)) for b, n in zip(box, shape))
 
 
+def _one_beam(shape: tuple[int, int, int], surface: np.ndarray, iso: np.ndarray,
+              source: np.ndarray, weight: float
+              ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
+    """One source's weighted plate over its bounding box: ``(box, weights, closed mask)``."""
+    marks = BeamMarks(shape, surface, source)
+    box = marks.bounding_box()
+    if box is None:
+        return None
+    box = _padded_box(box, shape)
+    closed = close_like_reference(marks.render(box))
+    d2 = [((np.arange(b.start, b.stop, dtype=np.float64) - s) ** 2).astype(np.float32)
+          for b, s in zip(box, source)]
+    dist2 = d2[0][:, None, None] + (d2[1][:, None] + d2[2][None, :])[None]
+    scale = np.float32(weight * float(np.sum((source - iso) ** 2)))
+    np.divide(scale, dist2, out=dist2)
+    return box, dist2, closed
+
+
 def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index: np.ndarray,
-               weights: Sequence[float] | None = None) -> np.ndarray:
+               weights: Sequence[float] | None = None, workers: int = 2) -> np.ndarray:
     """The summed beam plate (float32, the grid's shape) for sources given as voxel indices.
 
     Args:
         ptv: boolean target mask ``[z, y, x]``.
         isocenter_index: isocentre ``(z, y, x)`` in voxel indices.
-        sources_index: ``(n, 3)`` source positions in voxel indices (see :func:`snap_source`).
+        sources_index: ``(n, 3)`` source positions in voxel indices (see :func:`source_index`).
         weights: per-source multiplier of its plate (default 1 each).
+        workers: threads computing beams side by side (numpy releases the GIL in its loops).
     """
     shape = tuple(int(n) for n in ptv.shape)
     plate = np.zeros(shape, dtype=np.float32)
@@ -111,20 +154,17 @@ def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index:
     weights = np.ones(len(sources)) if weights is None else np.asarray(weights, dtype=np.float64)
     surface = surface_voxels(np.asarray(ptv, dtype=bool))
     iso = np.asarray(isocenter_index, dtype=np.float64)
-    ramps = [np.arange(n, dtype=np.float64) for n in shape]
-    for source, weight in zip(sources, weights):
-        marks = BeamMarks(shape, surface, source)
-        box = marks.bounding_box()
-        if box is None:
-            continue
-        box = _padded_box(box, shape)
-        closed = close_like_reference(marks.render(box))
-        d2 = [((r[b] - s) ** 2).astype(np.float32) for r, b, s in zip(ramps, box, source)]
-        dist2 = d2[0][:, None, None] + (d2[1][:, None] + d2[2][None, :])[None]
-        scale = np.float32(weight * float(np.sum((source - iso) ** 2)))
-        np.divide(scale, dist2, out=dist2)
-        target = plate[box]
-        np.add(target, dist2, out=target, where=closed)
+    jobs = [(shape, surface, iso, s, float(w)) for s, w in zip(sources, weights)]
+    if workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(lambda job: _one_beam(*job), jobs))
+    else:
+        results = [_one_beam(*job) for job in jobs]
+    for result in results:
+        if result is not None:
+            box, values, closed = result
+            target = plate[box]
+            np.add(target, values, out=target, where=closed)
     return plate
 
 
@@ -193,17 +233,15 @@ def plan_plates(ptv: np.ndarray, geometry: Geometry, plan: Plan, arc_step_deg: f
     if not plan.beams:
         raise ValueError(f"plan {plan.name!r} has no beams: no beam plate can be drawn")
     angles = plan_angles(plan, arc_step_deg)
-    iso_mm = np.asarray(plan.isocenter_mm)
-    iso_index = geometry.lps_to_index(iso_mm)
+    iso_index = _snap(geometry.lps_to_index(np.asarray(plan.isocenter_mm)))
     sources = []
     directions = []
     for beam_index, angle, _ in angles:
         beam = plan.beams[beam_index]
-        src_mm = source_positions_mm(beam, plan.patient_position, (angle,))[0]
-        sources.append(snap_source(geometry.lps_to_index(src_mm)))
-        ray = geometry.lps_to_index(iso_mm + source_direction_lps(
-            angle, beam.couch_deg, plan.patient_position)) - iso_index
-        directions.append(ray[1:])
+        direction = source_direction_lps(angle, beam.couch_deg, plan.patient_position)
+        sources.append(source_index(geometry, iso_index, direction, beam.sad_mm))
+        directions.append((np.asarray(geometry.direction) @ direction)[1:]
+                          / np.asarray(geometry.spacing[1:]))
     weights = [w for _, _, w in angles]
     beam = beam_plate(ptv, iso_index, np.array(sources), weights)
     angle = angle_plate(ptv.shape, iso_index, np.array(directions))

@@ -59,6 +59,11 @@ def to_case_axes(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(array).transpose(2, 0, 1)[::-1])
 
 
+def from_case_axes(array: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_case_axes`: a case ``[z, y, x]`` array in OpenKBP ``[i0, i1, i2]``."""
+    return np.ascontiguousarray(np.asarray(array)[::-1].transpose(1, 2, 0))
+
+
 def openkbp_geometry(voxel_mm: np.ndarray, shape: tuple[int, int, int] = OPENKBP_SHAPE
                      ) -> Geometry:
     """The case grid: axial HFS directions, spacing (slice, in-plane, in-plane), centred at 0."""
@@ -140,7 +145,12 @@ def load_openkbp_npz(path: str | Path) -> Case:
     masks = {n: ((bits >> k) & 1).astype(bool) for k, n in enumerate(names) if n in present}
     pdm = ((bits >> 15) & 1).astype(bool)
     dose = arrays["dose_cgy"].astype(np.float32) / 100.0 if "dose_cgy" in arrays else None
-    return build_case(path.stem, arrays["ct"], masks, pdm, arrays["voxel_mm"], dose)
+    case = build_case(path.stem, arrays["ct"], masks, pdm, arrays["voxel_mm"], dose)
+    if "gantry_deg" in arrays:  # a generated physics plan: its own beams, not the nine fields
+        from engine.physics_dataset import plan_from_arrays
+
+        case = case.with_plan(plan_from_arrays(arrays, case))
+    return case
 
 
 def _read_sparse_csv(path: Path, values: bool) -> tuple[np.ndarray, np.ndarray | None]:

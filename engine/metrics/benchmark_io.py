@@ -1,13 +1,9 @@
 """Reading benchmark references and predictions for scoring (OpenKBP, GDP-HMM).
 
-OpenKBP arrays stay in the dataset's own layout (128³, raveled indices of the sparse CSV files
-unravelled in C order), because its scores are defined voxel by voxel on that grid.
-
-* references: the shared ``pt_N.npz`` files (keys ``dose_cgy``, ``roi_bits``, ``roi_names``,
-  ``voxel_mm``; bit 15 of ``roi_bits`` is the possible-dose mask) or the original dataset's
-  ``pt_N/`` folders of sparse CSV files;
-* predictions: ``pt_N.csv`` (the OpenKBP submission format: a header ``,data`` then
-  ``index,dose_gy`` rows) or ``pt_N.npy`` (a dense 128³ array in Gy).
+OpenKBP references (the shared ``pt_N.npz`` files or the original ``pt_N/`` CSV folders) are
+read by :mod:`engine.io.openkbp`; here are the predictions, in the dataset's own layout (128³,
+raveled indices unravelled in C order): ``pt_N.csv`` (the OpenKBP submission format: a header
+``,data`` then ``index,dose_gy`` rows) or ``pt_N.npy`` (a dense 128³ array in Gy).
 
 GDP-HMM reference ``.npz`` files hold one pickled dict (``arr_0``). They are read with a
 restricted unpickler that only rebuilds numpy arrays, numpy scalars and plain containers, so a
@@ -26,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.case import Case, Role
+from engine.io.openkbp import OpenKBPFormatError, load_openkbp
+
 OPENKBP_SHAPE = (128, 128, 128)
-POSSIBLE_DOSE_BIT = 15
 _PATIENT = re.compile(r"^pt_(\d+)$")
 
 
@@ -35,106 +33,80 @@ class BenchmarkFileError(ValueError):
     """A benchmark file that cannot be read; the message names the file and the problem."""
 
 
+def patient_sort_key(name: str) -> tuple[int, str]:
+    m = _PATIENT.match(name)
+    return (int(m.group(1)), name) if m else (1 << 30, name)
+
+
 @dataclass(frozen=True)
 class OpenKBPReference:
-    """One OpenKBP patient: dose (Gy), ROI masks, possible-dose mask and voxel size (mm)."""
+    """One OpenKBP patient in the dataset's own ``[i0, i1, i2]`` layout, doses in Gy.
+
+    ``case`` is the same patient as :func:`engine.io.openkbp.load_openkbp` builds it (axial
+    ``[z, y, x]`` grid, for DVHs and scorecards).
+    """
 
     patient: str
     dose_gy: np.ndarray
     masks: dict[str, np.ndarray]
     possible_dose_mask: np.ndarray
     voxel_mm: tuple[float, float, float]
+    case: Case
 
 
-def patient_sort_key(name: str) -> tuple[int, str]:
-    m = _PATIENT.match(name)
-    return (int(m.group(1)), name) if m else (1 << 30, name)
+def _from_case_axes(array: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`engine.io.openkbp.to_case_axes`: ``[z, y, x]`` -> ``[i0, i1, i2]``."""
+    return np.ascontiguousarray(np.asarray(array)[::-1].transpose(1, 2, 0))
 
 
-def read_openkbp_npz(path: Path) -> OpenKBPReference:
-    """A shared-data ``pt_N.npz`` reference (see data/openkbp/README.md)."""
+def read_openkbp_reference(path: Path) -> OpenKBPReference:
+    """A reference patient (``pt_N.npz`` or ``pt_N/`` folder) with its dose and masks."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            dose = z["dose_cgy"].astype(np.float64) / 100.0
-            bits = z["roi_bits"]
-            names = [str(n) for n in z["roi_names"]]
-            voxel = tuple(float(v) for v in z["voxel_mm"])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise BenchmarkFileError(f"{path}: not an OpenKBP reference npz ({exc})") from exc
-    if dose.shape != OPENKBP_SHAPE or bits.shape != OPENKBP_SHAPE:
-        raise BenchmarkFileError(f"{path}: arrays must be {OPENKBP_SHAPE}, got {dose.shape}")
-    masks = {name: (bits >> k) & 1 == 1 for k, name in enumerate(names)}
-    possible = (bits >> POSSIBLE_DOSE_BIT) & 1 == 1
-    return OpenKBPReference(path.stem, dose, masks, possible, voxel)
+        case = load_openkbp(path)
+    except OpenKBPFormatError as exc:
+        raise BenchmarkFileError(str(exc)) from exc
+    if case.dose is None or case.external is None:
+        raise BenchmarkFileError(f"{path}: a reference needs its dose and possible-dose mask")
+    masks = {s.name: _from_case_axes(s.mask) for s in case.structures
+             if s.role is not Role.EXTERNAL}
+    sz, sy, sx = case.geometry.spacing
+    return OpenKBPReference(case.name, _from_case_axes(case.dose.array).astype(np.float64),
+                            masks, _from_case_axes(case.external.mask), (sy, sx, sz), case)
 
 
-def _read_sparse_csv(path: Path, with_data: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Indices (and values) of an OpenKBP sparse CSV file; checks the indices fit 128³."""
+def _read_sparse_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of an OpenKBP sparse CSV file; checks the indices fit 128³."""
     try:
         with open(path, encoding="utf-8") as f:
             header = f.readline()
             if "data" not in header:
                 raise BenchmarkFileError(f"{path}: expected a header ',data', got "
                                          f"{header.strip()!r}")
-            if with_data:
-                table = np.loadtxt(f, delimiter=",", ndmin=2, dtype=np.float64)
-            else:
-                table = np.loadtxt(f, delimiter=",", ndmin=2, usecols=0, dtype=np.float64)
+            table = np.loadtxt(f, delimiter=",", ndmin=2, dtype=np.float64)
     except (OSError, ValueError) as exc:
         if isinstance(exc, BenchmarkFileError):
             raise
         raise BenchmarkFileError(f"{path}: cannot read as an OpenKBP sparse CSV ({exc})") from exc
     if table.size == 0:
-        return np.zeros(0, np.int64), (np.zeros(0) if with_data else None)
-    index = table[:, 0]
-    if with_data and table.shape[1] < 2:
+        return np.zeros(0, np.int64), np.zeros(0)
+    if table.shape[1] < 2:
         raise BenchmarkFileError(f"{path}: needs two columns (index, data)")
+    index, values = table[:, 0], table[:, 1]
     size = int(np.prod(OPENKBP_SHAPE))
     if np.any(index != np.round(index)) or index.min() < 0 or index.max() >= size:
         raise BenchmarkFileError(f"{path}: voxel indices must be integers in [0, {size})")
-    values = table[:, 1] if with_data else None
-    if values is not None and not np.all(np.isfinite(values)):
+    if not np.all(np.isfinite(values)):
         raise BenchmarkFileError(f"{path}: dose values must be finite numbers")
     return index.astype(np.int64), values
 
 
 def read_openkbp_csv_dose(path: Path) -> np.ndarray:
-    """A sparse OpenKBP dose CSV (submission or dataset ``dose.csv``) as a dense 128³ array, Gy."""
-    index, values = _read_sparse_csv(Path(path), with_data=True)
+    """A sparse OpenKBP dose CSV (a submission file) as a dense 128³ array, Gy."""
+    index, values = _read_sparse_csv(Path(path))
     dose = np.zeros(int(np.prod(OPENKBP_SHAPE)))
     dose[index] = values
     return dose.reshape(OPENKBP_SHAPE)
-
-
-def read_openkbp_folder(folder: Path) -> OpenKBPReference:
-    """An original-dataset ``pt_N/`` folder (dose.csv, ROI CSVs, possible_dose_mask.csv, ...)."""
-    from engine.metrics.scores import OPENKBP_OARS, OPENKBP_TARGETS
-
-    folder = Path(folder)
-    size = int(np.prod(OPENKBP_SHAPE))
-    if not (folder / "dose.csv").is_file():
-        raise BenchmarkFileError(f"{folder}: no dose.csv (not an OpenKBP patient folder)")
-    dose = read_openkbp_csv_dose(folder / "dose.csv")
-
-    def mask_of(path: Path) -> np.ndarray:
-        index, _ = _read_sparse_csv(path, with_data=False)
-        mask = np.zeros(size, dtype=bool)
-        mask[index] = True
-        return mask.reshape(OPENKBP_SHAPE)
-
-    masks = {roi: mask_of(folder / f"{roi}.csv") for roi in (*OPENKBP_OARS, *OPENKBP_TARGETS)
-             if (folder / f"{roi}.csv").is_file()}
-    if not (folder / "possible_dose_mask.csv").is_file():
-        raise BenchmarkFileError(f"{folder}: no possible_dose_mask.csv")
-    possible = mask_of(folder / "possible_dose_mask.csv")
-    try:
-        voxel = tuple(float(v) for v in np.loadtxt(folder / "voxel_dimensions.csv").ravel())
-    except (OSError, ValueError) as exc:
-        raise BenchmarkFileError(f"{folder}: cannot read voxel_dimensions.csv ({exc})") from exc
-    if len(voxel) != 3:
-        raise BenchmarkFileError(f"{folder}: voxel_dimensions.csv needs 3 numbers")
-    return OpenKBPReference(folder.name, dose, masks, possible, voxel)
 
 
 def openkbp_references(ref_dir: Path) -> dict[str, Path]:
@@ -143,11 +115,6 @@ def openkbp_references(ref_dir: Path) -> dict[str, Path]:
     found = {p.stem: p for p in ref_dir.glob("pt_*.npz")}
     found.update({p.name: p for p in ref_dir.glob("pt_*") if p.is_dir()})
     return {k: found[k] for k in sorted(found, key=patient_sort_key) if _PATIENT.match(k)}
-
-
-def read_openkbp_reference(path: Path) -> OpenKBPReference:
-    path = Path(path)
-    return read_openkbp_folder(path) if path.is_dir() else read_openkbp_npz(path)
 
 
 def openkbp_predictions(pred_dir: Path) -> dict[str, Path]:
@@ -214,8 +181,10 @@ def read_gdp_hmm_npz(path: Path) -> dict:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
                 shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
+            elif version == (2, 0):
                 shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise BenchmarkFileError(f"{path}: unsupported .npy format version {version}")
             if dtype != np.dtype(object) or shape != ():
                 raise BenchmarkFileError(f"{path}: expected one pickled dict in arr_0")
             value = _ArraysOnlyUnpickler(io.BytesIO(f.read())).load()

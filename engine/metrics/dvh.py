@@ -6,13 +6,25 @@ Model of the dose inside a voxel
     two one-sided differences, 0 at a local extremum or a step): ``h = 0.5 * sqrt(sum_k m_k**2)``
     over the three axes, which is the variance of a linear field across the voxel. The model is
     exact for linear dose fields, keeps a step sharp and never moves the mean, so a DVH on a
-    coarse grid has no staircase and D95 of a small structure in a gradient is right.
+    coarse grid has no staircase and D95 of a small structure in a gradient is right. A voxel
+    with less spread than one dose bin (0.01 Gy) occupies ``[d, d + 0.01]``, so a uniform dose
+    ``d`` has all its volume at ``>= d``; negative (predicted) doses count as 0 Gy. The
+    cumulative DVH is exact at the bin edges; D_x and V_x interpolate linearly between them.
 
 Partial volumes
     A structure with source contours (from an RTSTRUCT) is weighted by the fraction of each
     voxel inside its polygons (:mod:`engine.metrics.occupancy`), and a partly covered voxel's
     dose is taken at the centroid of its covered part. A structure known only as a mask counts
     whole voxels.
+
+Evaluation grid
+    Grids finer than 2.5 mm in-plane (a 512 x 512 CT) are evaluated on blocks of b x b voxels,
+    b = round(2.5 mm / spacing): a structure's weight in a block is the exact fraction of the
+    block inside it (from its contours, or its mask's voxel count) with the centroid of that
+    part, and the block's dose is the mean of its voxels, spread by the same sub-voxel model.
+    Dose grids are 2.5-3 mm in practice, so little is lost (on the 512 x 512 benchmark phantom
+    Dmean and D95 stay within 0.004 Gy of a voxel-by-voxel evaluation) and the cost no longer
+    grows with the CT's resolution. ``block=1`` forces voxel-by-voxel evaluation.
 
 Coverage
     Voxels whose dose is not finite (NaN marks "outside the dose grid") and structure volume off
@@ -35,6 +47,7 @@ from engine.case import Geometry, Role, Structure
 from engine.metrics.occupancy import contour_occupancy
 
 BIN_WIDTH_GY = 0.01
+EVALUATION_SPACING_MM = 2.5
 MAX_BINS = 20_000
 COVERAGE_WARNING = 0.999
 
@@ -53,8 +66,10 @@ class StructureSamples:
         partial: positions (into ``flat_index``) of voxels with a sub-voxel centroid offset.
         offset_yx: those offsets ``(dy, dx)`` in index units.
         total_volume_cc: whole structure volume, including any part off the grid.
-        grid_shape: the grid the indices refer to.
-        bbox: ``(z0, z1, y0, y1, x0, x1)`` half-open index bounds of the voxels.
+        grid_shape: shape of the grid the doses come on.
+        block: in-plane block size of the evaluation grid (1 = the grid itself).
+        eval_shape: shape of the evaluation grid the indices refer to.
+        bbox: ``(z0, z1, y0, y1, x0, x1)`` half-open bounds of the voxels (evaluation grid).
     """
 
     name: str
@@ -66,6 +81,8 @@ class StructureSamples:
     offset_yx: np.ndarray
     total_volume_cc: float
     grid_shape: tuple[int, int, int]
+    block: int
+    eval_shape: tuple[int, int, int]
     bbox: tuple[int, int, int, int, int, int]
 
 
@@ -96,7 +113,9 @@ class DVH:
     @property
     def coverage_fraction(self) -> float:
         """Fraction of the structure's volume where the dose is known (1.0 = fully covered)."""
-        return self.volume_cc / self.total_volume_cc if self.total_volume_cc > 0 else 0.0
+        if self.total_volume_cc <= 0:
+            return 0.0
+        return min(self.volume_cc / self.total_volume_cc, 1.0)
 
     @property
     def cumulative_pct(self) -> np.ndarray:
@@ -154,10 +173,72 @@ def _bbox(flat: np.ndarray, shape: tuple[int, int, int]) -> tuple[int, int, int,
             int(i.min()), int(i.max()) + 1)
 
 
+def evaluation_block(geometry: Geometry) -> int:
+    """In-plane block size b of the evaluation grid (1 unless the grid is finer than 2.5 mm)."""
+    finest = min(geometry.spacing[1], geometry.spacing[2])
+    return max(1, int(np.floor(EVALUATION_SPACING_MM / finest + 0.5)))
+
+
+def block_geometry(geometry: Geometry, block: int) -> Geometry:
+    """The grid of ``block`` x ``block`` in-plane blocks (ragged blocks at the far edges)."""
+    if block == 1:
+        return geometry
+    nz, ny, nx = geometry.shape
+    origin = geometry.index_to_lps((0.0, (block - 1) / 2, (block - 1) / 2))
+    sz, sy, sx = geometry.spacing
+    return Geometry((nz, -(-ny // block), -(-nx // block)), tuple(origin),
+                    (sz, sy * block, sx * block), geometry.direction)
+
+
+def block_mean(values: np.ndarray, block: int) -> np.ndarray:
+    """Mean of ``[z, y, x]`` values over in-plane blocks (ragged blocks: mean of what exists)."""
+    if block == 1:
+        return values
+    nz, ny, nx = values.shape
+    by, bx = -(-ny // block), -(-nx // block)
+    total = np.zeros((nz, by, bx), np.float32)
+    for i in range(block):
+        for j in range(block):
+            part = values[:, i::block, j::block]
+            total[:, :part.shape[1], :part.shape[2]] += part
+    rows = np.minimum(block, ny - np.arange(by) * block)
+    cols = np.minimum(block, nx - np.arange(bx) * block)
+    total /= (rows[:, None] * cols[None, :]).astype(np.float32)
+    return total
+
+
+def _mask_blocks(mask: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block indices (raveled, evaluation grid), fractions and centroid offsets of a mask."""
+    nz, ny, nx = mask.shape
+    by, bx = -(-ny // block), -(-nx // block)
+    k, j, i = (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    if len(k) == 0:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 2))
+    j0, i0 = j[0] // block, i[0] // block
+    j1, i1 = j[-1] // block + 1, i[-1] // block + 1
+    sub = np.zeros((k[-1] - k[0] + 1, (j1 - j0) * block, (i1 - i0) * block), bool)
+    part = mask[k[0]:k[-1] + 1, j0 * block:j1 * block, i0 * block:i1 * block]
+    sub[:, :part.shape[1], :part.shape[2]] = part
+    r = sub.reshape(sub.shape[0], j1 - j0, block, i1 - i0, block)
+    rows = r.sum(axis=4, dtype=np.int32)
+    cols = r.sum(axis=2, dtype=np.int32)
+    count = rows.sum(axis=2)
+    sel = count > 0
+    w = (np.arange(block) - (block - 1) / 2) / block
+    y_moment = np.tensordot(rows, w, axes=([2], [0]))[sel]
+    x_moment = np.tensordot(cols, w, axes=([3], [0]))[sel]
+    n = count[sel].astype(np.float64)
+    kz, jy, ix = np.nonzero(sel)
+    flat = ((kz + k[0]) * by + (jy + j0)) * bx + (ix + i0)
+    return flat.astype(np.int64), n / block**2, np.stack([y_moment / n, x_moment / n], axis=1)
+
+
 def structure_samples(structure: Structure | np.ndarray, geometry: Geometry,
-                      name: str | None = None) -> StructureSamples:
-    """Voxels and partial-volume weights of one structure (or bool mask) on ``geometry``."""
-    voxel_cc = geometry.voxel_volume_cc
+                      name: str | None = None, block: int | None = None) -> StructureSamples:
+    """Voxels and partial-volume weights of one structure (or bool mask) on ``geometry``.
+
+    ``block``: evaluation-grid block size; default :func:`evaluation_block` of the geometry.
+    """
     if isinstance(structure, Structure):
         label, role, rx = structure.name, structure.role, structure.prescription_gy
         contours, mask = structure.contours, structure.mask
@@ -167,22 +248,28 @@ def structure_samples(structure: Structure | np.ndarray, geometry: Geometry,
     if mask.shape != geometry.shape:
         raise ValueError(f"structure {label!r}: mask shape {mask.shape} is not the grid shape "
                          f"{geometry.shape}")
+    b = evaluation_block(geometry) if block is None else int(block)
+    grid = block_geometry(geometry, b)
+    voxel_cc = grid.voxel_volume_cc
     if contours:
-        occ = contour_occupancy(contours, geometry)
-        flat, weight = occ.flat_index, occ.fraction * voxel_cc
-        partial = np.flatnonzero(occ.fraction < 1.0 - 1e-9)
-        offset = occ.offset_yx[partial]
+        occ = contour_occupancy(contours, grid)
+        flat, fraction, offset = occ.flat_index, occ.fraction, occ.offset_yx
         total = occ.total_volume_cc
+    elif b > 1:
+        flat, fraction, offset = _mask_blocks(mask, b)
+        total = float(fraction.sum()) * voxel_cc
     else:
         flat = np.flatnonzero(mask)
-        weight = np.full(len(flat), voxel_cc)
-        partial, offset = np.zeros(0, np.int64), np.zeros((0, 2))
+        fraction, offset = np.ones(len(flat)), np.zeros((len(flat), 2))
         total = len(flat) * voxel_cc
-    index_dtype = np.int32 if mask.size < 2**31 else np.int64
+    partial = np.flatnonzero((fraction < 1.0 - 1e-9) & np.any(offset != 0, axis=1))
+    index_dtype = np.int32 if np.prod(grid.shape) < 2**31 else np.int64
     return StructureSamples(name=label, role=Role(role), prescription_gy=rx,
-                            flat_index=flat.astype(index_dtype), weight_cc=weight,
-                            partial=partial, offset_yx=offset, total_volume_cc=float(total),
-                            grid_shape=tuple(geometry.shape), bbox=_bbox(flat, geometry.shape))
+                            flat_index=flat.astype(index_dtype), weight_cc=fraction * voxel_cc,
+                            partial=partial, offset_yx=offset[partial],
+                            total_volume_cc=float(total), grid_shape=tuple(geometry.shape),
+                            block=b, eval_shape=tuple(grid.shape),
+                            bbox=_bbox(flat, grid.shape))
 
 
 @dataclass(frozen=True)
@@ -190,22 +277,23 @@ class StructureSet:
     """Several structures' samples concatenated, so one pass over them serves all DVHs.
 
     Built by :func:`prepare`; ``start[i]:start[i+1]`` is structure ``i``'s segment of the
-    concatenated arrays and ``segment`` names the structure of every entry.
+    concatenated arrays. ``neighbours`` holds, for each partial voxel, the raveled indices of
+    itself and its -y, +y, -x, +x neighbours (itself on the grid faces).
     """
 
     samples: tuple[StructureSamples, ...]
     flat_index: np.ndarray
     weight_cc: np.ndarray
-    segment: np.ndarray
     start: np.ndarray
     partial: np.ndarray
     offset_yx: np.ndarray
+    neighbours: np.ndarray
     bbox: tuple[int, int, int, int, int, int] | None
 
     @classmethod
     def of(cls, samples: Sequence[StructureSamples]) -> StructureSet:
         samples = tuple(samples)
-        shapes = {s.grid_shape for s in samples}
+        shapes = {(s.grid_shape, s.block) for s in samples}
         if len(shapes) > 1:
             raise ValueError(f"structures are on different grids: {sorted(shapes)}")
         lengths = np.array([len(s.flat_index) for s in samples], dtype=np.int64)
@@ -225,14 +313,27 @@ class StructureSet:
         if len(boxes):
             bbox = (int(boxes[:, 0].min()), int(boxes[:, 1].max()), int(boxes[:, 2].min()),
                     int(boxes[:, 3].max()), int(boxes[:, 4].min()), int(boxes[:, 5].max()))
-        segment = np.repeat(np.arange(len(samples), dtype=np.int32), lengths)
-        return cls(samples, flat, cat([s.weight_cc for s in samples], np.float32), segment,
-                   start, partial, offset, bbox)
+        at = flat[partial].astype(np.int64)
+        neighbours = np.stack([at, at, at, at, at], axis=1)
+        if samples and len(at):
+            _, ny, nx = samples[0].eval_shape
+            j, i = (at // nx) % ny, at % nx
+            neighbours[j > 0, 1] -= nx
+            neighbours[j < ny - 1, 2] += nx
+            neighbours[i > 0, 3] -= 1
+            neighbours[i < nx - 1, 4] += 1
+        return cls(samples, flat, cat([s.weight_cc for s in samples], np.float32), start,
+                   partial, offset, neighbours, bbox)
 
 
-def prepare(structures: Sequence[Structure], geometry: Geometry) -> StructureSet:
-    """Samples of every structure, concatenated (do this once per case, reuse for each dose)."""
-    return StructureSet.of(structure_samples(s, geometry) for s in structures)
+def prepare(structures: Sequence[Structure], geometry: Geometry,
+            block: int | None = None) -> StructureSet:
+    """Samples of every structure, concatenated (do this once per case, reuse for each dose).
+
+    ``block``: evaluation-grid block size; default :func:`evaluation_block` of the geometry.
+    """
+    b = evaluation_block(geometry) if block is None else block
+    return StructureSet.of(structure_samples(s, geometry, block=b) for s in structures)
 
 
 def _minmod(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -267,20 +368,6 @@ def _half_width(sub: np.ndarray) -> np.ndarray:
     return h2
 
 
-def _slopes_at(dose: np.ndarray, flat: np.ndarray, axis: int) -> np.ndarray:
-    """Signed minmod slope of ``dose`` along ``axis`` at raveled voxels (0 on the grid faces)."""
-    n = dose.shape[axis]
-    stride = int(np.prod(dose.shape[axis + 1:]))
-    pos = (flat // stride) % n
-    inner = (pos > 0) & (pos < n - 1)
-    out = np.zeros(len(flat), np.float32)
-    at = flat[inner]
-    v = dose.reshape(-1)
-    centre = v[at]
-    out[inner] = _minmod(centre - v[at - stride], v[at + stride] - centre)
-    return np.nan_to_num(out)
-
-
 def compute_dvhs(dose: np.ndarray, structures: StructureSet | Sequence[StructureSamples],
                  bin_width_gy: float = BIN_WIDTH_GY) -> tuple[DVH, ...]:
     """DVHs of several structures for one dose, all on one dose axis, in one pass.
@@ -300,6 +387,7 @@ def compute_dvhs(dose: np.ndarray, structures: StructureSet | Sequence[Structure
         edges = np.arange(3) * bin_width_gy
         return tuple(_empty(s, edges) for s in sset.samples)
     d32 = np.ascontiguousarray(dose, dtype=np.float32)
+    d32 = block_mean(d32, sset.samples[0].block)
     nz, ny, nx = d32.shape
     z0, z1, y0, y1, x0, x1 = sset.bbox
     box = (slice(max(z0 - 1, 0), min(z1 + 1, nz)), slice(max(y0 - 1, 0), min(y1 + 1, ny)),
@@ -316,14 +404,17 @@ def compute_dvhs(dose: np.ndarray, structures: StructureSet | Sequence[Structure
     d = d32.reshape(-1)[idx]
     h = half.reshape(-1)[idx]
     if len(sset.partial):
-        at = idx[sset.partial]
-        d[sset.partial] += (_slopes_at(d32, at, 1) * sset.offset_yx[:, 0]
-                            + _slopes_at(d32, at, 2) * sset.offset_yx[:, 1])
-    w, segment = sset.weight_cc, sset.segment
+        v = d32.reshape(-1)[sset.neighbours]
+        centre = v[:, 0]
+        slope_y = _minmod(centre - v[:, 1], v[:, 2] - centre)
+        slope_x = _minmod(centre - v[:, 3], v[:, 4] - centre)
+        d[sset.partial] += np.nan_to_num(slope_y * sset.offset_yx[:, 0]
+                                         + slope_x * sset.offset_yx[:, 1])
+    w = sset.weight_cc
     count = len(sset.samples)
     if has_nan:
         keep = np.flatnonzero(np.isfinite(d))
-        d, h, w, segment = d[keep], h[keep], w[keep], segment[keep]
+        d, h, w = d[keep], h[keep], w[keep]
         start = np.searchsorted(keep, sset.start)
     else:
         start = sset.start
@@ -333,41 +424,41 @@ def compute_dvhs(dose: np.ndarray, structures: StructureSet | Sequence[Structure
     n = int(np.ceil(top / width)) + 2
     edges = np.arange(n + 1) * width
 
-    volume = np.bincount(segment, w, count)
-    dose_sum = np.bincount(segment, w * d, count)
     nonempty = np.diff(start) > 0
     heads = start[:-1][nonempty]
+    volume = np.zeros(count)
+    dose_sum = np.zeros(count)
     dmin = np.full(count, np.nan)
     dmax = np.full(count, np.nan)
     if len(heads):
+        volume[nonempty] = np.add.reduceat(w, heads, dtype=np.float64)
+        dose_sum[nonempty] = np.add.reduceat(w * d, heads, dtype=np.float64)
         dmax[nonempty] = np.maximum.reduceat(hi, heads)
         hi -= 2.0 * h
         dmin[nonempty] = np.maximum(np.minimum.reduceat(hi, heads), 0.0)
 
-    # each voxel spreads its volume evenly over [lo, hi] (at least one bin wide); in bin units
-    # the cumulative volume at edge j is sum_i s_i (R(u_hi,i - j) - R(u_lo,i - j)), R = max(., 0)
+    # each voxel spreads its volume evenly over [d - h, d + h], at least one bin wide upward (so
+    # a uniform dose d still has all its volume at >= d); in bin units the cumulative volume at
+    # edge j is sum_i s_i (R(u_hi,i - j) - R(u_lo,i - j)), R = max(., 0), s = w / (u_hi - u_lo)
     inv = np.float32(1.0 / width)
-    hb = np.maximum(h, np.float32(width / 2.0))
-    hb *= inv
-    slope = w / hb
-    slope *= 0.5
+    hb = h * inv
     u = d * inv
-    offset = segment * np.int32(n + 1) if count * (n + 1) < 2**31 else segment * (n + 1)
-    size = count * (n + 1)
-    a = np.zeros(size)
-    b = np.zeros(size)
+    np.maximum(u, 0.0, out=u)  # a (predicted) negative dose counts as 0 Gy
     lo = u - hb
-    np.maximum(lo, 0.0, out=lo)
     u += hb
+    np.maximum(u, lo + np.float32(1.0), out=u)
+    slope = w / (u - lo)
+    np.maximum(lo, 0.0, out=lo)
+    a = np.zeros((count, n + 1))
+    b = np.zeros((count, n + 1))
     for c, sign in ((u, 1.0), (lo, -1.0)):
-        k = c.astype(offset.dtype)
-        c -= k
-        c *= slope
-        k += offset
-        a += sign * np.bincount(k, c, size)
-        b += sign * np.bincount(k, slope, size)
-    a = a.reshape(count, n + 1)
-    b = b.reshape(count, n + 1)
+        frac, whole = np.modf(c)
+        k = whole.astype(np.int64)
+        frac *= slope
+        for i in np.flatnonzero(nonempty):
+            seg = slice(start[i], start[i + 1])
+            a[i] += sign * np.bincount(k[seg], frac[seg], n + 1)
+            b[i] += sign * np.bincount(k[seg], slope[seg], n + 1)
     j = np.arange(n + 1)
     rev = (slice(None), slice(None, None, -1))
     cum = (np.cumsum(a[rev], axis=1)[rev] + np.cumsum((j * b)[rev], axis=1)[rev]
@@ -395,9 +486,9 @@ def _empty(s: StructureSamples, edges: np.ndarray) -> DVH:
 
 
 def dvh(dose: np.ndarray, structure: Structure | np.ndarray, geometry: Geometry,
-        name: str | None = None) -> DVH:
+        name: str | None = None, block: int | None = None) -> DVH:
     """DVH of one structure (or bool mask) for a ``[z, y, x]`` dose in Gy on ``geometry``."""
-    return compute_dvhs(dose, [structure_samples(structure, geometry, name)])[0]
+    return compute_dvhs(dose, [structure_samples(structure, geometry, name, block)])[0]
 
 
 # --- metrics ---------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import tomllib
 
-from engine.case import Geometry, Role, Structure
+from engine.case import Case, Geometry, Role, Structure
 from engine.metrics.dvh import (
     DVH,
     Metric,
@@ -39,13 +39,14 @@ from engine.metrics.dvh import (
     parse_metric,
     structure_samples,
 )
+from engine.structure_names import canonical_name
 
 COMPARATORS = {"<=": lambda v, g: v <= g, "<": lambda v, g: v < g,
                ">=": lambda v, g: v >= g, ">": lambda v, g: v > g}
 TARGET_SELECTORS = ("PTV_High", "PTV_Mid", "PTV_Low")
 _OBJECTIVE_KEYS = {"structure", "metric", "comparator", "goal", "score", "weight",
-                   "relative_to_prescription", "source", "note"}
-_HEADER_KEYS = {"name", "site", "description", "sources", "prescription_note"}
+                   "relative_to_prescription", "source"}
+_HEADER_KEYS = {"name", "site", "description", "sources"}
 
 
 class ScorecardError(ValueError):
@@ -133,15 +134,7 @@ def _normalise(name: str) -> str:
 
 def canonical(name: str) -> str:
     """The alias-table spelling of a structure name (normalised text when not in the table)."""
-    # The clinical alias table (engine.structure_names) replaces this when it lands on main.
-    key = _normalise(name)
-    for side, words in (("L", ("left", "l", "lt")), ("R", ("right", "r", "rt"))):
-        for w in words:
-            for organ in ("parotid", "submandibular", "opticnerve", "cochlea", "lung",
-                          "femoralhead", "brachialplexus", "eye", "lens", "kidney"):
-                if key in (w + organ, organ + w):
-                    return f"{organ}_{side}".lower()
-    return key
+    return canonical_name(name) or _normalise(name)
 
 
 def resolve_structure(wanted: Sequence[str], names: Sequence[str]) -> str | None:
@@ -158,15 +151,22 @@ def resolve_structure(wanted: Sequence[str], names: Sequence[str]) -> str | None
 
 
 def _select_targets(targets: Sequence[tuple[str, float]]) -> dict[str, tuple[str, float]]:
-    """PTV_High / PTV_Mid / PTV_Low -> (name, prescription) by prescription rank."""
-    ranked = sorted(targets, key=lambda t: -t[1])
+    """PTV_High / PTV_Mid / PTV_Low -> (name, prescription) by distinct prescription level.
+
+    High is the highest level, Low the lowest (when there are two or more levels), Mid the
+    middle one (three or more); targets sharing a level go by their order in the case.
+    """
+    levels = sorted({rx for _, rx in targets}, reverse=True)
+    first = {}
+    for name, rx in targets:
+        first.setdefault(rx, (name, rx))
     out: dict[str, tuple[str, float]] = {}
-    if ranked:
-        out["PTV_High"] = ranked[0]
-    if len(ranked) >= 2:
-        out["PTV_Low"] = ranked[-1]
-    if len(ranked) >= 3:
-        out["PTV_Mid"] = ranked[len(ranked) // 2]
+    if levels:
+        out["PTV_High"] = first[levels[0]]
+    if len(levels) >= 2:
+        out["PTV_Low"] = first[levels[-1]]
+    if len(levels) >= 3:
+        out["PTV_Mid"] = first[levels[len(levels) // 2]]
     return out
 
 
@@ -249,8 +249,12 @@ def evaluate(template: ScorecardTemplate, dvhs: Mapping[str, DVH],
 class BoundScorecard:
     """A template bound to one case's structures: resolve once, then score many doses fast."""
 
-    def __init__(self, template: ScorecardTemplate, structures: Sequence[Structure],
-                 geometry: Geometry):
+    def __init__(self, template: ScorecardTemplate, structures: Case | Sequence[Structure],
+                 geometry: Geometry | None = None):
+        if isinstance(structures, Case):
+            structures, geometry = structures.structures, geometry or structures.geometry
+        if geometry is None:
+            raise ValueError("scoring structures needs their grid: pass geometry (or a Case)")
         self.template = template
         targets = [(s.name, float(s.prescription_gy)) for s in structures
                    if s.role is Role.TARGET and s.prescription_gy]
@@ -265,11 +269,14 @@ class BoundScorecard:
         return _evaluate(self.template, self._bindings, dvhs)
 
 
-def score(dose: np.ndarray, case_structures: Sequence[Structure],
-          template: ScorecardTemplate, geometry: Geometry) -> ScorecardResult:
-    """Scorecard of one dose (Gy, ``[z, y, x]`` on ``geometry``); total in [0, 1].
+def score(dose: np.ndarray, case_structures: Case | Sequence[Structure],
+          template: ScorecardTemplate, geometry: Geometry | None = None) -> ScorecardResult:
+    """Scorecard of one dose (Gy, ``[z, y, x]`` on the structures' grid); total in [0, 1].
 
-    For many doses of one case, build a :class:`BoundScorecard` once and call its ``score``.
+    ``case_structures`` is a :class:`Case` or its structures with their ``geometry``. For many
+    doses of one case (ScardNFT rewards), build a :class:`BoundScorecard` once and call its
+    ``score``: names are resolved and voxels prepared once, each call costs one DVH pass over
+    the scored structures only.
     """
     return BoundScorecard(template, case_structures, geometry).score(dose)
 

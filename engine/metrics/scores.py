@@ -7,7 +7,8 @@
     the *whole* 128³ volume (not only inside the mask); the benchmark is the mean over patients;
   - DVH metrics on voxel doses with ``numpy.percentile`` (linear interpolation): for OARs
     D_0.1cc = percentile at ``100 - v / n * 100`` with ``v = max(1, round(100 / voxel mm³))``
-    voxels and ``n`` the ROI's voxel count, and the mean dose; for targets D99, D95, D1 =
+    voxels and ``n`` the ROI's voxel count (clipped at 0 for ROIs under 0.1 cc, where the
+    original code raises), and the mean dose; for targets D99, D95, D1 =
     percentiles 1, 5 and 99; an ROI counts when its mask has any voxel;
   - DVH score = mean of ``|ref metric - pred metric|`` over *all* (patient, metric) pairs
     that exist (the organisers' ``nanmean`` over the whole table).
@@ -68,7 +69,8 @@ def openkbp_dvh_metrics(dose: np.ndarray, masks: Mapping[str, np.ndarray],
             continue
         roi_dose = flat[np.asarray(mask, dtype=bool)]
         if roi in OPENKBP_OARS:
-            fraction = 100.0 - voxels_in_tenth_of_cc / len(roi_dose) * 100.0
+            # the organisers' formula; clipped only where theirs would raise (ROI < 0.1 cc)
+            fraction = max(0.0, 100.0 - voxels_in_tenth_of_cc / len(roi_dose) * 100.0)
             out[("D_0.1_cc", roi)] = float(np.percentile(roi_dose, fraction))
             out[("mean", roi)] = float(roi_dose.mean())
         else:

@@ -9,17 +9,19 @@ Layout of a bundle folder::
 
     {"format": "dosepilot-model-bundle", "format_version": 1,
      "prediction": "v",
-     "normalisation": {...},            # modality normalisation constants (DESIGN §3), free JSON
+     "normalisation": {...},            # engine.features.normalization.Normalization.to_dict()
      "provenance": {...},               # data, stages, steps, commit, ... free JSON
      "components": {"dit": {"kind": "DiffKT3D", "config": {...},
                             "weights": "dit.safetensors",
                             "tensors": {"time_proj.bias": [[1536], "float32"], ...}}}}
 
-A component is generic: ``kind`` names an architecture in :data:`ARCHITECTURES` (a factory
-``config dict -> nn.Module``), ``config`` is that architecture's ``to_dict()``. Loading checks the
+A component is generic: ``kind`` names an architecture in :data:`ARCHITECTURES` (``DiffKT3D``,
+``WanVAE``, ``TinyCodec``; a frozen config dataclass with ``to_dict``/``from_dict`` and a module
+built from it), ``config`` is that architecture's ``to_dict()``. Loading checks the
 JSON, that every weight file exists and holds exactly the manifest's tensors, and that the tensors
 match what the architecture builds from the config (on the meta device: nothing is allocated), and
-fails with a :class:`CheckpointError` naming what is wrong.
+fails with a :class:`CheckpointError` naming what is wrong. :func:`build_component` then makes
+the module of one component (e.g. ``build_component(config, states, "dit")``).
 
 Writes are atomic: the bundle is written to a temporary sibling folder, every file and the folder
 are fsynced, then it is renamed into place (an existing bundle is moved aside first and deleted
@@ -48,9 +50,12 @@ BUNDLE_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 PREDICTIONS = ("v", "epsilon", "x0")
 
-# kind -> "module:factory", the factory taking a config dict and returning an nn.Module.
-ARCHITECTURES: dict[str, str] = {
-    "DiffKT3D": "engine.models.dit:build",
+# kind -> "module:ModelClass:ConfigClass" (built as ModelClass(ConfigClass.from_dict(config)))
+# or a callable taking the config dict and returning the nn.Module.
+ARCHITECTURES: dict[str, str | Callable[[dict], nn.Module]] = {
+    "DiffKT3D": "engine.models.dit:DiffKT3D:DiTConfig",
+    "WanVAE": "engine.models.vae:WanVAE:VAEConfig",
+    "TinyCodec": "engine.models.tiny_codec:TinyCodec:TinyCodecConfig",
 }
 
 
@@ -75,8 +80,10 @@ def _factory(kind: str, architectures: Mapping[str, str | Callable[[dict], nn.Mo
     target = architectures[kind]
     if callable(target):
         return target
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
+    module_name, model_name, config_name = target.split(":")
+    module = importlib.import_module(module_name)
+    model_class, config_class = getattr(module, model_name), getattr(module, config_name)
+    return lambda config: model_class(config_class.from_dict(config))
 
 
 def _expected_shapes(
@@ -164,8 +171,12 @@ def save_bundle(
     }
     text = json.dumps(document, indent=1, sort_keys=True)  # fails early if not JSON-serialisable
 
+    if path.exists() and not (path.is_dir() and (path / BUNDLE_JSON).is_file()):
+        raise CheckpointError(f"{path} exists and is not a model bundle; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is an ordinary folder
+    old = None
     try:
         for name, comp in components.items():
             tensors = {
@@ -176,17 +187,20 @@ def save_bundle(
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
-        old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rename(path, old / path.name)
         os.rename(tmp, path)
         _fsync(path.parent)
-        if old is not None:
-            shutil.rmtree(old)
     except BaseException:
+        if old is not None and not path.exists():
+            os.rename(old / path.name, path)  # put the previous bundle back
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old)
     return path
 
 
@@ -261,6 +275,25 @@ def load_bundle(
                  manifest, _expected_shapes(comp["kind"], comp["config"], architectures))
         state_dicts[name] = state
     return document, state_dicts
+
+
+def build_component(
+    document: dict,
+    state_dicts: Mapping[str, Mapping[str, Tensor]],
+    name: str,
+    architectures: Mapping[str, str | Callable[[dict], nn.Module]] = ARCHITECTURES,
+) -> nn.Module:
+    """The module of component ``name`` of a loaded bundle, built from its config, weights loaded.
+
+    ``document`` and ``state_dicts`` are what :func:`load_bundle` returned.
+    """
+    components = document["components"]
+    if name not in components:
+        raise CheckpointError(f"the bundle has no component {name!r}; it has {sorted(components)}")
+    comp = components[name]
+    module = _factory(comp["kind"], architectures)(comp["config"])
+    module.load_state_dict(state_dicts[name], strict=True)
+    return module
 
 
 def read_pth_weights_only(path: str | Path) -> dict[str, Tensor]:

@@ -49,6 +49,10 @@ Architecture (numbered as the forward runs)
 5. Head: LN(x) (1 + scale) + shift (head ``scale_shift_table`` + embedding of step 3), then a
    per-slot Linear and un-patchify back to the latent grid (cropping the padding).
 
+Module names for LoRA (peft ``target_modules`` suffixes, :data:`LORA_TARGETS`): ``attn.to_q``,
+``attn.to_k``, ``attn.to_v``, ``attn.to_out``, ``ffn.proj_in``, ``ffn.proj_out``; the
+modulation MLP is ``time_embedder`` + ``time_proj``.
+
 All slots share the latent grid, so tokens are kept as [B, P, N, dim] (P present slots, N tokens
 per slot) and modulation broadcasts per slot rather than being materialised per token.
 """
@@ -72,6 +76,9 @@ from engine import diffusion
 NUM_SLOTS = 7
 SLOT_NAMES: tuple[str, ...] = ("ct", "ptv", "oar", "body", "dose", "beam_plate", "angle_plate")
 ROLE_CONDITION, ROLE_TARGET = 0, 1
+LORA_TARGETS: tuple[str, ...] = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out", "ffn.proj_in", "ffn.proj_out",
+)
 
 
 def rope_band_dims(head_dim: int) -> tuple[int, int, int]:
@@ -408,22 +415,26 @@ class DiffKT3D(nn.Module):
     ) -> tuple[list[int], set[int]]:
         """Validate shapes and masks; return the present slots (in order) and the target slots."""
         c = self.config
-        if x.ndim != 6 or x.shape[1] != c.num_slots or x.shape[2] != c.in_channels:
+        if (not isinstance(x, Tensor) or x.ndim != 6 or x.shape[1] != c.num_slots
+                or x.shape[2] != c.in_channels):
             raise ValueError(
-                f"x must be [B, {c.num_slots}, {c.in_channels}, D, H, W], got {tuple(x.shape)}"
+                f"x must be a [B, {c.num_slots}, {c.in_channels}, D, H, W] tensor, got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
             )
         batch = x.shape[0]
-        if t.shape != (batch,):
-            raise ValueError(f"t must be [B] = [{batch}] flow times, got {tuple(t.shape)}")
-        if target_mask.dtype != torch.bool or target_mask.shape != (batch, c.num_slots):
+        if not isinstance(t, Tensor) or t.shape != (batch,):
+            raise ValueError(f"t must be a tensor [B] = [{batch}] of flow times, got {t!r:.80}")
+        if (not isinstance(target_mask, Tensor) or target_mask.dtype != torch.bool
+                or target_mask.shape != (batch, c.num_slots)):
             raise ValueError(
                 f"target_mask must be a bool tensor [{batch}, {c.num_slots}], "
-                f"got {target_mask.dtype} {tuple(target_mask.shape)}"
+                f"got {target_mask!r:.80}"
             )
         if present is None:
             present = torch.ones(c.num_slots, dtype=torch.bool)
-        if present.dtype != torch.bool or present.shape != (c.num_slots,):
-            raise ValueError(f"present must be a bool tensor [{c.num_slots}], got {present.shape}")
+        if (not isinstance(present, Tensor) or present.dtype != torch.bool
+                or present.shape != (c.num_slots,)):
+            raise ValueError(f"present must be a bool tensor [{c.num_slots}], got {present!r:.80}")
         present = present.cpu()
         targeted = target_mask.cpu().any(dim=0)
         stray = (targeted & ~present).nonzero().flatten().tolist()
@@ -433,11 +444,6 @@ class DiffKT3D(nn.Module):
         if not slots:
             raise ValueError("no slot is present: nothing to attend to")
         return slots, set(targeted.nonzero().flatten().tolist())
-
-
-def build(config: dict) -> DiffKT3D:
-    """A model from a config dict (``DiTConfig.to_dict()``); used by the checkpoint loader."""
-    return DiffKT3D(DiTConfig.from_dict(config))
 
 
 def noise_targets(x0: Tensor, noise: Tensor, s: Tensor, target_mask: Tensor) -> Tensor:

@@ -121,10 +121,13 @@ def convert_wan_state_dict(state_dict: Mapping[str, Tensor], num_slots: int) -> 
 
 def read_wan_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a Wan DiT checkpoint: a ``.safetensors`` file, an official ``.pth`` (read with
-    ``weights_only=True``), or a folder of (possibly sharded) ``.safetensors`` files."""
+    ``weights_only=True``), or a folder of (possibly sharded) ``.safetensors`` files; for a
+    diffusers pipeline folder, its ``transformer/`` subfolder."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"Wan DiT checkpoint not found: {path}")
+    if path.is_dir() and (path / "transformer").is_dir():
+        path = path / "transformer"
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:

@@ -11,8 +11,11 @@ Public API (the runtime and the trainer rely on these names):
   - ``decode(z) -> x``: the inverse direction, ``[B, 1, 1 + 4 (d - 1), 8 h, 8 w]`` in [-1, 1].
   - ``encode_moments(x) -> (mu, logvar)``: raw (un-normalised) posterior, for VAE fitting.
   - ``decode_raw(mu, clamp=True) -> [B, out_channels, ...]``: the raw decoder.
+  - ``normalize_latent(mu)`` / ``denormalize_latent(z)``: between the two latent spaces.
 - ``latent_shape(depth, height, width, config)`` / ``decoded_depth(latent_depth)``: the grid
   arithmetic (97 x 128 x 160 -> 25 x 16 x 20).
+- ``compute_latent_stats(mus)``: per-channel statistics for a small config fitted here
+  (``VAEConfig.with_latent_stats``).
 
 Depth is the VAE's causal "time" axis. The reference implementation (diffusers'
 ``AutoencoderKLWan``, bit-identical to the official Wan code) runs the encoder over chunks of
@@ -31,6 +34,12 @@ same function in one pass over the whole volume:
 Depths that are not ``1 + 4k``: the reference drops the trailing ``(D - 1) % 4`` slices
 (its chunk loop never reaches them); ``encode`` does the same and warns. Callers that must keep
 every slice pad the volume to ``1 + 4k`` first (the model grid's 97 already is).
+
+CPU speed (the function is unchanged): activations are channels-last-3d; inference convolutions
+go straight to oneDNN (``conv3d``); norms and activations write in place where the input is a
+temporary; nearest-2x-upsample + 3x3 conv runs as four 2x2 phase convolutions
+(``upsample_conv``). ``engine.cpu_tuning.tune_cpu`` (allocator, threads) matters as much; see
+``benchmarks/bench_vae.py`` and ``benchmarks/RESULTS.md``.
 
 One channel in, one out: the weights keep Wan's 3 input / 3 output channels so that official
 checkpoints load unchanged. A 1-channel volume is repeated to the 3 input channels (folding
@@ -225,14 +234,18 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # == F.normalize(x, dim=1) * scale * gamma, in fewer full-size passes (channels-last:
-        # the channel reduction is over contiguous memory).
-        inv = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
-        gamma = self.gamma.reshape(1, -1, 1, 1, 1) if x.ndim == 5 else self.gamma
-        gain = gamma * self.scale
-        y = x * inv
-        return y.mul_(gain) if not torch.is_grad_enabled() else y * gain
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        # == F.normalize(x, dim=1) * scale * gamma. Channels-last: the channel reduction runs
+        # over contiguous memory, and the products are written into a channels-last output
+        # (a plain ``x * inv`` picks a channels-first output here, 5-8x slower).
+        inv = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_() \
+            if not torch.is_grad_enabled() else \
+            torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
+        gain = (self.gamma.reshape(1, -1, 1, 1, 1) if x.ndim == 5 else self.gamma) * self.scale
+        if torch.is_grad_enabled():
+            return x * inv * gain
+        out = x if inplace else torch.empty_like(x)
+        return torch.mul(x, inv, out=out).mul_(gain)
 
 
 class ResidualBlock(nn.Module):
@@ -247,7 +260,7 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.conv_shortcut is None else self.conv_shortcut(x)
         x = self.conv1(_silu(self.norm1(x)))
-        x = self.conv2(_silu(self.norm2(x)))
+        x = self.conv2(_silu(self.norm2(x, inplace=True)))
         return x.add_(h) if not torch.is_grad_enabled() else x + h
 
 
@@ -309,8 +322,7 @@ class Resample(nn.Module):
         if self.mode.startswith("up"):
             if self.mode == "upsample3d" and x.shape[2] > 1:
                 x = torch.cat([x[:, :, :1], self._time_upsample(x[:, :, 1:])], dim=2)
-            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")
-            return conv3d(x.contiguous(memory_format=CL3D), weight, conv.bias, padding=(0, 1, 1))
+            return upsample_conv(x, conv.weight, conv.bias)
         x = conv3d(F.pad(x, (0, 1, 0, 1)), weight, conv.bias, stride=(1, 2, 2))
         if self.mode == "downsample3d" and x.shape[2] > 1:
             x = torch.cat([x[:, :, :1], self.time_conv(x)], dim=2)
@@ -320,6 +332,29 @@ class Resample(nn.Module):
         b, c, t, h, w = x.shape
         y = self.time_conv(x).reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5)
         return y.reshape(b, c, 2 * t, h, w).contiguous(memory_format=CL3D)
+
+
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Nearest 2x upsampling of H and W followed by a 3x3 conv (padding 1), per depth slice.
+
+    Computed without materialising the upsampled volume: output pixel ``(2i + a, 2j + b)``
+    only sees input rows ``i - 1 + a .. i + a`` and columns ``j - 1 + b .. j + b``, so each of
+    the four phases ``(a, b)`` is a 2x2 conv on the input whose taps are sums of the 3x3 taps
+    (2.25x fewer multiply-adds than convolving the upsampled volume).
+    """
+    w0, w1, w2 = weight.unbind(2)  # kernel rows at offsets -1, 0, +1
+    kernels = []
+    for rows in (torch.stack([w0, w1 + w2], 2), torch.stack([w0 + w1, w2], 2)):  # phase a
+        c0, c1, c2 = rows.unbind(3)
+        kernels += [torch.stack([c0, c1 + c2], 3), torch.stack([c0 + c1, c2], 3)]  # phase b
+    cout = weight.shape[0]
+    y = conv3d(x, torch.cat(kernels).unsqueeze(2), bias.repeat(4), padding=(0, 1, 1))
+    b, _, t, h, w = x.shape
+    out = torch.empty((b, cout, t, 2 * h, 2 * w), dtype=x.dtype, device=x.device,
+                      memory_format=CL3D)
+    for index, (pa, pb) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        out[:, :, :, pa::2, pb::2] = y[:, index * cout:(index + 1) * cout, :, pa:pa + h, pb:pb + w]
+    return out
 
 
 class Encoder(nn.Module):
@@ -347,7 +382,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(_silu(self.norm_out(x)))
+        return self.conv_out(_silu(self.norm_out(x, inplace=True)))
 
 
 class UpBlock(nn.Module):
@@ -386,7 +421,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(x))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(_silu(self.norm_out(x)))
+        return self.conv_out(_silu(self.norm_out(x, inplace=True)))
 
 
 class WanVAE(nn.Module):

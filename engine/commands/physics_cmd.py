@@ -1,0 +1,212 @@
+"""``dosepilot physics``: physics reference doses (pyRadPlan in its own environment).
+
+* ``physics generate DATASET_DIR OUT_DIR --plans-per-case N --beams 5..11 [--arcs]
+  [--workers K]``: random beam arrangements on every case of an OpenKBP-format dataset, each
+  optimised and computed with physics, written as dataset cases (format: engine.physics_dataset).
+  Resumable: plans already in OUT_DIR are skipped.
+* ``physics verify PATH [--out FILE]``: the physics dose of a case's plan, compared with the
+  case's own dose (MAE in the body, target D95 and OAR mean-dose differences, printed as JSON).
+  PATH is a DICOM folder (the dose is written as an RTDOSE linked to the case's study and plan)
+  or an OpenKBP case (``.npz`` or CSV folder; a generated plan file uses its stored beams, a
+  clinical case the nine clinical fields; the dose is written as an ``.npz``, Gy, OpenKBP order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from engine import physics_dataset as pd
+from engine.case import Case
+from engine.cli import UserError
+from engine.io.dicom import load_dicom_case
+from engine.io.dicom_errors import DicomImportError
+from engine.io.dicom_export import write_rtdose
+from engine.io.openkbp import OpenKBPFormatError, from_case_axes, load_openkbp
+from engine.physics import (
+    PhysicsCancelled,
+    PhysicsError,
+    PhysicsSettings,
+    PhysicsUnavailableError,
+    compute_physics_dose,
+    dose_comparison,
+    physics_python,
+)
+
+
+def _beam_range(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:\.\.|-)\s*(\d+)\s*|\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a beam count or range like 5..11, got {text!r}")
+    lo, hi = (int(m[3]), int(m[3])) if m[3] else (int(m[1]), int(m[2]))
+    if not 1 <= lo <= hi <= 36:
+        raise argparse.ArgumentTypeError(f"beam range must satisfy 1 <= lo <= hi <= 36: {text!r}")
+    return lo, hi
+
+
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    d = PhysicsSettings()
+    p.add_argument("--dose-grid-mm", type=float, default=d.dose_grid_mm,
+                   help="dose calculation grid (default %(default)s mm)")
+    p.add_argument("--bixel-mm", type=float, default=d.bixel_width_mm,
+                   help="beamlet width (default %(default)s mm)")
+    p.add_argument("--max-iter", type=int, default=d.max_iter,
+                   help="optimiser iterations (default %(default)s)")
+    p.add_argument("--arc-step-deg", type=float, default=d.arc_step_deg,
+                   help="arcs are computed as beams every this many degrees (default %(default)s)")
+    p.add_argument("--target-margin-mm", type=float, default=d.target_margin_mm,
+                   help="targets grown by this much for the optimiser (default %(default)s mm)")
+
+
+def _settings(args: argparse.Namespace) -> PhysicsSettings:
+    try:
+        return PhysicsSettings(dose_grid_mm=args.dose_grid_mm, bixel_width_mm=args.bixel_mm,
+                               max_iter=args.max_iter, arc_step_deg=args.arc_step_deg,
+                               target_margin_mm=args.target_margin_mm)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("physics", help="physics reference doses (pyRadPlan)",
+                                   description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="physics_command", metavar="ACTION", required=True)
+
+    gen = sub.add_parser("generate", help="random-beam physics plans as a training set")
+    gen.add_argument("dataset_dir", type=Path, help="folder of OpenKBP-format case .npz files")
+    gen.add_argument("out_dir", type=Path, help="output folder (created; resumable)")
+    gen.add_argument("--plans-per-case", type=int, required=True, metavar="N")
+    gen.add_argument("--beams", type=_beam_range, default=(5, 11), metavar="LO..HI",
+                     help="static beams per plan (default 5..11)")
+    gen.add_argument("--arcs", action="store_true",
+                     help="make a third of the plans arc (VMAT-like) plans")
+    gen.add_argument("--workers", type=int, default=1, metavar="K",
+                     help="plans computed in parallel (default 1)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--limit", type=int, default=None, metavar="M",
+                     help="stop after M new plans")
+    _settings_args(gen)
+    gen.set_defaults(func=run_generate)
+
+    ver = sub.add_parser("verify", help="physics dose of a case's plan vs its own dose")
+    ver.add_argument("path", type=Path, help="a DICOM folder or an OpenKBP case (.npz, folder)")
+    ver.add_argument("--out", type=Path, default=None,
+                     help="where to write the physics dose (default: RD_physics_<case>.dcm "
+                          "for DICOM, <case>_physics.npz otherwise, in the current folder)")
+    _settings_args(ver)
+    ver.set_defaults(func=run_verify)
+
+
+def _engine_version(python: Path) -> dict:
+    import subprocess
+
+    out = subprocess.run([str(python), "-I", "-c",
+                          "from importlib.metadata import version; print(version('pyRadPlan'))"],
+                         capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise UserError(f"the physics environment at {python} is broken: {out.stderr.strip()}")
+    return {"engine": "pyRadPlan", "engine_version": out.stdout.strip(),
+            "python": str(python)}
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if not args.dataset_dir.is_dir():
+        raise UserError(f"dataset folder {args.dataset_dir} does not exist")
+    cases = pd.list_cases(args.dataset_dir)
+    if not cases:
+        raise UserError(f"no case .npz files in {args.dataset_dir}")
+    if args.workers < 1:
+        raise UserError("--workers must be >= 1")
+    try:
+        config = pd.GenerateConfig(args.plans_per_case, args.beams,
+                                   1 / 3 if args.arcs else 0.0, args.seed, _settings(args))
+        python = physics_python()
+    except (ValueError, PhysicsUnavailableError) as exc:
+        raise UserError(str(exc)) from None
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = pd.prepare_manifest(args.out_dir, config, args.dataset_dir,
+                                       _engine_version(python))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    jobs = pd.plan_jobs(cases, args.out_dir, config.plans_per_case)
+    todo = [j for j in jobs if not j.out.exists()]
+    if args.limit is not None:
+        todo = todo[:args.limit]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} plans present; computing {len(todo)} with "
+          f"{args.workers} worker(s) into {args.out_dir}", file=sys.stderr)
+    times: list[float] = list(manifest.get("seconds_per_plan", []))
+    failures: dict[str, str] = {}
+    bar = tqdm(total=len(todo), unit="plan", dynamic_ncols=True)
+
+    def done(job: pd.PlanJob, seconds: float | None, error: str | None) -> None:
+        if error is None:
+            times.append(round(float(seconds), 2))
+        else:
+            failures[job.out.name] = error
+        bar.update(1)
+        bar.set_postfix(failed=len(failures))
+        manifest.update(plans_written=sum(1 for j in jobs if j.out.exists()),
+                        seconds_per_plan=times, failures=failures, updated_unix=time.time(),
+                        **pd.summarize_times(times))
+        pd.write_json_atomic(args.out_dir / "manifest.json", manifest)
+
+    try:
+        pd.run_generation(todo, config, args.workers, done)
+    finally:
+        bar.close()
+    print(f"{manifest.get('plans_written', 0)} of {len(jobs)} plans in {args.out_dir}"
+          + (f"; {len(failures)} failed (see manifest.json)" if failures else ""),
+          file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _load_case(path: Path) -> tuple[Case, str]:
+    """The case at ``path`` and its kind: ``openkbp`` (a ``.npz`` or a CSV patient folder) or
+    ``dicom`` (a folder of DICOM files)."""
+    try:
+        if path.suffix == ".npz" or (path / "ct.csv").is_file():
+            return load_openkbp(path), "openkbp"
+        if path.is_dir():
+            return load_dicom_case(path), "dicom"
+    except (OpenKBPFormatError, DicomImportError) as exc:
+        raise UserError(str(exc)) from None
+    raise UserError(f"{path} is neither a DICOM folder nor an OpenKBP case (.npz or CSV folder)")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    case, kind = _load_case(args.path)
+    try:
+        result = compute_physics_dose(case, case.plan, _settings(args))
+    except (PhysicsUnavailableError, PhysicsError, PhysicsCancelled) as exc:
+        raise UserError(str(exc)) from None
+    if kind == "dicom":
+        out = args.out or Path(f"RD_physics_{case.name}.dcm")
+        try:
+            write_rtdose(result.dose, case, out, description="pyRadPlan physics dose")
+        except ValueError as exc:
+            raise UserError(f"cannot write the RTDOSE: {exc}") from None
+    else:
+        out = args.out or Path(f"{case.name}_physics.npz")
+        pd.write_npz_atomic(out, {
+            "dose_gy": from_case_axes(result.dose.array).astype(np.float32),
+            "gantry_deg": np.asarray(result.delivery_gantry_deg, dtype=np.float32),
+            "physics_json": np.asarray(json.dumps({"engine": result.info,
+                                                   "normalization": result.normalization})),
+        })
+    report = {"case": case.name, "delivery_gantry_deg": list(result.delivery_gantry_deg),
+              "normalization": result.normalization, "primary_target": result.primary_target,
+              "seconds": result.info["timings_s"]["total"], "out": str(out)}
+    if case.dose is not None:
+        report["comparison_vs_case_dose"] = dose_comparison(case, result.dose.array,
+                                                            case.dose.array)
+    print(json.dumps(report, indent=1))
+    return 0

@@ -1,0 +1,403 @@
+"""The DosePilot main window: tri-planar CT views and the 3D scene in the centre; beams,
+structures, DVH, metrics and training in docks; patient loading, dose display and export in
+the tool bar. The window only wires views to the :class:`Session` and the dose controller."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PySide6 import QtCore, QtGui, QtWidgets
+
+from engine.case import Case
+from planner_gui import loading
+from planner_gui.beams_panel import BeamsPanel
+from planner_gui.dvh_panel import DvhPanel
+from planner_gui.engine_api import NO_ENGINE, DoseEngineLike, load_dose_engine
+from planner_gui.export import export_plan_and_dose
+from planner_gui.inference import DoseController
+from planner_gui.metrics_panel import MetricsPanel
+from planner_gui.session import Session
+from planner_gui.structures_panel import StructuresPanel
+from planner_gui.training_panel import TrainingPanel
+from planner_gui.views.display import WINDOW_PRESETS
+from planner_gui.views.slice_view import OVERLAY_MODES, SliceView
+from planner_gui.views.view3d import View3D
+
+log = logging.getLogger(__name__)
+MAX_RECENT = 8
+
+
+def _freeze_long_lived_objects() -> None:
+    """Move everything alive now (modules, the model, the views) out of the cyclic collector's
+    sight: its full collections then stay short instead of stalling the UI for up to a second
+    while inference allocates. (No collect() first: that alone takes about a second.)"""
+    gc.freeze()
+
+
+class MainWindow(QtWidgets.QMainWindow):
+    """The planner's window. ``engine`` may be None (the window says no engine is available)
+    and can be set later with :meth:`set_engine`."""
+
+    case_loaded = QtCore.Signal(object)
+    exported = QtCore.Signal(object)
+    error_shown = QtCore.Signal(str)
+
+    def __init__(self, engine: DoseEngineLike | None = None, engine_message: str = "",
+                 settings: QtCore.QSettings | None = None) -> None:
+        super().__init__()
+        self.setWindowTitle("DosePilot")
+        self.setAcceptDrops(True)
+        self.resize(1500, 950)
+        self.settings = settings or QtCore.QSettings("DosePilot", "DosePilot")
+        self.session = Session()
+        self.controller = DoseController(self.session, engine)
+        self.last_error = ""
+        self._load_task: asyncio.Future | None = None
+
+        self.axial = SliceView(self.session, "axial")
+        self.coronal = SliceView(self.session, "coronal")
+        self.sagittal = SliceView(self.session, "sagittal")
+        self.slice_views = (self.axial, self.coronal, self.sagittal)
+        self.view3d = View3D(self.session)
+        central = QtWidgets.QSplitter(QtCore.Qt.Orientation.Horizontal)
+        left = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
+        right = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
+        left.addWidget(self.axial)
+        left.addWidget(self.coronal)
+        right.addWidget(self.view3d)
+        right.addWidget(self.sagittal)
+        central.addWidget(left)
+        central.addWidget(right)
+        self.setCentralWidget(central)
+
+        self.beams_panel = BeamsPanel(self.session)
+        self.structures_panel = StructuresPanel(self.session)
+        self.dvh_panel = DvhPanel(self.session)
+        self.metrics_panel = MetricsPanel(self.session)
+        self._dock("Beams", self.beams_panel, QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
+        self._dock("Structures", self.structures_panel,
+                   QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
+        self.dvh_dock = self._dock("DVH", self.dvh_panel,
+                                   QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
+        self._dock("Metrics", self.metrics_panel, QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
+        data_root = QtCore.QStandardPaths.writableLocation(
+            QtCore.QStandardPaths.StandardLocation.AppDataLocation)
+        self.training_panel = TrainingPanel(Path(data_root or ".") / "runs")
+        self.training_dock = self._dock("Training", self.training_panel,
+                                        QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
+        self.tabifyDockWidget(self.dvh_dock, self.training_dock)
+        self.dvh_dock.raise_()
+        self.training_panel.model_ready.connect(self.use_checkpoint)
+
+        self._build_actions()
+        self._build_status_bar(engine_message)
+        self.beams_panel.message.connect(self.statusBar().showMessage)
+        self.controller.busy_changed.connect(self._on_busy)
+        self.controller.progress.connect(self._on_progress)
+        self.controller.failed.connect(lambda m: self.show_error("Dose calculation", m))
+        self.session.history_changed.connect(self._on_history)
+        self.session.result_changed.connect(self._on_result)
+        self._on_history(False, False)
+        self._update_case_actions()
+
+    # ---- construction -------------------------------------------------------------------------
+    def _dock(self, title: str, widget: QtWidgets.QWidget,
+              area: QtCore.Qt.DockWidgetArea) -> QtWidgets.QDockWidget:
+        dock = QtWidgets.QDockWidget(title, self)
+        dock.setObjectName(f"dock:{title}")
+        dock.setWidget(widget)
+        self.addDockWidget(area, dock)
+        return dock
+
+    def _action(self, text: str, slot: Callable[[], Any], shortcut: Any = None,
+                tip: str = "") -> QtGui.QAction:
+        action = QtGui.QAction(text, self)
+        if shortcut is not None:
+            action.setShortcut(shortcut)
+        action.setToolTip(tip or text)
+        action.triggered.connect(lambda _checked=False: slot())
+        return action
+
+    def _build_actions(self) -> None:
+        keys = QtGui.QKeySequence.StandardKey
+        self.open_action = self._action("Open DICOM…", self._open_dicom_dialog, keys.Open,
+                                        "Open a folder with CT, RTSTRUCT, RTPLAN (and RTDOSE)")
+        self.open_dataset_action = self._action("Open dataset case…", self._open_dataset_dialog)
+        self.demo_action = self._action("Open demo patient", self.open_demo)
+        self.undo_action = self._action("Undo", self.session.undo, keys.Undo)
+        self.redo_action = self._action("Redo", self.session.redo, keys.Redo)
+        self.export_action = self._action("Export RTPLAN + RTDOSE…", self._export_dialog,
+                                          "Ctrl+E", "Write the edited plan and the shown dose "
+                                          "as DICOM into a new folder")
+        self.predict_action = self._action("Predict", self._predict, "Ctrl+R",
+                                           "Run the full prediction for the current plan")
+        self.recent_menu = QtWidgets.QMenu("Recent patients", self)
+        file_menu = self.menuBar().addMenu("&File")
+        for action in (self.open_action, self.open_dataset_action, self.demo_action):
+            file_menu.addAction(action)
+        file_menu.addMenu(self.recent_menu)
+        file_menu.addAction(self.export_action)
+        file_menu.addSeparator()
+        file_menu.addAction(self._action("Quit", self.close, keys.Quit))
+        edit_menu = self.menuBar().addMenu("&Edit")
+        edit_menu.addAction(self.undo_action)
+        edit_menu.addAction(self.redo_action)
+        self.view_menu = self.menuBar().addMenu("&View")
+        for dock in self.findChildren(QtWidgets.QDockWidget):
+            self.view_menu.addAction(dock.toggleViewAction())
+        self._refresh_recent()
+
+        bar = self.addToolBar("Main")
+        bar.setObjectName("toolbar:main")
+        for action in (self.open_action, self.undo_action, self.redo_action,
+                       self.predict_action, self.export_action):
+            bar.addAction(action)
+        bar.addSeparator()
+        self.window_combo = QtWidgets.QComboBox()
+        self.window_combo.addItems(list(WINDOW_PRESETS))
+        self.window_combo.setToolTip("CT window/level preset")
+        self.window_combo.currentTextChanged.connect(self._on_window)
+        bar.addWidget(QtWidgets.QLabel(" Window "))
+        bar.addWidget(self.window_combo)
+        self.overlay_combo = QtWidgets.QComboBox()
+        self.overlay_combo.addItems(list(OVERLAY_MODES))
+        self.overlay_combo.setToolTip("What the colour-wash shows")
+        self.overlay_combo.currentTextChanged.connect(self._on_overlay)
+        bar.addWidget(QtWidgets.QLabel(" Show "))
+        bar.addWidget(self.overlay_combo)
+        self.opacity_slider = QtWidgets.QSlider(QtCore.Qt.Orientation.Horizontal)
+        self.opacity_slider.setRange(0, 100)
+        self.opacity_slider.setValue(45)
+        self.opacity_slider.setFixedWidth(100)
+        self.opacity_slider.setToolTip("Dose colour-wash opacity")
+        self.opacity_slider.valueChanged.connect(
+            lambda v: [view.set_dose_opacity(v / 100.0) for view in self.slice_views])
+        bar.addWidget(QtWidgets.QLabel(" Opacity "))
+        bar.addWidget(self.opacity_slider)
+        self.seeds_spin = QtWidgets.QSpinBox()
+        self.seeds_spin.setRange(1, 8)
+        self.seeds_spin.setToolTip("Seeds per full prediction (more than one gives an "
+                                   "uncertainty map)")
+        self.seeds_spin.valueChanged.connect(
+            lambda n: setattr(self.controller, "seeds", tuple(range(n))))
+        bar.addWidget(QtWidgets.QLabel(" Seeds "))
+        bar.addWidget(self.seeds_spin)
+
+    def _build_status_bar(self, engine_message: str) -> None:
+        self.progress_bar = QtWidgets.QProgressBar()
+        self.progress_bar.setFixedWidth(220)
+        self.progress_bar.setVisible(False)
+        self.engine_label = QtWidgets.QLabel()
+        self.statusBar().addPermanentWidget(self.engine_label)
+        self.statusBar().addPermanentWidget(self.progress_bar)
+        self._set_engine_label(engine_message)
+
+    def _set_engine_label(self, message: str) -> None:
+        if self.controller.available:
+            self.engine_label.setText("Dose engine ready")
+            self.engine_label.setStyleSheet("color: #3a3;")
+            self.engine_label.setToolTip("")
+        else:
+            text = message or f"{NO_ENGINE}."
+            self.engine_label.setText(NO_ENGINE)
+            self.engine_label.setStyleSheet("color: white; background: #a33; padding: 1px 6px;")
+            self.engine_label.setToolTip(text)
+        self.predict_action.setEnabled(self.controller.available and self.session.case is not None)
+
+    # ---- engine -------------------------------------------------------------------------------
+    def set_engine(self, engine: DoseEngineLike | None, message: str = "") -> None:
+        """Use ``engine`` for previews and predictions (None: say why there is none)."""
+        self.controller.set_engine(engine)
+        self._set_engine_label(message)
+        _freeze_long_lived_objects()
+        if engine is not None and self.session.case is not None:
+            self.controller.request_prediction()
+
+    def use_checkpoint(self, path: str) -> asyncio.Future:
+        """Load the model at ``path`` off the UI thread and make it the dose engine."""
+        self.statusBar().showMessage(f"Loading model {path} …")
+        future = asyncio.get_event_loop().run_in_executor(None, load_dose_engine, path)
+
+        def loaded(f: asyncio.Future) -> None:
+            engine, message = f.result()
+            if engine is None:
+                self.show_error("Model", message)
+                return
+            self.set_engine(engine)
+            self.statusBar().showMessage(f"Using model {path}")
+
+        future.add_done_callback(loaded)
+        return future
+
+    def _predict(self) -> None:
+        self.controller.request_prediction()
+
+    def _on_busy(self, kind: str) -> None:
+        if kind == "predict":
+            self.progress_bar.setRange(0, self.controller.steps)
+            self.progress_bar.setValue(0)
+            self.progress_bar.setFormat("Predicting %v/%m")
+            self.progress_bar.setVisible(True)
+        elif kind == "preview":
+            self.progress_bar.setRange(0, 0)
+            self.progress_bar.setFormat("Preview")
+            self.progress_bar.setVisible(True)
+        else:
+            self.progress_bar.setVisible(False)
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress_bar.setRange(0, total)
+        self.progress_bar.setValue(done)
+
+    def _on_result(self, result: Any) -> None:
+        if result is None:
+            return
+        seconds = sum(result.timings_s.values())
+        self.statusBar().showMessage(f"{result.kind.capitalize()} ready in {seconds:.2f} s")
+
+    # ---- patients -----------------------------------------------------------------------------
+    def open_case(self, case: Case, source: str = "") -> None:
+        """Show ``case`` (already loaded); remembers ``source`` among the recent patients."""
+        self.session.open_case(case)
+        if not self.controller.available and case.dose is not None:
+            self.overlay_combo.setCurrentText(OVERLAY_MODES[1])  # show what there is
+        self.setWindowTitle(f"DosePilot — {case.name}")
+        if source:
+            self._remember(source)
+        if case.warnings:
+            self.statusBar().showMessage(
+                f"Opened {case.name} with {len(case.warnings)} warning(s): {case.warnings[0]}")
+        self._update_case_actions()
+        self.case_loaded.emit(case)
+        _freeze_long_lived_objects()
+
+    def open_path(self, path: str | Path) -> asyncio.Future:
+        """Load a DICOM folder or a dataset case off the UI thread, then show it."""
+        path = Path(path)
+        self.statusBar().showMessage(f"Opening {path} …")
+        loop = asyncio.get_event_loop()
+        future = loop.run_in_executor(None, loading.load_case, path)
+        future.add_done_callback(lambda f: self._loaded(f, path))
+        self._load_task = future
+        return future
+
+    def _loaded(self, future: asyncio.Future, path: Path) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            message = str(exc) if isinstance(exc, loading.CaseLoadError) else (
+                f"{type(exc).__name__}: {exc}")
+            self.statusBar().showMessage(f"Could not open {path}")
+            self.show_error(f"Could not open {path.name}", message)
+            return
+        self.open_case(future.result(), str(path))
+
+    def open_demo(self) -> asyncio.Future | None:
+        try:
+            path = loading.demo_path()
+        except FileNotFoundError as exc:
+            self.show_error("Demo patient", str(exc))
+            return None
+        return self.open_path(path)
+
+    def _open_dicom_dialog(self) -> None:
+        folder = QtWidgets.QFileDialog.getExistingDirectory(self, "Open a DICOM folder")
+        if folder:
+            self.open_path(folder)
+
+    def _open_dataset_dialog(self) -> None:
+        path, _ = QtWidgets.QFileDialog.getOpenFileName(
+            self, "Open a dataset case", "", "OpenKBP case (*.npz ct.csv)")
+        if path:
+            self.open_path(Path(path).parent if Path(path).name == "ct.csv" else path)
+
+    def _remember(self, source: str) -> None:
+        recent = [p for p in self.recent_paths() if p != source]
+        self.settings.setValue("recent", [source] + recent[:MAX_RECENT - 1])
+        self._refresh_recent()
+
+    def recent_paths(self) -> list[str]:
+        value = self.settings.value("recent", [])
+        return [value] if isinstance(value, str) else list(value or [])
+
+    def _refresh_recent(self) -> None:
+        self.recent_menu.clear()
+        for path in self.recent_paths():
+            self.recent_menu.addAction(path, lambda p=path: self.open_path(p))
+        self.recent_menu.setEnabled(bool(self.recent_paths()))
+
+    def dragEnterEvent(self, event: QtGui.QDragEnterEvent) -> None:  # noqa: N802 - Qt API
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event: QtGui.QDropEvent) -> None:  # noqa: N802 - Qt API
+        urls = [u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()]
+        if urls:
+            event.acceptProposedAction()
+            self.open_path(urls[0])
+
+    # ---- small slots --------------------------------------------------------------------------
+    def _update_case_actions(self) -> None:
+        has_case = self.session.case is not None
+        self.predict_action.setEnabled(has_case and self.controller.available)
+        self.export_action.setEnabled(has_case)
+
+    # ---- export -------------------------------------------------------------------------------
+    def _export_dialog(self) -> None:
+        folder = QtWidgets.QFileDialog.getExistingDirectory(
+            self, "Export the plan and dose into (a new sub-folder is created)")
+        if folder:
+            self.export_to(folder)
+
+    def export_to(self, parent: str | Path) -> asyncio.Future:
+        """Write the current plan and predicted dose under ``parent`` off the UI thread."""
+        case, plan, result = self.session.case, self.session.plan, self.session.result
+        dose = result.dose if result is not None else None
+        future = asyncio.get_event_loop().run_in_executor(
+            None, export_plan_and_dose, case, plan, dose, parent)
+        future.add_done_callback(self._exported)
+        self.statusBar().showMessage("Exporting …")
+        return future
+
+    def _exported(self, future: asyncio.Future) -> None:
+        exc = future.exception()
+        if exc is not None:
+            self.show_error("Export failed", f"{type(exc).__name__}: {exc}")
+            return
+        files = future.result()
+        what = "RTPLAN and RTDOSE" if files.rtdose is not None else "RTPLAN (no dose yet)"
+        self.statusBar().showMessage(f"Exported {what} to {files.folder}")
+        self.exported.emit(files)
+
+    def _on_history(self, can_undo: bool, can_redo: bool) -> None:
+        self.undo_action.setEnabled(can_undo)
+        self.redo_action.setEnabled(can_redo)
+
+    def _on_window(self, name: str) -> None:
+        for view in self.slice_views:
+            view.set_window(*WINDOW_PRESETS[name])
+
+    def _on_overlay(self, mode: str) -> None:
+        for view in self.slice_views:
+            view.set_overlay_mode(mode)
+
+    def show_error(self, title: str, message: str) -> None:
+        """A clear, non-blocking error dialog (window-modal)."""
+        self.last_error = message
+        box = QtWidgets.QMessageBox(QtWidgets.QMessageBox.Icon.Critical, title, message,
+                                    QtWidgets.QMessageBox.StandardButton.Ok, self)
+        box.setAttribute(QtCore.Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.open()
+        self.error_shown.emit(message)
+
+    def closeEvent(self, event: QtGui.QCloseEvent) -> None:  # noqa: N802 - Qt API
+        self.controller.shutdown()
+        self.training_panel.shutdown()
+        self.view3d.close_scene()
+        super().closeEvent(event)

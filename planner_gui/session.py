@@ -1,0 +1,233 @@
+"""The GUI-free session model: the open case, the plan being edited with undo/redo, the latest
+dose result, the linked cursor and which structures are shown.
+
+Views subscribe to the signals here; the model never calls a view. Plans are immutable
+(:class:`engine.case.Plan`), so the undo history is simply a stack of plans. A mouse drag is one
+undoable edit: :meth:`Session.begin_edit` remembers the plan, :meth:`Session.preview_plan` shows
+transient plans without touching the history, :meth:`Session.commit_edit` records the edit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from engine.case import Beam, Case, Plan, Role
+from planner_gui.signals import Signal
+
+DEFAULT_BEAM_COUNT = 7
+
+
+def default_plan(case: Case) -> Plan:
+    """An equispaced coplanar plan at the targets' centroid (or the body's), for cases with none.
+
+    Gantry angles 0, 360/n, ... degrees; isocentre in LPS mm.
+    """
+    masks = [s.mask for s in case.targets] or [s.mask for s in case.by_role(Role.EXTERNAL)]
+    if masks:
+        union = np.logical_or.reduce(masks)
+        centre_index = np.argwhere(union).mean(axis=0)
+    else:
+        centre_index = (np.asarray(case.geometry.shape) - 1) / 2.0
+    iso = tuple(float(v) for v in case.geometry.index_to_lps(centre_index))
+    beams = tuple(Beam(name=f"B{i + 1}", gantry_deg=360.0 * i / DEFAULT_BEAM_COUNT,
+                       isocenter_mm=iso, number=i + 1) for i in range(DEFAULT_BEAM_COUNT))
+    rx = max((s.prescription_gy or 0.0 for s in case.targets), default=0.0) or None
+    return Plan(beams=beams, prescription_gy=rx, name="Default")
+
+
+def _largest_gap_angle(angles: list[float]) -> float:
+    """The middle of the widest angular gap between existing gantry angles (degrees)."""
+    if not angles:
+        return 0.0
+    a = sorted(x % 360.0 for x in angles)
+    gaps = [((a[(i + 1) % len(a)] - a[i]) % 360.0 or 360.0, a[i]) for i in range(len(a))]
+    width, start = max(gaps)
+    return (start + width / 2.0) % 360.0
+
+
+class Session:
+    """Everything the planner is looking at, as plain values plus change signals.
+
+    Signals (arguments):
+        case_changed(case): a new patient was opened.
+        plan_changed(plan, final): the plan changed; ``final`` is False for transient drag
+            states (previews) and True for committed edits, undo and redo.
+        result_changed(result): a new dose result (preview or full prediction) or None.
+        cursor_changed(point): the linked crosshair moved, LPS (x, y, z) in mm.
+        visibility_changed(name, visible): a structure was shown or hidden.
+        history_changed(can_undo, can_redo)
+        selection_changed(beam_index): the beam selected for editing (-1 when none).
+    """
+
+    def __init__(self) -> None:
+        self.case_changed = Signal()
+        self.plan_changed = Signal()
+        self.result_changed = Signal()
+        self.cursor_changed = Signal()
+        self.visibility_changed = Signal()
+        self.history_changed = Signal()
+        self.selection_changed = Signal()
+        self.case: Case | None = None
+        self.plan: Plan | None = None
+        self.result: Any = None
+        self.cursor_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        self.hidden: set[str] = set()
+        self.selected_beam = -1
+        self._undo: list[Plan] = []
+        self._redo: list[Plan] = []
+        self._edit_start: Plan | None = None
+
+    # ---- case -------------------------------------------------------------------------------
+    def open_case(self, case: Case) -> None:
+        """Make ``case`` current: its plan (or a default one), cursor at the isocentre."""
+        self.case = case
+        self.plan = case.plan if case.plan is not None and case.plan.beams else default_plan(case)
+        self._undo.clear()
+        self._redo.clear()
+        self._edit_start = None
+        self.result = None
+        self.hidden = set()
+        self.selected_beam = 0 if self.plan.beams else -1
+        self.cursor_mm = self.plan.isocenter_mm
+        self.case_changed.emit(case)
+        self.plan_changed.emit(self.plan, True)
+        self.result_changed.emit(None)
+        self.cursor_changed.emit(self.cursor_mm)
+        self._emit_history()
+
+    # ---- plan edits with undo/redo ----------------------------------------------------------
+    def _require_plan(self) -> Plan:
+        if self.plan is None:
+            raise RuntimeError("no patient is open")
+        return self.plan
+
+    def set_plan(self, plan: Plan) -> None:
+        """Replace the plan as one undoable edit."""
+        current = self._require_plan()
+        if plan == current:
+            return
+        self._undo.append(current)
+        self._redo.clear()
+        self.plan = plan
+        self.plan_changed.emit(plan, True)
+        self._emit_history()
+
+    def begin_edit(self) -> None:
+        """Start a continuous edit (a drag): later previews are one undo step."""
+        self._edit_start = self._require_plan()
+
+    def preview_plan(self, plan: Plan) -> None:
+        """Show a transient plan during a continuous edit (no history entry)."""
+        if self._edit_start is None:
+            self.begin_edit()
+        self.plan = plan
+        self.plan_changed.emit(plan, False)
+
+    def commit_edit(self) -> None:
+        """End a continuous edit: record it for undo and announce the final plan."""
+        start, self._edit_start = self._edit_start, None
+        plan = self._require_plan()
+        if start is not None and start != plan:
+            self._undo.append(start)
+            self._redo.clear()
+        self.plan_changed.emit(plan, True)
+        self._emit_history()
+
+    @property
+    def editing(self) -> bool:
+        return self._edit_start is not None
+
+    def set_gantry(self, index: int, gantry_deg: float, transient: bool = False) -> None:
+        """Turn beam ``index`` to ``gantry_deg`` degrees (IEC 61217)."""
+        plan = self._require_plan().with_gantry(index, gantry_deg)
+        if transient:
+            self.preview_plan(plan)
+        else:
+            self.set_plan(plan)
+
+    def set_couch(self, index: int, couch_deg: float) -> None:
+        plan = self._require_plan()
+        beam = dataclasses.replace(plan.beams[index], couch_deg=float(couch_deg) % 360.0)
+        self.set_plan(plan.with_beams(plan.beams[:index] + (beam,) + plan.beams[index + 1:]))
+
+    def add_beam(self) -> int:
+        """Add a static beam in the widest gap between the existing angles; returns its index."""
+        plan = self._require_plan()
+        iso = plan.isocenter_mm if plan.beams else default_plan(self.case).isocenter_mm
+        names = {b.name for b in plan.beams}
+        n = len(plan.beams) + 1
+        while f"B{n}" in names:
+            n += 1
+        beam = Beam(name=f"B{n}", gantry_deg=_largest_gap_angle([b.gantry_deg for b in plan.beams]),
+                    isocenter_mm=iso, number=max((b.number for b in plan.beams), default=0) + 1)
+        self.set_plan(plan.with_beams(plan.beams + (beam,)))
+        self.select_beam(len(plan.beams))
+        return len(plan.beams)
+
+    def remove_beam(self, index: int) -> None:
+        plan = self._require_plan()
+        if len(plan.beams) <= 1:
+            raise ValueError("a plan needs at least one beam")
+        self.set_plan(plan.with_beams(plan.beams[:index] + plan.beams[index + 1:]))
+        self.select_beam(min(index, len(self.plan.beams) - 1))
+
+    def undo(self) -> bool:
+        if not self._undo:
+            return False
+        self._redo.append(self._require_plan())
+        self.plan = self._undo.pop()
+        self._after_history_move()
+        return True
+
+    def redo(self) -> bool:
+        if not self._redo:
+            return False
+        self._undo.append(self._require_plan())
+        self.plan = self._redo.pop()
+        self._after_history_move()
+        return True
+
+    def _after_history_move(self) -> None:
+        if self.selected_beam >= len(self.plan.beams):
+            self.select_beam(len(self.plan.beams) - 1)
+        self.plan_changed.emit(self.plan, True)
+        self._emit_history()
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    def _emit_history(self) -> None:
+        self.history_changed.emit(self.can_undo, self.can_redo)
+
+    # ---- view state -------------------------------------------------------------------------
+    def select_beam(self, index: int) -> None:
+        if index != self.selected_beam:
+            self.selected_beam = index
+            self.selection_changed.emit(index)
+
+    def set_result(self, result: Any) -> None:
+        self.result = result
+        self.result_changed.emit(result)
+
+    def set_cursor(self, point_mm: tuple[float, float, float]) -> None:
+        point = tuple(float(v) for v in point_mm)
+        if point != self.cursor_mm:
+            self.cursor_mm = point
+            self.cursor_changed.emit(point)
+
+    def set_visible(self, name: str, visible: bool) -> None:
+        if visible == (name not in self.hidden):
+            return
+        (self.hidden.discard if visible else self.hidden.add)(name)
+        self.visibility_changed.emit(name, visible)
+
+    def is_visible(self, name: str) -> bool:
+        return name not in self.hidden

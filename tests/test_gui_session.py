@@ -1,0 +1,175 @@
+"""The GUI's Qt-free parts: session model (undo/redo), beam geometry, loading errors and the
+dose controller (latest wins, on a plain asyncio loop with a real worker thread)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from gui_helpers import PhysicsDoseEngine, make_case
+
+from engine.case import PatientPosition
+from engine.features.beam_geometry import source_direction_lps
+from planner_gui.beam_geometry import gantry_from_axial_direction
+from planner_gui.inference import DoseController
+from planner_gui.loading import CaseLoadError, load_case
+from planner_gui.session import Session, _largest_gap_angle, default_plan
+
+
+@pytest.fixture(scope="module")
+def case():
+    return make_case(with_dose=False)
+
+
+def recorder(signal):
+    calls = []
+    signal.connect(lambda *a: calls.append(a))
+    return calls
+
+
+def test_open_case_sets_plan_cursor_and_clears_history(case):
+    s = Session()
+    plans = recorder(s.plan_changed)
+    s.open_case(case)
+    assert s.plan == case.plan and plans == [(case.plan, True)]
+    assert s.cursor_mm == case.plan.isocenter_mm
+    assert not s.can_undo and not s.can_redo
+
+
+def test_drag_is_one_undo_step_and_redo_restores_it(case):
+    s = Session()
+    s.open_case(case)
+    finals = []
+    s.plan_changed.connect(lambda plan, final: finals.append(final))
+    s.begin_edit()
+    for angle in (5.0, 10.0, 15.0):
+        s.set_gantry(0, angle, transient=True)
+    s.commit_edit()
+    assert finals == [False, False, False, True]
+    assert s.plan.beams[0].gantry_deg == 15.0
+    assert s.undo() and s.plan.beams[0].gantry_deg == 0.0
+    assert not s.undo()
+    assert s.redo() and s.plan.beams[0].gantry_deg == 15.0
+    assert not s.can_redo
+
+
+def test_new_edit_clears_redo_and_beams_can_be_added_and_removed(case):
+    s = Session()
+    s.open_case(case)
+    s.set_gantry(1, 90.0)
+    s.undo()
+    s.set_couch(1, 10.0)
+    assert not s.can_redo and s.plan.beams[1].couch_deg == 10.0
+    n = len(s.plan.beams)
+    index = s.add_beam()
+    assert len(s.plan.beams) == n + 1 and s.selected_beam == index
+    assert s.plan.beams[index].name not in {b.name for b in s.plan.beams[:index]}
+    s.remove_beam(0)
+    assert len(s.plan.beams) == n and s.plan.beams[0].name == "B02"
+    s.undo()
+    s.undo()
+    assert len(s.plan.beams) == n and s.plan.beams[0].name == "B01"
+
+
+def test_last_beam_cannot_be_removed(case):
+    s = Session()
+    s.open_case(case.with_plan(case.plan.with_beams(case.plan.beams[:1])))
+    with pytest.raises(ValueError, match="at least one beam"):
+        s.remove_beam(0)
+
+
+def test_default_plan_is_centred_on_the_target(case):
+    plan = default_plan(case.with_plan(None))
+    targets = case.structure("PTV70").mask | case.structure("PTV56").mask
+    centre = case.geometry.index_to_lps(np.argwhere(targets).mean(axis=0))
+    assert np.allclose(plan.isocenter_mm, centre)
+    assert len(plan.beams) == 7 and plan.prescription_gy == 70.0
+
+
+def test_largest_gap_angle():
+    assert _largest_gap_angle([0.0, 90.0, 180.0]) == 270.0
+    assert _largest_gap_angle([350.0, 10.0]) == 180.0
+    assert _largest_gap_angle([]) == 0.0
+
+
+def test_visibility_signal_only_on_change():
+    s = Session()
+    calls = recorder(s.visibility_changed)
+    s.set_visible("PTV", False)
+    s.set_visible("PTV", False)
+    s.set_visible("PTV", True)
+    assert calls == [("PTV", False), ("PTV", True)]
+
+
+@pytest.mark.parametrize("position", ["HFS", "HFP", "FFS", "FFP", "HFDL", "FFDR"])
+@pytest.mark.parametrize("angle", [0.0, 37.5, 90.0, 181.0, 300.0])
+def test_gantry_round_trips_through_the_axial_direction(position, angle):
+    d = source_direction_lps(angle, 0.0, PatientPosition(position))
+    assert np.isclose(np.linalg.norm(d), 1.0)
+    assert np.isclose(gantry_from_axial_direction(d[0], d[1], PatientPosition(position)), angle)
+
+
+def test_dragging_towards_the_patients_left_is_gantry_90_for_hfs():
+    assert gantry_from_axial_direction(0.0, -1.0) == 0.0     # source anterior
+    assert gantry_from_axial_direction(1.0, 0.0) == 90.0     # source at the patient's left
+    assert gantry_from_axial_direction(0.0, 1.0) == 180.0    # posterior
+
+
+def test_missing_path_is_a_clear_load_error(tmp_path):
+    with pytest.raises(CaseLoadError, match="does not exist"):
+        load_case(tmp_path / "nope")
+
+
+def test_controller_previews_transient_plans_and_predicts_committed_ones(case):
+    engine = PhysicsDoseEngine()
+    session = Session()
+    controller = DoseController(session, engine, steps=5)
+    progress = recorder(controller.progress)
+    results = recorder(session.result_changed)
+
+    async def scenario():
+        session.open_case(case)            # committed plan -> full prediction
+        await asyncio.sleep(0.5)
+        session.begin_edit()
+        session.set_gantry(0, 40.0, transient=True)
+        await asyncio.sleep(0.5)
+        session.commit_edit()
+        await asyncio.sleep(0.5)
+
+    asyncio.run(scenario())
+    kinds = [r[0].kind for r in results if r[0] is not None]
+    assert kinds == ["predict", "preview", "predict"]
+    assert progress[-1] == (5, 5)
+    final = session.result
+    assert final.dose.geometry == case.geometry
+    initial = results[1][0]  # gantry 0 vs the final 40 degrees
+    assert initial.metrics["Parotid_L"].mean_gy != final.metrics["Parotid_L"].mean_gy
+    assert final.scorecard.evaluated > 0
+    controller.shutdown()
+
+
+def test_controller_reports_engine_failures(case):
+    class Broken(PhysicsDoseEngine):
+        def predict(self, *args, **kwargs):
+            raise RuntimeError("model weights are corrupt")
+
+    session = Session()
+    controller = DoseController(session, Broken())
+    failures = recorder(controller.failed)
+
+    async def scenario():
+        session.open_case(case)
+        await asyncio.sleep(0.3)
+
+    asyncio.run(scenario())
+    assert failures and "model weights are corrupt" in failures[0][0]
+    assert session.result is None
+    controller.shutdown()
+
+
+def test_a_missing_engine_or_model_is_reported_not_raised(tmp_path):
+    from planner_gui.engine_api import NO_ENGINE, load_dose_engine
+
+    engine, message = load_dose_engine(str(tmp_path / "no-such-checkpoint"))
+    assert engine is None and message.startswith(NO_ENGINE)

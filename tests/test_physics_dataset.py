@@ -1,0 +1,197 @@
+"""Physics training-set generator: beam arrangements, the OpenKBP-format files, resumability
+bookkeeping and the CLI's error handling (no physics environment needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from engine import physics_dataset as pd
+from engine.case import Technique, Volume
+from engine.cli import main
+from engine.io.openkbp import load_openkbp_npz
+from engine.physics import PhysicsResult, PhysicsSettings
+
+
+def make_openkbp_case(path, shape=(40, 40, 24), voxel=(4.0, 4.0, 2.5)) -> dict:
+    """A small OpenKBP-format case: water cylinder, PTV70 inside PTV56, cord posterior,
+    left parotid on the patient's left (higher column), brainstem superior (lower slice)."""
+    r, c, s = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    rr, cc = (r - shape[0] / 2) * voxel[0], (c - shape[1] / 2) * voxel[1]
+    body = rr ** 2 + cc ** 2 <= 60.0 ** 2
+    ct = np.where(body, 1024, 0).astype(np.int16)
+    names = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx",
+             "Mandible", "PTV56", "PTV63", "PTV70"]
+    masks = {
+        "PTV70": (rr ** 2 + cc ** 2 <= 12.0 ** 2) & (s >= 9) & (s < 15),
+        "PTV56": (rr ** 2 + cc ** 2 <= 20.0 ** 2) & (s >= 7) & (s < 17),
+        "SpinalCord": ((rr - 40.0) ** 2 + cc ** 2 <= 5.0 ** 2) & (s >= 8),
+        "LeftParotid": ((rr + 5.0) ** 2 + (cc - 35.0) ** 2 <= 8.0 ** 2) & (s >= 5) & (s < 12),
+        "Brainstem": ((rr - 30.0) ** 2 + cc ** 2 <= 6.0 ** 2) & (s < 6),
+    }
+    bits = np.zeros(shape, np.uint16)
+    for k, name in enumerate(names):
+        if name in masks:
+            bits |= (masks[name].astype(np.uint16) << k)
+    bits |= (body.astype(np.uint16) << 15)
+    arrays = {"ct": ct, "dose_cgy": np.zeros(shape, np.uint16), "roi_bits": bits,
+              "roi_names": np.asarray(names), "present": np.asarray(sorted(masks)),
+              "voxel_mm": np.asarray(voxel, np.float32)}
+    np.savez_compressed(path, **arrays)
+    return arrays
+
+
+# ---------------------------------------------------------------- arrangements
+
+
+@pytest.mark.parametrize("n", range(5, 12))
+def test_random_static_arrangements_are_spread_and_not_opposed(n):
+    for seed in range(25):
+        angles = pd.random_static(np.random.default_rng(seed), n)
+        assert len(angles) == n and list(angles) == sorted(set(angles))
+        assert all(a == int(a) and 0 <= a < 360 for a in angles)
+        assert min(pd._circular_gaps(np.asarray(angles))) >= 0.5 * 360 / n
+        diff = np.abs((np.subtract.outer(angles, angles) + 180) % 360 - 180)
+        assert not np.any(np.abs(diff - 180) < 10)
+
+
+def test_plausibility_rules():
+    assert pd.is_plausible_static([0, 72, 144, 216, 288])
+    assert not pd.is_plausible_static([0, 60, 120, 180, 240, 300])  # opposed pairs
+    assert not pd.is_plausible_static([0, 10, 144, 216, 288])  # clustered
+
+
+def test_random_arcs_turn_one_way_with_small_steps():
+    for seed in range(30):
+        for arc in pd.random_arcs(np.random.default_rng(seed)):
+            steps = (np.diff(arc) + 180) % 360 - 180
+            assert np.all(np.abs(steps) <= 10.0 + 1e-9) and np.all(np.abs(steps) > 0)
+            assert np.all(np.sign(steps) == np.sign(steps[0]))
+            assert 180 - 1e-6 <= np.abs(steps).sum() <= 358 + 1e-6
+
+
+def test_random_arrangement_mixes_arcs_at_the_requested_fraction():
+    rng = np.random.default_rng(3)
+    draws = [pd.random_arrangement(rng, (5, 7), 0.5) for _ in range(200)]
+    arcs = [d for d in draws if d.techniques[0] is Technique.ARC]
+    assert 70 < len(arcs) < 130
+    static = [d for d in draws if d.techniques[0] is Technique.STATIC]
+    assert all(5 <= len(d.techniques) <= 7 for d in static)
+    assert {len(d.techniques) for d in static} == {5, 6, 7}
+    assert all(t is Technique.STATIC for d in (pd.random_arrangement(rng, (9, 9), 0.0)
+                                               for _ in range(20)) for t in d.techniques)
+
+
+def test_plan_rng_depends_only_on_seed_case_and_index():
+    a = pd.plan_rng(0, "pt_1", 1).random(4)
+    np.testing.assert_array_equal(a, pd.plan_rng(0, "pt_1", 1).random(4))
+    assert not np.array_equal(a, pd.plan_rng(0, "pt_2", 1).random(4))
+    assert not np.array_equal(a, pd.plan_rng(0, "pt_1", 2).random(4))
+    assert not np.array_equal(a, pd.plan_rng(1, "pt_1", 1).random(4))
+
+
+def test_jobs_are_plan_major_in_natural_case_order(tmp_path):
+    for name in ("pt_10", "pt_2", "pt_1"):
+        (tmp_path / f"{name}.npz").write_bytes(b"")
+    cases = pd.list_cases(tmp_path)
+    assert [c.stem for c in cases] == ["pt_1", "pt_2", "pt_10"]
+    jobs = pd.plan_jobs(cases, tmp_path / "out", 2)
+    assert [j.out.name for j in jobs[:4]] == ["pt_1_plan0.npz", "pt_2_plan0.npz",
+                                              "pt_10_plan0.npz", "pt_1_plan1.npz"]
+
+
+# ---------------------------------------------------------------- plan files
+
+
+def _fake_result(case, dose_gy):
+    return PhysicsResult(Volume(dose_gy, case.geometry), 1.25, "PTV70", (10.0, 30.0),
+                         PhysicsSettings(), {"engine": "pyRadPlan", "engine_version": "x"})
+
+
+def test_plan_file_round_trip_through_the_openkbp_reader(tmp_path):
+    arrays = make_openkbp_case(tmp_path / "c.npz")
+    case = load_openkbp_npz(tmp_path / "c.npz")
+    dose = np.zeros(case.geometry.shape, np.float32)
+    dose[23 - 12, 20, 21] = 71.234  # OpenKBP [20, 21, 12]: the reader flips the slice axis
+    arrangement = pd.Arrangement((Technique.STATIC, Technique.ARC),
+                                 ((15.0,), (100.0, 110.0, 120.0)))
+    iso = (3.0, -4.0, 5.0)
+    out = pd.plan_arrays(arrays, case, arrangement, iso, _fake_result(case, dose), "c")
+    path = tmp_path / "out" / "c_plan0.npz"
+    path.parent.mkdir()
+    pd.write_npz_atomic(path, out)
+    assert [p.name for p in path.parent.iterdir()] == ["c_plan0.npz"]
+    back = pd.load_arrays(path)
+    for key in ("ct", "roi_bits", "roi_names", "present", "voxel_mm"):
+        np.testing.assert_array_equal(back[key], arrays[key])
+    assert back["dose_cgy"].dtype == np.uint16
+    assert back["dose_cgy"][20, 21, 12] == 7123 and back["dose_cgy"].sum() == 7123
+    np.testing.assert_array_equal(back["gantry_deg"], [15, 100, 110, 120])
+    np.testing.assert_array_equal(back["beam_index"], [0, 1, 1, 1])
+    assert pd.read_plan_beams(back) == arrangement
+    assert str(back["source_case"]) == "c"
+    assert json.loads(str(back["physics_json"]))["normalization"] == 1.25
+    # the reader gives the generated case its stored beams, isocentre and dose
+    read = load_openkbp_npz(path)
+    assert [b.technique for b in read.plan.beams] == [Technique.STATIC, Technique.ARC]
+    assert read.plan.beams[0].gantry_deg == 15.0
+    assert read.plan.beams[1].control_point_gantry_deg == (100.0, 110.0, 120.0)
+    for beam in read.plan.beams:
+        np.testing.assert_allclose(beam.isocenter_mm, iso, atol=1e-3)
+    assert read.plan.prescription_gy == case.plan.prescription_gy
+    assert read.dose.array[23 - 12, 20, 21] == pytest.approx(71.23)
+    assert read.dose.array.sum() == pytest.approx(71.23)
+
+
+def test_manifest_refuses_other_settings(tmp_path):
+    config = pd.GenerateConfig(plans_per_case=2)
+    first = pd.prepare_manifest(tmp_path, config, tmp_path, {"engine_version": "0.5.0"})
+    again = pd.prepare_manifest(tmp_path, config, tmp_path, {"engine_version": "0.5.0"})
+    assert first["settings"] == again["settings"]
+    with pytest.raises(ValueError, match="other settings"):
+        pd.prepare_manifest(tmp_path, pd.GenerateConfig(plans_per_case=3), tmp_path, {})
+
+
+def test_generate_config_is_validated():
+    with pytest.raises(ValueError, match="beam range"):
+        pd.GenerateConfig(plans_per_case=1, beams=(7, 5))
+    with pytest.raises(ValueError, match="plans_per_case"):
+        pd.GenerateConfig(plans_per_case=0)
+
+
+# ---------------------------------------------------------------- CLI errors
+
+
+def test_generate_without_physics_env_says_how_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DOSEPILOT_PHYSICS_PYTHON", str(tmp_path / "missing"))
+    make_openkbp_case(tmp_path / "pt_1.npz")
+    rc = main(["physics", "generate", str(tmp_path), str(tmp_path / "out"),
+               "--plans-per-case", "1"])
+    assert rc == 2 and "make physics-env" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["physics", "generate", "{tmp}/nope", "{tmp}/out", "--plans-per-case", "1"],
+     "does not exist"),
+    (["physics", "generate", "{tmp}", "{tmp}/out", "--plans-per-case", "1"], "no case .npz"),
+    (["physics", "verify", "{tmp}/nope.npz"], "no such file"),
+    (["physics", "verify", "{tmp}/nope"], "neither a DICOM folder nor an OpenKBP case"),
+])
+def test_cli_input_errors(tmp_path, capsys, argv, message):
+    rc = main([a.format(tmp=tmp_path) for a in argv])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_verify_rejects_a_non_openkbp_npz(tmp_path, capsys):
+    np.savez(tmp_path / "x.npz", a=np.zeros(3))
+    assert main(["physics", "verify", str(tmp_path / "x.npz")]) == 2
+    assert "missing arrays" in capsys.readouterr().err
+
+
+def test_beam_range_argument(capsys):
+    with pytest.raises(SystemExit):
+        main(["physics", "generate", "a", "b", "--plans-per-case", "1", "--beams", "11..5"])
+    assert "1 <= lo <= hi" in capsys.readouterr().err

@@ -1,0 +1,151 @@
+"""The real physics engine (pyRadPlan in its isolated environment): water-phantom beam data,
+an optimised arc plan, and the generate/verify commands end to end. Skips, saying how to
+install the environment, when ``make physics-env`` has not been run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from engine import physics_dataset as pd
+from engine.case import Beam, Case, Geometry, Plan, Role, Structure, Technique, Volume
+from engine.cli import main
+from engine.io.dicom import load_dicom_case
+from engine.io.openkbp import load_openkbp_npz
+from engine.physics import PhysicsSettings, compute_physics_dose, physics_beam_plan
+from tests.test_physics_dataset import make_openkbp_case
+
+SPACING = 2.0
+
+
+@pytest.fixture(scope="module")
+def lateral_field(physics_env):
+    """One open 6 MV field from gantry 90 (source at the patient's left, +x) on a water slab
+    (x in [-90, 90] mm, air outside), field shaped to a 40 x 40 mm target at the isocentre."""
+    shape = (21, 41, 111)  # z, y, x
+    origin = (-110.0, -40.0, -20.0)
+    g = Geometry(shape, origin, (SPACING,) * 3)
+    z, y, x = np.meshgrid(*g.axis_coordinates(), indexing="ij")
+    ct = np.where(np.abs(x) <= 90.0, 0.0, -1000.0).astype(np.float32)
+    target = (np.abs(x) <= 20.0) & (np.abs(y) <= 20.0) & (np.abs(z) <= 20.0)
+    case = Case("water", Volume(ct, g), (Structure("PTV", Role.TARGET, target, 2.0),
+                                         Structure("Water", Role.EXTERNAL, ct > -500.0)))
+    settings = PhysicsSettings(dose_grid_mm=SPACING, optimize=False, target_margin_mm=0.0)
+    result = compute_physics_dose(case, physics_beam_plan([90.0], (0.0, 0.0, 0.0), 2.0),
+                                  settings)
+    return case, result, (x[10, 20], y[10, :, 55])
+
+
+def test_depth_dose_peaks_at_1_to_2_cm_and_falls(lateral_field):
+    case, result, (x_axis, _) = lateral_field
+    dose = result.dose.array
+    central = dose[10, 20, :]  # along x through the isocentre
+    depth = 90.0 - x_axis  # from the water surface at x = +90 mm (the beam enters there)
+    inside = np.abs(x_axis) <= 90.0  # water
+    pdd = central[inside][::-1]  # ordered by increasing depth
+    d = depth[inside][::-1]
+    assert result.delivery_gantry_deg == (90.0,)
+    assert central[np.abs(x_axis) > 92].max() == 0.0  # air outside the body gets nothing
+    d_max = d[np.argmax(pdd)]
+    assert 10.0 <= d_max <= 20.0
+    assert pdd[0] < 0.8 * pdd.max()  # build-up: the surface is well below the maximum
+    beyond = pdd[d >= d_max + 10.0]
+    assert np.all(np.diff(beyond) < 0)  # then it falls monotonically with depth
+    ratio = pdd[np.argmin(np.abs(d - 100.0))] / pdd[np.argmin(np.abs(d - 50.0))]
+    assert 0.7 < ratio < 0.9  # about -4 %/cm, as 6 MV in water
+
+
+def test_penumbra_is_a_few_mm(lateral_field):
+    case, result, (_, y_axis) = lateral_field
+    profile = result.dose.array[10, :, 55]  # along y at the isocentre depth (x = 0)
+    profile = profile / profile[20]
+    half = profile[20:]  # from the centre towards +y
+    y = y_axis[20:]
+    y80 = np.interp(0.8, half[::-1], y[::-1])
+    y20 = np.interp(0.2, half[::-1], y[::-1])
+    assert 2.0 <= y20 - y80 <= 10.0
+    assert 16.0 <= np.interp(0.5, half[::-1], y[::-1]) <= 30.0  # field edge near the target's
+
+
+def test_entrance_side_follows_iec_gantry(lateral_field):
+    _, result, (x_axis, _) = lateral_field
+    central = result.dose.array[10, 20, :]
+    # gantry 90: source at the patient's left (+x); entrance dose > exit dose
+    assert central[np.argmin(np.abs(x_axis - 70))] > 1.3 * central[np.argmin(np.abs(x_axis + 70))]
+
+
+def test_optimised_arc_plan_is_normalised_and_spares_the_organ(physics_env):
+    shape = (12, 40, 40)
+    g = Geometry(shape, (-97.5, -97.5, -27.5), (5.0, 5.0, 5.0))
+    z, y, x = np.meshgrid(*g.axis_coordinates(), indexing="ij")
+    body = x ** 2 + y ** 2 <= 90.0 ** 2
+    ct = np.where(body, 0.0, -1000.0).astype(np.float32)
+    ptv = (x ** 2 + y ** 2 <= 25.0 ** 2) & (np.abs(z) <= 15.0)
+    cord = ((y - 45.0) ** 2 + x ** 2 <= 10.0 ** 2)
+    case = Case("cyl", Volume(ct, g), (Structure("PTV", Role.TARGET, ptv, 60.0),
+                                       Structure("SpinalCord", Role.OAR, cord)))
+    arc = Beam("Arc", 180.0, (0.0, 0.0, 0.0), technique=Technique.ARC,
+               control_point_gantry_deg=tuple(float(a % 360) for a in range(180, 541, 10)))
+    result = compute_physics_dose(case, Plan((arc,)),
+                                  PhysicsSettings(max_iter=80, arc_step_deg=30.0))
+    dose = result.dose.array
+    assert len(result.delivery_gantry_deg) == 12
+    assert np.percentile(dose[ptv], 5) == pytest.approx(60.0, rel=1e-4)
+    assert dose[ptv].mean() < 66.0
+    assert dose[cord & (np.abs(z) <= 15.0)].max() < 0.8 * 60.0
+    assert result.info["engine"] == "pyRadPlan" and result.info["num_bixels"] > 0
+
+
+def test_generate_and_resume(physics_env, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    make_openkbp_case(data / "pt_1.npz")
+    out = tmp_path / "out"
+    argv = ["physics", "generate", str(data), str(out), "--plans-per-case", "2",
+            "--beams", "5..5", "--max-iter", "40"]
+    assert main(argv + ["--limit", "1"]) == 0
+    assert sorted(p.name for p in out.glob("*.npz")) == ["pt_1_plan0.npz"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engine"]["engine_version"] and manifest["plans_written"] == 1
+    assert manifest["settings"]["physics"]["max_iter"] == 40
+
+    mtime = (out / "pt_1_plan0.npz").stat().st_mtime_ns
+    assert main(argv) == 0  # resumes: computes only the missing plan
+    assert (out / "pt_1_plan0.npz").stat().st_mtime_ns == mtime
+    assert json.loads((out / "manifest.json").read_text())["plans_written"] == 2
+    assert "1 of 2 plans present" in capsys.readouterr().err
+
+    plan = pd.load_arrays(out / "pt_1_plan1.npz")
+    beams = pd.read_plan_beams(plan)
+    assert len(beams.techniques) == 5 and pd.is_plausible_static(
+        [a[0] for a in beams.gantry_deg])
+    case = load_openkbp_npz(out / "pt_1_plan1.npz")
+    assert [b.gantry_deg for b in case.plan.beams] == [a[0] for a in beams.gantry_deg]
+    ptv70 = case.structure("PTV70").mask
+    assert np.percentile(case.dose.array[ptv70], 5) == pytest.approx(70.0, abs=0.02)
+    assert case.dose.array[~case.external.mask].max() == 0.0  # dose only inside the body
+    assert main(argv[:3] + [str(tmp_path / "other"), "--plans-per-case", "1",
+                            "--beams", "5..5", "--max-iter", "40", "--limit", "0"]) == 0
+    assert main(argv[:4] + ["--plans-per-case", "3"]) == 2  # other settings, same folder
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_verify_a_dicom_patient_writes_a_linked_rtdose(physics_env, phantom_dicom, tmp_path,
+                                                         capsys):
+    folder = phantom_dicom.rtplan_path.parent
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    out = tmp_path / "RD_physics.dcm"
+    assert main(["physics", "verify", str(folder), "--max-iter", "30", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["primary_target"] == "PTV70" and report["comparison_vs_case_dose"]["mae_gy"] > 0
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # input untouched
+    patient = tmp_path / "patient"
+    shutil.copytree(folder, patient)
+    (patient / phantom_dicom.rtdose_path.relative_to(folder)).unlink()
+    shutil.copy(out, patient / out.name)
+    reread = load_dicom_case(patient)
+    ptv70 = reread.structure("PTV70").mask
+    assert np.percentile(reread.dose.array[ptv70], 5) == pytest.approx(70.0, rel=0.02)

@@ -1,0 +1,65 @@
+"""Presets: the shipped ones load; bad ones stop with a message naming file, key and rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.cli import main
+from trainer.config import ConfigError, config_from_dict, load_config, presets_dir
+
+
+@pytest.mark.parametrize("name", ["paper", "cpu-small", "test-tiny"])
+def test_shipped_presets_load(name):
+    cfg = load_config(name)
+    assert cfg.source.endswith(f"{name}.toml")
+
+
+def test_paper_preset_has_the_paper_settings():
+    cfg = load_config("paper")
+    assert cfg.optim.betas == (0.9, 0.999) and cfg.optim.eps == 1e-8
+    assert cfg.optim.lr == 1e-4 and cfg.optim.warmup_steps == 500 and cfg.optim.grad_clip == 0.1
+    assert cfg.optim.weight_decay == 0.0 and cfg.data.batch_size == 8
+    assert cfg.diffusion.shift == 3.0 and cfg.diffusion.timesteps == 1000
+    assert cfg.diffusion.prediction == "v" and cfg.diffusion.sample_steps == 10
+    assert cfg.lora.rank == 64 and cfg.data.grid == (97, 128, 160)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"optimizer": {}}, r"unknown section\(s\) 'optimizer'; allowed: run, optim"),
+    ({"optim": {"learning_rate": 1}}, r"unknown key\(s\) in \[optim\]: 'learning_rate'"),
+    ({"optim": {"lr": "fast"}}, r"\[optim\] lr must be a number, got 'fast'"),
+    ({"optim": {"lr": -1.0}}, r"\[optim\] lr must be > 0"),
+    ({"optim": {"betas": [0.9]}}, r"\[optim\] betas must be a list of 2 numbers"),
+    ({"optim": {"betas": [0.9, 1.5]}}, r"betas must lie in \[0, 1\)"),
+    ({"run": {"max_steps": 1.5}}, r"\[run\] max_steps must be an integer"),
+    ({"run": {"device": "tpu"}}, r"\[run\] device = 'tpu' is not one of 'auto', 'cpu', 'cuda'"),
+    ({"data": {"flip_lr": 1}}, r"\[data\] flip_lr must be true or false"),
+    ({"data": {"val_fraction": 1.0}}, r"val_fraction must be < 1"),
+    ({"data": {"grid": [96, 128, 160]}}, r"grid \(96, 128, 160\) must be \(4k\+1, 8m, 8n\)"),
+    ({"diffusion": {"solver": "ddim"}}, r"solver = 'ddim' is not one of"),
+    ({"scardnft": {"group_size": 1}}, r"group_size must be >= 2"),
+    ({"scardnft": {"train_timesteps": 20}}, r"train_timesteps \(20\) cannot exceed"),
+])
+def test_invalid_presets_are_refused_with_a_clear_message(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw, source="my.toml")
+
+
+def test_bad_toml_and_missing_preset(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run]\nmax_steps = = 3\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: not valid TOML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match=r"preset 'nope' not found.*cpu-small, paper"):
+        load_config("nope")
+    assert presets_dir().is_dir()
+
+
+def test_cli_reports_an_invalid_preset_before_any_compute(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlr = 0\n")
+    code = main(["train", "any2any", "--config", str(bad), "--data", str(tmp_path),
+                 "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "[optim] lr must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()

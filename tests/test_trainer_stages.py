@@ -1,0 +1,147 @@
+"""Every stage end to end through `dosepilot train` on four real OpenKBP cases (tiny preset),
+and the refusals that must come before any compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("engine.features", reason="the stages need engine.features (model inputs)")
+
+from engine.cli import main  # noqa: E402
+from engine.dose_model import load_dose_model  # noqa: E402
+from trainer.caches import Cache  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.events import read_events  # noqa: E402
+from trainer.stages.common import build_vae  # noqa: E402
+
+TINY = load_config("test-tiny").source
+
+
+def _preset(root, name, **model) -> str:
+    """test-tiny with extra [model] / [vae_adapt] lines."""
+    text = open(TINY).read()
+    extra = "".join(f'{k} = "{v}"\n' for k, v in model.items() if k != "vae_adapt")
+    text = text.replace("[model]\n", "[model]\n" + extra)
+    if "vae_adapt" in model:
+        text += f'\n[vae_adapt]\nmode = "{model["vae_adapt"]}"\nlora_rank = 2\n'
+    path = root / f"{name}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def _train(stage, config, data, out):
+    return main(["train", stage, "--config", config, "--data", str(data), "--out", str(out)])
+
+
+def _ended(run_dir) -> dict:
+    events = read_events(run_dir)
+    assert events[0]["type"] == "start" and events[-1]["type"] == "end", events[-1]
+    return events[-1]
+
+
+@pytest.fixture(scope="module")
+def fitted(openkbp_dir, tmp_path_factory):
+    """A 3 + 1 case OpenKBP folder, a fitted tiny VAE and the latent cache."""
+    root = tmp_path_factory.mktemp("stages")
+    for split, names in (("train", ["pt_1", "pt_10", "pt_100"]), ("validation", None)):
+        (root / "data" / split).mkdir(parents=True)
+        sources = ([openkbp_dir / split / f"{n}.npz" for n in names] if names else
+                   sorted((openkbp_dir / split).glob("pt_*.npz"))[:1])
+        for src in sources:
+            (root / "data" / split / src.name).symlink_to(src)
+    runs = root / "runs"
+    assert _train("vae", TINY, root / "data", runs / "vae") == 0
+    assert _ended(runs / "vae")["export"].endswith("vae.safetensors")
+    cfg = _preset(root, "fitted", vae_weights=runs / "vae" / "vae.safetensors")
+    assert _train("cache", cfg, root / "data", runs / "cache-build") == 0
+    return root, cfg
+
+
+def test_vae_and_cache(fitted):
+    root, cfg = fitted
+    vae = build_vae(load_config(cfg))
+    assert vae.config.latents_std != (1.0,) * 16          # statistics measured at export
+    index = Cache(root / "runs" / "cache").read_index()
+    assert index["latents_complete"] and index["grid"] == [9, 32, 32]
+    assert sorted(c["split"] for c in index["cases"]) == ["train"] * 3 + ["val"]
+    latents = Cache(root / "runs" / "cache").read_latents(index["cases"][0]["name"])
+    assert latents["identity"].shape == (7, 16, 3, 4, 4)
+
+
+def test_diffusion_stages_chain_and_export(fitted):
+    root, cfg = fitted
+    runs, data = root / "runs", root / "data"
+    assert _train("any2any", cfg, data, runs / "a") == 0
+    model_a = load_dose_model(runs / "a" / "model")            # what the runtime loads
+    assert model_a.provenance["stage"] == "any2any" and model_a.codec is None
+    stage_b = _preset(root, "b", init_from=runs / "a" / "model", vae_adapt="decoder_lora")
+    assert _train("dose", stage_b, data, runs / "b") == 0
+    evals = [e for e in read_events(runs / "b") if e["type"] == "eval"]
+    assert {"val_loss", "val_mae_gy"} <= set(evals[-1])
+    assert (runs / "b" / "vae.safetensors").is_file()       # the adapted decoder, merged
+    assert any("decoder_l1" in e for e in read_events(runs / "b") if e["type"] == "train")
+    post = _preset(root, "c", init_from=runs / "b" / "model")
+    assert _train("scardnft", post, data, runs / "c") == 0
+    train = [e for e in read_events(runs / "c") if e["type"] == "train"]
+    assert {"reward", "kl", "policy_loss", "mae_gy"} <= set(train[-1])
+    assert (runs / "c" / "lora" / "adapter_model.safetensors").is_file()
+    merged = load_dose_model(runs / "c" / "model").dit.state_dict()
+    base = load_dose_model(runs / "b" / "model").dit.state_dict()
+    assert set(merged) == set(base)                         # plain DiT weights, LoRA folded in
+    assert any(not torch.equal(merged[k], base[k]) for k in base)
+    assert _train("distill", cfg, data, runs / "d") == 0
+    assert _ended(runs / "d")["export"].endswith("tiny_codec.safetensors")
+    with_codec = _preset(root, "e", init_from=runs / "c" / "model",
+                         codec_weights=runs / "d" / "tiny_codec.safetensors")
+    assert _train("dose", with_codec, data, runs / "e") == 0   # the VAE comes from the bundle
+    assert load_dose_model(runs / "e" / "model").codec is not None
+
+
+def test_refusals_come_before_any_compute(fitted, capsys):
+    root, cfg = fitted
+    runs, data = root / "runs", root / "data"
+    assert _train("any2any", cfg, root / "missing", runs / "x") == 2
+    assert "dataset folder not found" in capsys.readouterr().err
+    assert read_events(runs / "x")[-1]["type"] == "error"
+    no_cache = root / "nocache.toml"
+    no_cache.write_text(open(cfg).read().replace(
+        "[data]\n", f'[data]\ncache_dir = "{root / "elsewhere"}"\n'))
+    assert _train("dose", str(no_cache), data, runs / "y") == 2
+    assert "no complete latent cache" in capsys.readouterr().err
+    assert _train("scardnft", cfg, data, runs / "z") == 2
+    assert "set [model] init_from" in capsys.readouterr().err
+    unfitted = _preset(root, "unfitted", init_from=runs / "r0")
+    assert _train("scardnft", unfitted, data, runs / "z") == 2
+    assert "init_from not found" in capsys.readouterr().err
+    # a checkpoint from another architecture is refused on --resume
+    assert _train("any2any", cfg, data, runs / "r") == 0
+    wider = (root / "wider.toml")
+    wider.write_text(open(cfg).read().replace("dit_dim = 64", "dit_dim = 32"))
+    n = len(read_events(runs / "r"))
+    code = main(["train", "any2any", "--config", str(wider), "--data", str(data), "--out",
+                 str(runs / "r"), "--resume"])
+    assert code == 2
+    assert "model architecture" in capsys.readouterr().err
+    assert [e["type"] for e in read_events(runs / "r")[n:]] == ["error"]
+
+
+def test_any2any_under_torchrun_matches_one_process(fitted):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root, cfg = fitted
+    runs, data = root / "runs", root / "data"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    args = ["-m", "engine.cli", "train", "any2any", "--config", cfg, "--data", str(data)]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", *args, "--out", str(runs / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert _train("any2any", cfg, data, runs / "one") == 0
+    losses = [{e["step"]: e["loss"] for e in read_events(runs / name) if e["type"] == "train"}
+              for name in ("ddp", "one")]
+    assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3, 4]
+    for step in losses[1]:
+        assert losses[0][step] == pytest.approx(losses[1][step], rel=1e-4)

@@ -1,0 +1,1 @@
+"""Training stages: each builds a :class:`trainer.loop.Task` over the shared machinery."""
