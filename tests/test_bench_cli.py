@@ -25,7 +25,8 @@ def test_bench_json_has_the_budget_keys_and_the_breakdown(report):
             "breakdown", "load_average"} <= set(report)
     assert report["device"] == "cpu" and report["threads"] == 1
     assert report["steps"] == 10 and report["runs"] == 1 and report["beams"] == 7
-    for key in ("preview_s", "predict10_s", "dvh_ms", "plates_ms"):
+    for key in ("preview_s", "predict10_s", "dvh_ms", "plates_ms", "preview_cpu_s",
+                "predict10_cpu_s"):
         assert 0 < report[key] < 1e4
     for kind in ("preview", "predict10"):
         stages = report["breakdown"][kind]
@@ -39,7 +40,8 @@ def test_bench_json_has_the_budget_keys_and_the_breakdown(report):
 def test_bench_text_output(report):
     text = _text(report)
     for label in ("preview after a beam-angle change", "10-step prediction", "DVH + metrics",
-                  "beam + angle plates", "breakdown", "load average", "1 thread(s)"):
+                  "beam + angle plates", "breakdown", "load average", "1 thread(s)",
+                  "process CPU time"):
         assert label in text
 
 
