@@ -139,11 +139,8 @@ def load_case(source: CaseInput, meta_dir: Path | None = None) -> Case:
 
         return load_openkbp(source.path)
     if source.kind == "gdp-hmm":
-        try:
-            from engine.io.gdp_hmm import load_gdp_hmm_npz
-        except ModuleNotFoundError as exc:
-            raise RuntimeError("this DosePilot has no GDP-HMM reader (engine.io.gdp_hmm)"
-                               ) from exc
+        from engine.io.gdp_hmm import load_gdp_hmm_npz
+
         return load_gdp_hmm_npz(source.path, meta_dir)
     raise ValueError(f"unknown case kind {source.kind!r}")
 
