@@ -24,14 +24,16 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.case import Case
 from engine.cli import UserError
 from engine.features import Slot, build_modalities, plan_plates
 from engine.metrics.dvh import all_metrics, prepare
 from engine.resources import resources_dir
-from engine.runtime import DoseEngine
+
+if TYPE_CHECKING:  # torch is imported only when a benchmark runs, not on every CLI start
+    from engine.runtime import DoseEngine
 
 STAGES = ("features", "encode", "dit", "decode", "to_patient", "dvh", "total")
 ANGLE_STEP_DEG = 7.0  # each run moves beam 0 by this much, so the plates are never cached
@@ -132,7 +134,7 @@ def load_engine(model: Path | None, threads: int | None, device: str | None = No
                 ) -> DoseEngine:
     """The engine for ``model`` (default: the shipped one), with a clear error when missing."""
     from engine.models.checkpoint import CheckpointError
-    from engine.runtime import default_model_path
+    from engine.runtime import DoseEngine, default_model_path
 
     path = model if model is not None else default_model_path()
     if model is None and not (path / "bundle.json").is_file():
