@@ -3,18 +3,23 @@
 Without arguments the bundle opens the demo patient (what a double-click on the desktop entry
 should do). ``--self-test [--model CKPT]`` is ``dosepilot self-test``, after checking that the
 GUI's modules (Qt, VTK, pyqtgraph) are in the bundle. ``-m engine.cli ARGS`` (how the GUI
-starts a sub-process with ``sys.executable``) is ``dosepilot ARGS``. Anything else goes to the
-``dosepilot`` command line unchanged, e.g. ``DosePilot gui /path/to/dicom``.
+starts a sub-process with ``sys.executable``) is ``dosepilot ARGS``; the bundle has no trainer,
+so ``train`` (the GUI's training panel) ends with one clear line saying so. Anything else goes
+to the ``dosepilot`` command line unchanged, e.g. ``DosePilot gui /path/to/dicom``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import multiprocessing
 import sys
 
 GUI_MODULES = ("PySide6.QtWidgets", "pyvistaqt", "pyqtgraph", "qasync",
                "planner_gui.main_window")
+TRAINER_MODULE = "trainer"
+NO_TRAINER = ("dosepilot train: error: this DosePilot bundle does not include the trainer; "
+              "train with the pip installation of DosePilot (see README)")
 
 
 def bundle_argv(argv: list[str]) -> list[str]:
@@ -44,6 +49,9 @@ def main() -> int:
     args = bundle_argv(sys.argv[1:])
     if args[:1] == ["self-test"]:
         check_gui_modules()
+    if args[:1] == ["train"] and importlib.util.find_spec(TRAINER_MODULE) is None:
+        print(NO_TRAINER, file=sys.stderr)
+        return 2
     from engine.cli import main as dosepilot_main
 
     return dosepilot_main(args)

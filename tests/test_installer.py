@@ -156,6 +156,14 @@ def test_entry_reports_a_missing_gui_module(monkeypatch, capsys):
     assert "cannot import dosepilot_no_such_module" in capsys.readouterr().err
 
 
+def test_entry_says_the_trainer_is_not_bundled(monkeypatch, capsys):
+    entry = _load_entry()
+    monkeypatch.setattr(entry, "TRAINER_MODULE", "dosepilot_no_such_trainer")
+    monkeypatch.setattr(sys, "argv", ["DosePilot", "-m", "engine.cli", "train", "vae"])
+    assert entry.main() == 2
+    assert "does not include the trainer" in capsys.readouterr().err
+
+
 # --- desktop entry and icon --------------------------------------------------------------------
 
 def _desktop_entry() -> configparser.SectionProxy:
@@ -217,6 +225,9 @@ def test_bundle_builds_and_passes_self_test(tiny_dose_bundle, tmp_path):
                              env=clean, timeout=600, cwd=tmp_path)
     if not (ROOT / "resources" / "models" / "default").exists():
         assert missing.returncode == 2 and "no model at" in missing.stderr
+    train = subprocess.run([str(app), "-m", "engine.cli", "train", "vae", "--data", "d"],
+                           capture_output=True, text=True, env=clean, timeout=600, cwd=tmp_path)
+    assert train.returncode == 2 and "does not include the trainer" in train.stderr
     if shutil.which("xvfb-run"):  # the window itself, on the demo patient, with a prediction
         png = tmp_path / "demo.png"
         clean["QT_QPA_PLATFORM"] = "xcb"
