@@ -50,7 +50,7 @@ def test_self_test_without_model_says_so(tmp_path, capsys):
     code = main(["self-test", "--model", str(tmp_path / "nope")])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"no model at {tmp_path / 'nope'}" in err and "--model" in err
+    assert f"no model at {tmp_path / 'nope'}: give a model bundle folder" in err
 
 
 def test_self_test_without_shipped_model_says_so(tmp_path, capsys, monkeypatch):
@@ -60,6 +60,7 @@ def test_self_test_without_shipped_model_says_so(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2
     assert f"no model at {tmp_path / 'models' / 'default'}" in err
+    assert "ships no trained model; pass --model CKPT" in err
 
 
 def test_self_test_without_demo_says_so(tiny_dose_bundle, tmp_path, capsys, monkeypatch):

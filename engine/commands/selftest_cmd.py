@@ -13,13 +13,18 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine.cli import UserError
 
+if TYPE_CHECKING:  # torch is imported only when the command runs
+    from engine.case import Case
+    from engine.runtime import DoseEngine, DoseResult
 
-def _open_case(path: Path):
+
+def _open_case(path: Path) -> Case:
     from engine.io.dicom import DicomImportError, load_dicom_case
 
     if not path.exists():
@@ -30,19 +35,20 @@ def _open_case(path: Path):
         raise UserError(f"cannot open the patient in {path}: {exc}") from exc
 
 
-def _load_engine(model: Path, threads: int | None):
+def _load_engine(model: Path, threads: int | None, shipped: bool) -> DoseEngine:
     from engine.runtime import DoseEngine
 
     if not model.exists():
-        raise UserError(f"no model at {model}: this installation ships no trained model there; "
-                        "pass --model CKPT (a model bundle folder)")
+        hint = ("this installation ships no trained model; pass --model CKPT (a model bundle "
+                "folder)" if shipped else "give a model bundle folder")
+        raise UserError(f"no model at {model}: {hint}")
     try:
         return DoseEngine.from_checkpoint(model, device="cpu", threads=threads)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # CheckpointError included
         raise UserError(f"cannot load the model {model}: {exc}") from exc
 
 
-def check_result(result, case) -> list[str]:
+def check_result(result: DoseResult, case: Case) -> list[str]:
     """What is wrong with a preview of ``case`` (empty when it is fine)."""
     problems = []
     dose = result.dose
@@ -60,6 +66,7 @@ def check_result(result, case) -> list[str]:
 
 
 def run_self_test(args: argparse.Namespace) -> int:
+    """The command: exit code 0 and ``self-test OK``, or a :class:`UserError`."""
     from engine.resources import resources_dir
     from engine.runtime import default_model_path
 
@@ -69,7 +76,7 @@ def run_self_test(args: argparse.Namespace) -> int:
     case = _open_case(case_path)
     t_case = time.perf_counter() - t0
     t0 = time.perf_counter()
-    engine = _load_engine(model, args.threads)
+    engine = _load_engine(model, args.threads, shipped=args.model is None)
     t_model = time.perf_counter() - t0
     if case.plan is None or not case.plan.beams:
         raise UserError(f"the patient in {case_path} has no plan with beams to preview")
