@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: system $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/dosepilot inspect resources/demo
+	$(VENV)/bin/dosepilot demo
 
 test: setup
 	$(VENV)/bin/ruff check .

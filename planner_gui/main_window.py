@@ -21,6 +21,7 @@ from planner_gui.engine_api import NO_ENGINE, DoseEngineLike, load_dose_engine
 from planner_gui.export import export_plan_and_dose
 from planner_gui.inference import DoseController
 from planner_gui.metrics_panel import MetricsPanel
+from planner_gui.progress_bar import StepProgressBar
 from planner_gui.session import Session
 from planner_gui.structures_panel import StructuresPanel
 from planner_gui.training_panel import TrainingPanel
@@ -189,7 +190,7 @@ class MainWindow(QtWidgets.QMainWindow):
         bar.addWidget(self.seeds_spin)
 
     def _build_status_bar(self, engine_message: str) -> None:
-        self.progress_bar = QtWidgets.QProgressBar()
+        self.progress_bar = StepProgressBar()
         self.progress_bar.setFixedWidth(220)
         self.progress_bar.setVisible(False)
         self.engine_label = QtWidgets.QLabel()
@@ -239,25 +240,19 @@ class MainWindow(QtWidgets.QMainWindow):
 
     def _on_busy(self, kind: str) -> None:
         if kind == "predict":
-            self.progress_bar.setRange(0, self.controller.steps)
-            self.progress_bar.setValue(0)
-            self.progress_bar.setFormat("Predicting %v/%m")
-            self.progress_bar.setVisible(True)
+            steps = self.controller.steps
+            self.progress_bar.set_progress(0, steps, f"Predicting 0/{steps}")
         elif kind == "preview":
-            self.progress_bar.setRange(0, 0)
-            self.progress_bar.setFormat("Preview")
-            self.progress_bar.setVisible(True)
-        else:
-            self.progress_bar.setVisible(False)
+            self.progress_bar.set_progress(0, 1, "Preview …")
+        self.progress_bar.setVisible(bool(kind))
 
     def _on_progress(self, done: int, total: int) -> None:
-        self.progress_bar.setRange(0, total)
-        self.progress_bar.setValue(done)
+        self.progress_bar.set_progress(done, total, f"Predicting {done}/{total}")
 
     def _on_result(self, result: Any) -> None:
         if result is None:
             return
-        seconds = sum(result.timings_s.values())
+        seconds = result.timings_s.get("total", sum(result.timings_s.values()))
         self.statusBar().showMessage(f"{result.kind.capitalize()} ready in {seconds:.2f} s")
 
     # ---- patients -----------------------------------------------------------------------------
