@@ -52,6 +52,20 @@ def test_first_latent_frame_block_holds_only_the_first_slice():
     assert not torch.equal(first[:, :, 1], again[:, :, 1])
 
 
+def test_training_and_inference_paths_agree():
+    torch.manual_seed(4)
+    codec = TinyCodec(TINY)
+    for block in [*codec.encoder.blocks, *codec.decoder.blocks]:
+        torch.nn.init.normal_(block.depth.weight, std=0.1)  # leave the zero init
+    x = torch.rand(2, 1, 9, 16, 24) * 2 - 1
+    with torch.inference_mode():
+        z_fast = codec.encode(x)
+        out_fast = codec.decode(z_fast)
+    z = codec.encode(x).detach()
+    assert torch.allclose(z, z_fast, atol=1e-5)
+    assert torch.allclose(codec.decode(z_fast.clone()).detach(), out_fast, atol=1e-5)
+
+
 def test_bad_shapes_get_clear_errors():
     codec = TinyCodec(TINY)
     with pytest.raises(ValueError, match="depth 1 \\+ 4k"):

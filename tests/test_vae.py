@@ -14,6 +14,7 @@ from engine.models.vae import (
     compute_latent_stats,
     decoded_depth,
     latent_shape,
+    upsample_conv,
 )
 
 diffusers = pytest.importorskip("diffusers")
@@ -109,6 +110,33 @@ def test_gradients_flow_for_training(pair):
     grad = ours.encoder.conv_in.weight.grad
     assert grad is not None and grad.abs().sum() > 0
     ours.zero_grad(set_to_none=True)
+
+
+def test_training_path_computes_the_same_function(pair):
+    """Grad mode uses F.conv3d and out-of-place ops; inference uses oneDNN and in-place ops."""
+    _, ours = pair
+    x = torch.rand(1, 1, 5, 8, 8) * 2 - 1
+    with torch.inference_mode():
+        z_fast = ours.encode(x)
+        out_fast = ours.decode(z_fast)
+    z = ours.encode(x)
+    out = ours.decode(z_fast.clone())
+    assert rel_err(z.detach(), z_fast) <= 1e-5
+    assert rel_err(out.detach(), out_fast) <= 1e-5
+
+
+@pytest.mark.parametrize("size", [(3, 5), (4, 4)])
+def test_upsample_conv_equals_nearest_upsample_then_conv(size):
+    torch.manual_seed(3)
+    x = torch.randn(2, 6, 3, *size)
+    weight, bias = torch.randn(4, 6, 3, 3), torch.randn(4)
+    frames = x.permute(0, 2, 1, 3, 4).reshape(6, 6, *size)
+    up = torch.nn.functional.interpolate(frames, scale_factor=2.0, mode="nearest-exact")
+    ref = torch.nn.functional.conv2d(up, weight, bias, padding=1)
+    ref = ref.reshape(2, 3, 4, 2 * size[0], 2 * size[1]).permute(0, 2, 1, 3, 4)
+    with torch.inference_mode():
+        assert torch.allclose(upsample_conv(x, weight, bias), ref, atol=1e-5)
+    assert torch.allclose(upsample_conv(x, weight, bias), ref, atol=1e-5)
 
 
 def test_normalisation_round_trip_and_stats(pair):

@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.case import Case, Role
 from engine.cli import UserError
-from engine.io.openkbp import OpenKBPFormatError, load_openkbp, to_case_axes
+from engine.io.openkbp import to_case_axes
 from engine.metrics.benchmark_io import (
     BenchmarkFileError,
     openkbp_predictions,
@@ -36,6 +35,7 @@ from engine.metrics.benchmark_io import (
     patient_sort_key,
     read_gdp_hmm_npz,
     read_openkbp_prediction,
+    read_openkbp_reference,
     read_prediction_array,
     read_ptv_dict,
 )
@@ -95,25 +95,10 @@ def _match(preds: dict[str, Path], refs: dict[str, Path], warnings: list[str]) -
     return both
 
 
-def _reference(path: Path) -> tuple[Case, dict[str, np.ndarray]]:
-    """An OpenKBP reference case (with its dose) and its scored ROI masks."""
-    try:
-        case = load_openkbp(path)
-    except OpenKBPFormatError as exc:
-        raise UserError(str(exc)) from exc
-    if case.dose is None or case.external is None:
-        raise UserError(f"{path}: a reference needs its dose and possible-dose mask")
-    masks = {s.name: s.mask for s in case.structures if s.role is not Role.EXTERNAL}
-    return case, masks
-
-
 def _evaluate_openkbp(args: argparse.Namespace, warnings: list[str]
                       ) -> tuple[BenchmarkScore, dict[str, dict[str, float]]]:
-    """OpenKBP scores on the case grid (the scores do not depend on voxel order).
-
-    The case model holds reference doses in float32, so scores can differ from a float64
-    evaluation by about 1e-6 Gy.
-    """
+    """OpenKBP scores (the case model holds reference doses in float32, so scores can differ
+    from a float64 evaluation by about 1e-6 Gy) and optional scorecard totals."""
     refs = openkbp_references(args.ref_dir)
     if not refs:
         raise UserError(f"{args.ref_dir}: no OpenKBP references (pt_N.npz files or pt_N/ "
@@ -123,15 +108,14 @@ def _evaluate_openkbp(args: argparse.Namespace, warnings: list[str]
     rows: list[CaseScore] = []
     extra: dict[str, dict[str, float]] = {}
     for pid in _match(preds, refs, warnings):
-        case, masks = _reference(refs[pid])
-        pred = to_case_axes(read_openkbp_prediction(preds[pid]))
-        ref_dose = case.dose.array.astype(np.float64)
-        rows.append(openkbp_case_score(pid, ref_dose, pred, masks, case.external.mask,
-                                       case.geometry.spacing))
+        ref = read_openkbp_reference(refs[pid])
+        pred = read_openkbp_prediction(preds[pid])
+        rows.append(openkbp_case_score(pid, ref.dose_gy, pred, ref.masks,
+                                       ref.possible_dose_mask, ref.voxel_mm))
         if template is not None:
-            card = BoundScorecard(template, case)
-            extra[pid] = {"scorecard_pred": card.score(pred).total,
-                          "scorecard_ref": card.score(ref_dose).total}
+            card = BoundScorecard(template, ref.case)
+            extra[pid] = {"scorecard_pred": card.score(to_case_axes(pred)).total,
+                          "scorecard_ref": card.score(ref.case.dose.array).total}
     return openkbp_benchmark(rows), extra
 
 

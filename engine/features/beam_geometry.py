@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from engine.case import Beam, PatientPosition
+from engine.case import PatientPosition
 
 _AXES: dict[PatientPosition, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     PatientPosition.HFS: ((0, 0, 1), (0, -1, 0)),
@@ -60,12 +60,3 @@ def source_direction_lps(gantry_deg: float, couch_deg: float = 0.0,
     cc, sc = math.cos(-c), math.sin(-c)
     support = np.array([cc * fixed[0] - sc * fixed[1], sc * fixed[0] + cc * fixed[1], fixed[2]])
     return support @ iec_axes_lps(position)
-
-
-def source_positions_mm(beam: Beam, position: PatientPosition | str = PatientPosition.HFS,
-                        angles_deg: tuple[float, ...] | None = None) -> np.ndarray:
-    """LPS source positions (mm), one row per gantry angle (the beam's own angles by default)."""
-    angles = beam.gantry_angles_deg if angles_deg is None else angles_deg
-    iso = np.asarray(beam.isocenter_mm, dtype=np.float64)
-    return np.stack([iso + beam.sad_mm * source_direction_lps(a, beam.couch_deg, position)
-                     for a in angles])

@@ -11,11 +11,14 @@ or column: all rays of a coplanar beam) mark, in each major-axis slice and each 
 slice, exactly the voxels ``rint(k * slope_z + s_z)`` of the rays that round into that column. We
 take the *hull* of those marks per column (lowest to highest marked z) with a sorted-slope
 search and sparse-table range minima/maxima, which reproduces the reference exactly where the
-beam's eye view of the PTV has no gap along z within one column. Where it has (two target lobes
-one above the other, a concave outline), the rays of those beam's-eye-view columns are
-rasterised exactly as the reference does, sample by sample. Sparse sampling holes that the
-reference leaves inside the hull are filled here; the reference's closing (dilation 4^3,
-erosion 3^3) fills nearly all of them too.
+beam's eye view of the PTV has no gap along z within one column. Where it has gaps (target lobes
+one above the other, a concave outline), rays are split by which z-run of their beam's-eye-view
+column they belong to, and rays in columns where that split is ambiguous (a lobe starts or
+ends) are rasterised exactly as the reference does, sample by sample. Rays with the same
+truncated end point are the same ray and are cast once. Sparse sampling holes that the
+reference leaves inside a hull are filled here; the reference's closing (dilation 4^3, erosion
+3^3) fills nearly all of them too: 99.98 % of voxels agree on a real head-and-neck PTV and
+99.9+ % on the synthetic cases of tests/test_plates.py.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-_GAP_BINS = 2  # gaps along z of at most this many finest cells count as sampling holes
+_GAP_BINS = 2  # occupancy padding around the binned slopes
+_BRIDGE = (2, 3)  # closing (z, column) bins: smaller holes in the binned slopes are sampling holes
 
 
 def surface_voxels(mask: np.ndarray) -> np.ndarray:
@@ -49,6 +53,12 @@ def surface_voxels(mask: np.ndarray) -> np.ndarray:
     return np.argwhere(mask & ~inner) + offset
 
 
+def _row_max_abs(v: np.ndarray) -> np.ndarray:
+    """``abs(v).max(axis=1)`` for ``(n, 3)`` arrays (element-wise: much faster than a reduce)."""
+    a = np.abs(v)
+    return np.maximum(np.maximum(a[:, 0], a[:, 1]), a[:, 2])
+
+
 def ray_ends(surface: np.ndarray, source: np.ndarray, shape: tuple[int, int, int]
              ) -> tuple[np.ndarray, np.ndarray]:
     """Per ray: ``c - s`` (the reference's truncated far end) and ``L = max |c - s|``."""
@@ -59,7 +69,7 @@ def ray_ends(surface: np.ndarray, source: np.ndarray, shape: tuple[int, int, int
     ratio = (y_end - s[1]) / (py - s[1])
     delta = np.stack([np.trunc(s[0] + ratio * (p[:, 0] - s[0])) - s[0], y_end - s[1],
                       np.trunc(s[2] + ratio * (p[:, 2] - s[2])) - s[2]], axis=1)
-    return delta, np.abs(delta).max(axis=1)
+    return delta, _row_max_abs(delta)
 
 
 def _sparse_tables(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,12 +106,12 @@ def _label_rays(slope_o: np.ndarray, slope_z: np.ndarray, bin_size: float
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Split rays by beam's-eye-view z-run, and flag those whose run is ambiguous.
 
-    Slopes are binned (``bin_size``, the finest column width). In each column of bins the
-    occupied bins form runs along z (gaps of up to ``_GAP_BINS`` bins are sampling holes, not
-    gaps). A ray's label is the index of its run. A column is *consistent* when it and its two
-    neighbours on each side have the same number of runs and run ``k`` of each overlaps run
-    ``k`` of the next; rays of inconsistent columns (where a lobe starts or ends, where runs
-    merge) are flagged for exact rasterisation.
+    Slopes are binned (``bin_size``, the widest column a major-axis slice has). After a small
+    closing (``_BRIDGE``: sampling holes, not gaps) the occupied bins of each column of bins
+    form runs along z; a ray's label is the index of its run. A column is *consistent* when it
+    and its neighbours on each side have the same number of runs and run ``k`` of each overlaps
+    run ``k`` of the next; rays of inconsistent columns (where a lobe starts or ends, where
+    runs merge) are flagged for exact rasterisation.
 
     Returns:
         labels: run index per ray.
@@ -113,7 +123,7 @@ def _label_rays(slope_o: np.ndarray, slope_z: np.ndarray, bin_size: float
     bz -= bz.min() - _GAP_BINS - 1
     occ = np.zeros((bz.max() + _GAP_BINS + 2, bo.max() + _GAP_BINS + 2), dtype=bool)
     occ[bz, bo] = True
-    occ = ndimage.binary_closing(occ, np.ones((2, 3), dtype=bool))
+    occ = ndimage.binary_closing(occ, np.ones(_BRIDGE, dtype=bool))
     starts = occ[1:] & ~occ[:-1]
     run_index = np.cumsum(np.vstack([occ[:1], starts]), axis=0) - 1
     n_runs = run_index[-1] + 1
@@ -125,10 +135,9 @@ def _label_rays(slope_o: np.ndarray, slope_z: np.ndarray, bin_size: float
         overlaps += (same & (run_index[:, :-1] == k)).any(axis=0)
     joined = (n_runs[:-1] == n_runs[1:]) & (overlaps == n_runs[:-1])
     joined |= (n_runs[:-1] == 0) & (n_runs[1:] == 0)
-    ok = np.ones(occ.shape[1], dtype=bool)
-    for shift in range(2):  # a column is consistent when joined to its neighbours +-2
-        ok[: len(joined) - shift] &= joined[shift:]
-        ok[shift + 1:] &= joined[: len(joined) - shift]
+    ok = np.ones(occ.shape[1], dtype=bool)  # consistent: joined to both neighbours
+    ok[:-1] &= joined
+    ok[1:] &= joined
     return labels, ~ok[bo]
 
 
@@ -170,13 +179,14 @@ class BeamMarks:
         delta, length = ray_ends(surface, source, shape)
         delta = delta[length > 0]
         # rays with the same truncated end point are the same ray: keep one of each
-        key = delta - delta.min(axis=0)
-        span = key.max(axis=0) + 1
-        _, first = np.unique((key[:, 0] * span[1] + key[:, 1]) * span[2] + key[:, 2],
+        cols = [delta[:, k] - delta[:, k].min() for k in range(3)]
+        span = [c.max() + 1 for c in cols]
+        _, first = np.unique((cols[0] * span[1] + cols[1]) * span[2] + cols[2],
                              return_index=True)
         delta = delta[first]
-        length = np.abs(delta).max(axis=1)
-        major = np.argmax(np.abs(delta) >= length[:, None], axis=1)
+        length = _row_max_abs(delta)
+        a = np.abs(delta)  # the first axis reaching the length is the major (stepping) axis
+        major = np.where(a[:, 0] >= length, 0, np.where(a[:, 1] >= length, 1, 2))
         sign = np.sign(delta[np.arange(len(length)), major])
         slope = delta / length[:, None]
         for ax in range(3):

@@ -23,6 +23,7 @@ gantry angle; an arc uses its control-point angles, thinned to at most one per
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -66,6 +67,29 @@ def _shift_bits(packed: np.ndarray, towards_lower: bool) -> np.ndarray:
     return out
 
 
+def _dilate_axis(a: np.ndarray, axis: int) -> np.ndarray:
+    """``out[i] = a[i-1] | a[i] | a[i+1] | a[i+2]`` along ``axis`` (outside: 0)."""
+    def cut(lo: int | None, hi: int | None) -> tuple[slice, ...]:
+        return (slice(None),) * axis + (slice(lo, hi),)
+
+    out = a.copy()
+    out[cut(1, None)] |= a[cut(None, -1)]
+    out[cut(None, -1)] |= a[cut(1, None)]
+    out[cut(None, -2)] |= a[cut(2, None)]
+    return out
+
+
+def _erode_axis(a: np.ndarray, axis: int) -> np.ndarray:
+    """``out[i] = a[i-1] & a[i] & a[i+1]`` along ``axis`` (outside: 0)."""
+    def cut(lo: int | None, hi: int | None) -> tuple[slice, ...]:
+        return (slice(None),) * axis + (slice(lo, hi),)
+
+    out = np.zeros_like(a)
+    np.bitwise_and(a[cut(None, -2)], a[cut(1, -1)], out=out[cut(1, -1)])
+    out[cut(1, -1)] &= a[cut(2, None)]
+    return out
+
+
 def close_like_reference(marks: np.ndarray) -> np.ndarray:
     """``binary_erosion(binary_dilation(m, ones((4,4,4))), ones((3,3,3)))`` as scipy does it.
 
@@ -78,24 +102,12 @@ def close_like_reference(marks: np.ndarray) -> np.ndarray:
     m = np.packbits(marks, axis=2)
     if nx % 8:  # keep the padding bits out of the array: they must act as "outside" (0)
         m[..., -1] &= np.uint8((0xFF << (8 - nx % 8)) & 0xFF)
-    tail = m[..., -1].copy() if nx % 8 else None
-    for axis in (0, 1):  # pair[i] = m[i] | m[i+1]; out[i] = m[i-1] | pair[i] | pair[i+1]
-        a = np.moveaxis(m, axis, 0)
-        pair = a.copy()
-        pair[:-1] |= a[1:]
-        out = pair.copy()
-        out[1:] |= a[:-1]
-        out[:-1] |= pair[1:]
-        m = np.ascontiguousarray(np.moveaxis(out, 0, axis))
+    m = _dilate_axis(_dilate_axis(m, 0), 1)
     pair = m | _shift_bits(m, towards_lower=True)
     m = pair | _shift_bits(m, towards_lower=False) | _shift_bits(pair, towards_lower=True)
-    if tail is not None:
+    if nx % 8:
         m[..., -1] &= np.uint8((0xFF << (8 - nx % 8)) & 0xFF)
-    for axis in (0, 1):
-        a = np.moveaxis(m, axis, 0)
-        out = np.zeros_like(a)
-        out[1:-1] = a[:-2] & a[1:-1] & a[2:]
-        m = np.ascontiguousarray(np.moveaxis(out, 0, axis))
+    m = _erode_axis(_erode_axis(m, 0), 1)
     m = m & _shift_bits(m, towards_lower=True) & _shift_bits(m, towards_lower=False)
     out = np.unpackbits(m, axis=2, count=nx).view(bool)
     out[..., 0] = False
@@ -107,8 +119,26 @@ def _padded_box(box: tuple[slice, ...], shape: tuple[int, ...], pad: int = 3) ->
     return tuple(slice(max(b.start - pad, 0), min(b.stop + pad, n)) for b, n in zip(box, shape))
 
 
+def _one_beam(shape: tuple[int, int, int], surface: np.ndarray, iso: np.ndarray,
+              source: np.ndarray, weight: float
+              ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
+    """One source's weighted plate over its bounding box: ``(box, weights, closed mask)``."""
+    marks = BeamMarks(shape, surface, source)
+    box = marks.bounding_box()
+    if box is None:
+        return None
+    box = _padded_box(box, shape)
+    closed = close_like_reference(marks.render(box))
+    d2 = [((np.arange(b.start, b.stop, dtype=np.float64) - s) ** 2).astype(np.float32)
+          for b, s in zip(box, source)]
+    dist2 = d2[0][:, None, None] + (d2[1][:, None] + d2[2][None, :])[None]
+    scale = np.float32(weight * float(np.sum((source - iso) ** 2)))
+    np.divide(scale, dist2, out=dist2)
+    return box, dist2, closed
+
+
 def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index: np.ndarray,
-               weights: Sequence[float] | None = None) -> np.ndarray:
+               weights: Sequence[float] | None = None, workers: int = 2) -> np.ndarray:
     """The summed beam plate (float32, the grid's shape) for sources given as voxel indices.
 
     Args:
@@ -116,6 +146,7 @@ def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index:
         isocenter_index: isocentre ``(z, y, x)`` in voxel indices.
         sources_index: ``(n, 3)`` source positions in voxel indices (see :func:`source_index`).
         weights: per-source multiplier of its plate (default 1 each).
+        workers: threads computing beams side by side (numpy releases the GIL in its loops).
     """
     shape = tuple(int(n) for n in ptv.shape)
     plate = np.zeros(shape, dtype=np.float32)
@@ -123,20 +154,17 @@ def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index:
     weights = np.ones(len(sources)) if weights is None else np.asarray(weights, dtype=np.float64)
     surface = surface_voxels(np.asarray(ptv, dtype=bool))
     iso = np.asarray(isocenter_index, dtype=np.float64)
-    ramps = [np.arange(n, dtype=np.float64) for n in shape]
-    for source, weight in zip(sources, weights):
-        marks = BeamMarks(shape, surface, source)
-        box = marks.bounding_box()
-        if box is None:
-            continue
-        box = _padded_box(box, shape)
-        closed = close_like_reference(marks.render(box))
-        d2 = [((r[b] - s) ** 2).astype(np.float32) for r, b, s in zip(ramps, box, source)]
-        dist2 = d2[0][:, None, None] + (d2[1][:, None] + d2[2][None, :])[None]
-        scale = np.float32(weight * float(np.sum((source - iso) ** 2)))
-        np.divide(scale, dist2, out=dist2)
-        target = plate[box]
-        np.add(target, dist2, out=target, where=closed)
+    jobs = [(shape, surface, iso, s, float(w)) for s, w in zip(sources, weights)]
+    if workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(lambda job: _one_beam(*job), jobs))
+    else:
+        results = [_one_beam(*job) for job in jobs]
+    for result in results:
+        if result is not None:
+            box, values, closed = result
+            target = plate[box]
+            np.add(target, values, out=target, where=closed)
     return plate
 
 

@@ -17,9 +17,13 @@ import json
 import pickle
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from engine.case import Case, Role
+from engine.io.openkbp import OpenKBPFormatError, load_openkbp
 
 OPENKBP_SHAPE = (128, 128, 128)
 _PATIENT = re.compile(r"^pt_(\d+)$")
@@ -32,6 +36,43 @@ class BenchmarkFileError(ValueError):
 def patient_sort_key(name: str) -> tuple[int, str]:
     m = _PATIENT.match(name)
     return (int(m.group(1)), name) if m else (1 << 30, name)
+
+
+@dataclass(frozen=True)
+class OpenKBPReference:
+    """One OpenKBP patient in the dataset's own ``[i0, i1, i2]`` layout, doses in Gy.
+
+    ``case`` is the same patient as :func:`engine.io.openkbp.load_openkbp` builds it (axial
+    ``[z, y, x]`` grid, for DVHs and scorecards).
+    """
+
+    patient: str
+    dose_gy: np.ndarray
+    masks: dict[str, np.ndarray]
+    possible_dose_mask: np.ndarray
+    voxel_mm: tuple[float, float, float]
+    case: Case
+
+
+def _from_case_axes(array: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`engine.io.openkbp.to_case_axes`: ``[z, y, x]`` -> ``[i0, i1, i2]``."""
+    return np.ascontiguousarray(np.asarray(array)[::-1].transpose(1, 2, 0))
+
+
+def read_openkbp_reference(path: Path) -> OpenKBPReference:
+    """A reference patient (``pt_N.npz`` or ``pt_N/`` folder) with its dose and masks."""
+    path = Path(path)
+    try:
+        case = load_openkbp(path)
+    except OpenKBPFormatError as exc:
+        raise BenchmarkFileError(str(exc)) from exc
+    if case.dose is None or case.external is None:
+        raise BenchmarkFileError(f"{path}: a reference needs its dose and possible-dose mask")
+    masks = {s.name: _from_case_axes(s.mask) for s in case.structures
+             if s.role is not Role.EXTERNAL}
+    sz, sy, sx = case.geometry.spacing
+    return OpenKBPReference(case.name, _from_case_axes(case.dose.array).astype(np.float64),
+                            masks, _from_case_axes(case.external.mask), (sy, sx, sz), case)
 
 
 def _read_sparse_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,10 @@ Model of the dose inside a voxel
     two one-sided differences, 0 at a local extremum or a step): ``h = 0.5 * sqrt(sum_k m_k**2)``
     over the three axes, which is the variance of a linear field across the voxel. The model is
     exact for linear dose fields, keeps a step sharp and never moves the mean, so a DVH on a
-    coarse grid has no staircase and D95 of a small structure in a gradient is right.
+    coarse grid has no staircase and D95 of a small structure in a gradient is right. A voxel
+    with less spread than one dose bin (0.01 Gy) occupies ``[d, d + 0.01]``, so a uniform dose
+    ``d`` has all its volume at ``>= d``; negative (predicted) doses count as 0 Gy. The
+    cumulative DVH is exact at the bin edges; D_x and V_x interpolate linearly between them.
 
 Partial volumes
     A structure with source contours (from an RTSTRUCT) is weighted by the fraction of each
@@ -19,8 +22,9 @@ Evaluation grid
     b = round(2.5 mm / spacing): a structure's weight in a block is the exact fraction of the
     block inside it (from its contours, or its mask's voxel count) with the centroid of that
     part, and the block's dose is the mean of its voxels, spread by the same sub-voxel model.
-    Dose grids are 2.5-3 mm in practice, so this loses nothing the dose holds and keeps the cost
-    independent of the CT's resolution.
+    Dose grids are 2.5-3 mm in practice, so little is lost (on the 512 x 512 benchmark phantom
+    Dmean and D95 stay within 0.004 Gy of a voxel-by-voxel evaluation) and the cost no longer
+    grows with the CT's resolution. ``block=1`` forces voxel-by-voxel evaluation.
 
 Coverage
     Voxels whose dose is not finite (NaN marks "outside the dose grid") and structure volume off
