@@ -6,7 +6,7 @@ XVFB := $(if $(DISPLAY),,xvfb-run -a -s "-screen 0 1280x1024x24")
 export QT_API := pyside6
 export VTK_DEFAULT_OPENGL_WINDOW := vtkEGLRenderWindow
 
-.PHONY: setup system run test lint bench physics-env default-model
+.PHONY: setup system run test lint bench physics-env bundle default-model
 
 system:
 	bash installer/install-system-packages.sh
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: system $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/dosepilot inspect resources/demo
+	$(VENV)/bin/dosepilot demo
 
 test: setup
 	$(VENV)/bin/ruff check .
@@ -31,12 +31,18 @@ test: setup
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
+# the engine's latency budgets on this machine (needs the shipped model or --model)
 bench: setup
-	$(PY) -m benchmarks.run_all
+	$(VENV)/bin/dosepilot bench
 
 # the isolated pyRadPlan environment for `dosepilot physics` (no prerequisites; ~1 GB, < 1 min)
 physics-env:
 	bash installer/physics-env.sh
+
+# the desktop bundle (PyInstaller one-folder, dist/DosePilot/; see installer/README.md)
+bundle: setup
+	$(PY) -m pip install -q -e '.[installer]'
+	PYTHON=$(PY) bash installer/build.sh
 
 # retrain the shipped model (resources/models/default; see its MODEL_CARD.md); resumable: run it
 # again after an interruption. RUNS is the run folder, OPENKBP the dataset (train/, validation/).

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.physics_cmd",
     "engine.commands.predict_cmd",
     "engine.commands.bench_cmd",
+    "engine.commands.selftest_cmd",
 )
 
 

@@ -42,6 +42,7 @@ class DvhPanel(QtWidgets.QWidget):
         layout.addWidget(self.plot)
         session.case_changed.connect(self._on_case)
         session.result_changed.connect(self._on_result)
+        session.reference_changed.connect(self._load_reference)
         session.visibility_changed.connect(self._on_visibility)
 
     def _on_case(self, case: Case) -> None:
@@ -51,6 +52,12 @@ class DvhPanel(QtWidgets.QWidget):
         self.reference_curves.clear()
         self._colors = {s.name: structure_color(i, s.color)
                         for i, s in enumerate(case.structures)}
+        self._load_reference(case)
+
+    def _load_reference(self, case: Case) -> None:
+        for curve in self.reference_curves.values():
+            self.plot.removeItem(curve)
+        self.reference_curves.clear()
         self._reference = {}
         self.reference_task = None
         if case.dose is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from planner_gui.engine_api import NO_ENGINE, DoseEngineLike, load_dose_engine
 from planner_gui.export import export_plan_and_dose
 from planner_gui.inference import DoseController
 from planner_gui.metrics_panel import MetricsPanel
+from planner_gui.progress_bar import StepProgressBar
 from planner_gui.session import Session
 from planner_gui.structures_panel import StructuresPanel
 from planner_gui.training_panel import TrainingPanel
@@ -45,6 +47,7 @@ class MainWindow(QtWidgets.QMainWindow):
 
     case_loaded = QtCore.Signal(object)
     exported = QtCore.Signal(object)
+    physics_ready = QtCore.Signal(object)
     error_shown = QtCore.Signal(str)
 
     def __init__(self, engine: DoseEngineLike | None = None, engine_message: str = "",
@@ -57,6 +60,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.session = Session()
         self.controller = DoseController(self.session, engine)
         self.last_error = ""
+        self._physics_task: asyncio.Future | None = None
+        self._physics_cancel: threading.Event | None = None
         self._load_task: asyncio.Future | None = None
 
         self.axial = SliceView(self.session, "axial")
@@ -136,12 +141,17 @@ class MainWindow(QtWidgets.QMainWindow):
                                           "as DICOM into a new folder")
         self.predict_action = self._action("Predict", self._predict, "Ctrl+R",
                                            "Run the full prediction for the current plan")
+        self.physics_action = self._action(
+            "Verify with physics", self.verify_with_physics, "Ctrl+Shift+R",
+            "Optimise and compute a physics (pencil-beam) dose for the current beams in the "
+            "background and show it as the reference")
         self.recent_menu = QtWidgets.QMenu("Recent patients", self)
         file_menu = self.menuBar().addMenu("&File")
         for action in (self.open_action, self.open_dataset_action, self.demo_action):
             file_menu.addAction(action)
         file_menu.addMenu(self.recent_menu)
         file_menu.addAction(self.export_action)
+        file_menu.addAction(self.physics_action)
         file_menu.addSeparator()
         file_menu.addAction(self._action("Quit", self.close, keys.Quit))
         edit_menu = self.menuBar().addMenu("&Edit")
@@ -155,7 +165,7 @@ class MainWindow(QtWidgets.QMainWindow):
         bar = self.addToolBar("Main")
         bar.setObjectName("toolbar:main")
         for action in (self.open_action, self.undo_action, self.redo_action,
-                       self.predict_action, self.export_action):
+                       self.predict_action, self.physics_action, self.export_action):
             bar.addAction(action)
         bar.addSeparator()
         self.window_combo = QtWidgets.QComboBox()
@@ -189,7 +199,7 @@ class MainWindow(QtWidgets.QMainWindow):
         bar.addWidget(self.seeds_spin)
 
     def _build_status_bar(self, engine_message: str) -> None:
-        self.progress_bar = QtWidgets.QProgressBar()
+        self.progress_bar = StepProgressBar()
         self.progress_bar.setFixedWidth(220)
         self.progress_bar.setVisible(False)
         self.engine_label = QtWidgets.QLabel()
@@ -239,25 +249,19 @@ class MainWindow(QtWidgets.QMainWindow):
 
     def _on_busy(self, kind: str) -> None:
         if kind == "predict":
-            self.progress_bar.setRange(0, self.controller.steps)
-            self.progress_bar.setValue(0)
-            self.progress_bar.setFormat("Predicting %v/%m")
-            self.progress_bar.setVisible(True)
+            steps = self.controller.steps
+            self.progress_bar.set_progress(0, steps, f"Predicting 0/{steps}")
         elif kind == "preview":
-            self.progress_bar.setRange(0, 0)
-            self.progress_bar.setFormat("Preview")
-            self.progress_bar.setVisible(True)
-        else:
-            self.progress_bar.setVisible(False)
+            self.progress_bar.set_progress(0, 1, "Preview …")
+        self.progress_bar.setVisible(bool(kind))
 
     def _on_progress(self, done: int, total: int) -> None:
-        self.progress_bar.setRange(0, total)
-        self.progress_bar.setValue(done)
+        self.progress_bar.set_progress(done, total, f"Predicting {done}/{total}")
 
     def _on_result(self, result: Any) -> None:
         if result is None:
             return
-        seconds = sum(result.timings_s.values())
+        seconds = result.timings_s.get("total", sum(result.timings_s.values()))
         self.statusBar().showMessage(f"{result.kind.capitalize()} ready in {seconds:.2f} s")
 
     # ---- patients -----------------------------------------------------------------------------
@@ -347,6 +351,7 @@ class MainWindow(QtWidgets.QMainWindow):
         has_case = self.session.case is not None
         self.predict_action.setEnabled(has_case and self.controller.available)
         self.export_action.setEnabled(has_case)
+        self.physics_action.setEnabled(has_case)
 
     # ---- export -------------------------------------------------------------------------------
     def _export_dialog(self) -> None:
@@ -375,6 +380,46 @@ class MainWindow(QtWidgets.QMainWindow):
         self.statusBar().showMessage(f"Exported {what} to {files.folder}")
         self.exported.emit(files)
 
+    # ---- physics verification ---------------------------------------------------------------
+    def verify_with_physics(self) -> asyncio.Future | None:
+        """Compute the physics dose of the current plan off the UI thread; it becomes the
+        reference dose (compare views, dashed DVHs). A new request cancels a running one."""
+        from engine.physics import compute_physics_dose
+
+        case, plan = self.session.case, self.session.plan
+        if case is None or plan is None:
+            return None
+        if self._physics_cancel is not None:
+            self._physics_cancel.set()
+        cancel = threading.Event()
+        self._physics_cancel = cancel
+        self.statusBar().showMessage("Computing the physics dose (pyRadPlan; about a minute) …")
+        future = asyncio.get_event_loop().run_in_executor(
+            None, lambda: compute_physics_dose(case, plan, cancel=cancel))
+        future.add_done_callback(lambda f: self._physics_done(f, case, cancel))
+        self._physics_task = future
+        return future
+
+    def _physics_done(self, future: asyncio.Future, case: Case, cancel: threading.Event) -> None:
+        from engine.physics import PhysicsCancelled
+
+        if future.cancelled() or cancel.is_set() or self.session.case is not case:
+            return  # superseded, or the patient changed meanwhile
+        exc = future.exception()
+        if isinstance(exc, PhysicsCancelled):
+            return
+        if exc is not None:
+            self.statusBar().showMessage("Physics dose failed")
+            self.show_error("Verify with physics", str(exc))
+            return
+        physics = future.result()
+        self.session.set_reference_dose(physics.dose)
+        self.overlay_combo.setCurrentText(OVERLAY_MODES[1])
+        self.statusBar().showMessage(
+            f"Physics dose ready ({physics.info.get('engine', 'pyRadPlan')}); shown as the "
+            f"reference, normalised to {physics.primary_target} D95 = prescription")
+        self.physics_ready.emit(physics)
+
     def _on_history(self, can_undo: bool, can_redo: bool) -> None:
         self.undo_action.setEnabled(can_undo)
         self.redo_action.setEnabled(can_redo)
@@ -397,6 +442,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.error_shown.emit(message)
 
     def closeEvent(self, event: QtGui.QCloseEvent) -> None:  # noqa: N802 - Qt API
+        if self._physics_cancel is not None:
+            self._physics_cancel.set()
         self.controller.shutdown()
         self.training_panel.shutdown()
         self.view3d.close_scene()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.case import Beam, Case, Plan, Role
+from engine.case import Beam, Case, Plan, Role, Volume
 from planner_gui.signals import Signal
 
 DEFAULT_BEAM_COUNT = 7
@@ -60,6 +60,7 @@ class Session:
         visibility_changed(name, visible): a structure was shown or hidden.
         history_changed(can_undo, can_redo)
         selection_changed(beam_index): the beam selected for editing (-1 when none).
+        reference_changed(case): the reference dose was replaced (e.g. by a physics dose).
     """
 
     def __init__(self) -> None:
@@ -70,6 +71,7 @@ class Session:
         self.visibility_changed = Signal()
         self.history_changed = Signal()
         self.selection_changed = Signal()
+        self.reference_changed = Signal()
         self.case: Case | None = None
         self.plan: Plan | None = None
         self.result: Any = None
@@ -97,6 +99,15 @@ class Session:
         self.result_changed.emit(None)
         self.cursor_changed.emit(self.cursor_mm)
         self._emit_history()
+
+    def set_reference_dose(self, dose: Volume) -> None:
+        """Compare against ``dose`` (Gy on the CT grid) from now on; the plan is kept."""
+        if self.case is None:
+            raise RuntimeError("no patient is open")
+        if dose.geometry != self.case.geometry:
+            raise ValueError("the reference dose must lie on the patient's CT grid")
+        self.case = self.case.with_dose(dose)
+        self.reference_changed.emit(self.case)
 
     # ---- plan edits with undo/redo ----------------------------------------------------------
     def _require_plan(self) -> Plan:

@@ -13,9 +13,12 @@ from PySide6 import QtCore, QtWidgets
 from planner_gui.training_run import (
     STAGES,
     EventTail,
+    PresetError,
     TrainRequest,
     available_presets,
     build_train_command,
+    merged_preset,
+    write_run_preset,
 )
 
 POLL_MS = 250
@@ -51,10 +54,9 @@ class TrainingPanel(QtWidgets.QWidget):
         browse.clicked.connect(self._browse)
         self.stage_combo = QtWidgets.QComboBox()
         self.stage_combo.addItems(STAGES)
-        self.stage_combo.setCurrentText("stage-b")
+        self.stage_combo.setCurrentText("dose")
         self.preset_combo = QtWidgets.QComboBox()
-        self.preset_combo.addItem("")
-        self.preset_combo.addItems(available_presets())
+        self.preset_combo.addItems(available_presets() or [""])
         self.steps_spin = QtWidgets.QSpinBox()
         self.steps_spin.setRange(1, 10_000_000)
         self.steps_spin.setValue(1000)
@@ -116,11 +118,31 @@ class TrainingPanel(QtWidgets.QWidget):
         layout.addWidget(self.loss_plot, 1)
         layout.addWidget(self.log_view)
 
+        self.preset_combo.currentTextChanged.connect(self._load_preset_values)
+        self._load_preset_values(self.preset_combo.currentText())
+
         self.timer = QtCore.QTimer(self)
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.poll)
 
     # ---- launching ----------------------------------------------------------------------------
+    def _fields(self) -> dict[str, QtWidgets.QAbstractSpinBox]:
+        return {"run.max_steps": self.steps_spin, "optim.lr": self.lr_spin,
+                "data.batch_size": self.batch_spin, "optim.warmup_steps": self.warmup_spin}
+
+    def _load_preset_values(self, preset: str) -> None:
+        """Show the chosen preset's values in the hyper-parameter fields."""
+        try:
+            tables = merged_preset(preset, {})
+        except PresetError as exc:
+            self._set_status(str(exc))
+            return
+        for key, spin in self._fields().items():
+            section, name = key.split(".")
+            value = tables.get(section, {}).get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                spin.setValue(value)
+
     def _browse(self) -> None:
         folder = QtWidgets.QFileDialog.getExistingDirectory(self, "Training dataset folder")
         if folder:
@@ -133,9 +155,7 @@ class TrainingPanel(QtWidgets.QWidget):
         return TrainRequest(
             stage=stage, data_dir=Path(self.data_edit.text().strip()), run_dir=run_dir,
             preset=self.preset_combo.currentText(),
-            overrides={"run.max_steps": self.steps_spin.value(), "optim.lr": self.lr_spin.value(),
-                       "data.batch_size": self.batch_spin.value(),
-                       "optim.warmup_steps": self.warmup_spin.value()})
+            overrides={key: spin.value() for key, spin in self._fields().items()})
 
     def _start_clicked(self) -> None:
         if not self.data_edit.text().strip() or not Path(self.data_edit.text()).is_dir():
@@ -145,10 +165,16 @@ class TrainingPanel(QtWidgets.QWidget):
         self.start(self.request())
 
     def start(self, request: TrainRequest, extra_args: tuple[str, ...] = ()) -> None:
-        """Launch ``dosepilot train`` for ``request`` (``extra_args`` appended to its argv)."""
+        """Launch ``dosepilot train`` for ``request`` (``extra_args`` appended to its argv,
+        e.g. ``("--resume",)``)."""
         if self.running:
             raise RuntimeError("a training run is already running")
-        argv = build_train_command(request) + list(extra_args)
+        try:
+            config = write_run_preset(request)
+        except PresetError as exc:
+            self._set_status(str(exc))
+            return
+        argv = build_train_command(request, config) + list(extra_args)
         self.run_dir = request.run_dir
         self.tail = EventTail(request.run_dir)
         self.events = []
@@ -184,10 +210,8 @@ class TrainingPanel(QtWidgets.QWidget):
         self._cancelling = True
         self._set_status("Cancelling …")
         self.process.terminate()
-        process = self.process
-        QtCore.QTimer.singleShot(TERMINATE_GRACE_MS, lambda: (
-            process.kill() if process.state() != QtCore.QProcess.ProcessState.NotRunning
-            else None))
+        # the process object is the timer's context: no kill once it is gone
+        QtCore.QTimer.singleShot(TERMINATE_GRACE_MS, self.process, self.process.kill)
 
     # ---- following ----------------------------------------------------------------------------
     def poll(self) -> None:
@@ -253,7 +277,9 @@ class TrainingPanel(QtWidgets.QWidget):
         self._set_status(message)
         self.start_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
-        self.use_button.setEnabled(status == "completed" and bool(self.exported_model))
+        # a dose-model bundle is a folder (a VAE or codec stage exports a single file)
+        self.use_button.setEnabled(status == "completed" and bool(self.exported_model)
+                                   and Path(self.exported_model).is_dir())
         self.finished.emit(status)
 
     def _set_status(self, text: str) -> None:

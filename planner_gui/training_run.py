@@ -10,21 +10,30 @@ Event schema (written by the trainer): every line has ``type`` ("start", "train"
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import tomllib
 
 from engine.resources import resources_dir
 
-STAGES = ("vae", "cache", "stage-a", "stage-b", "scardnft")
+# the stages of ``dosepilot train STAGE`` (trainer/cli.py), in the order a model is built
+STAGES = ("vae", "cache", "distill", "any2any", "dose", "scardnft")
+
+
+class PresetError(ValueError):
+    """A preset the panel cannot read or extend; the message names the file."""
 
 
 @dataclass(frozen=True)
 class TrainRequest:
     """What the physicist chose in the training panel.
 
-    ``overrides`` are preset keys (``section.key``) set on the command line, e.g.
-    ``{"run.max_steps": 200, "optim.lr": 1e-4}``.
+    ``preset`` is a shipped preset name or a TOML path ("" = the trainer's defaults);
+    ``overrides`` set preset keys ``section.key``, e.g. ``{"run.max_steps": 200}``.
     """
 
     stage: str
@@ -40,15 +49,74 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
 
 
-def build_train_command(request: TrainRequest) -> list[str]:
-    """The argv of the training process (the same run a terminal or a cluster job would start)."""
-    argv = [sys.executable, "-m", "engine.cli", "train", request.stage,
-            "--data", str(request.data_dir), "--run-dir", str(request.run_dir)]
-    if request.preset:
-        argv += ["--config", request.preset]
-    for key, value in request.overrides.items():
-        argv += ["--set", f"{key}={value}"]
-    return argv
+def _preset_path(preset: str) -> Path:
+    path = Path(preset)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    return resources_dir() / "presets" / f"{preset}.toml"
+
+
+def merged_preset(preset: str, overrides: dict[str, object]) -> dict[str, Any]:
+    """The preset's tables with ``overrides`` (``section.key``) applied."""
+    tables: dict[str, Any] = {}
+    if preset:
+        path = _preset_path(preset)
+        try:
+            tables = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise PresetError(f"cannot read preset {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise PresetError(f"preset {path} is not valid TOML: {exc}") from exc
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        if not section:
+            raise PresetError(f"override {key!r} must be 'section.key'")
+        tables.setdefault(section, {})[name] = value
+    return tables
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PresetError(f"preset values must be finite, got {value}")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise PresetError(f"cannot write {type(value).__name__} {value!r} into a preset")
+
+
+def to_toml(tables: dict[str, Any]) -> str:
+    """TOML text of ``{section: {key: value}}`` (scalars, lists, one level of tables)."""
+    lines = []
+    for section, values in tables.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_run_preset(request: TrainRequest) -> Path:
+    """Write the preset this run uses (the chosen one plus the panel's edits) next to its run
+    folder, ``RUN_DIR.toml``; the trainer reads it with ``--config``."""
+    tables = merged_preset(request.preset, request.overrides)
+    path = request.run_dir.with_name(request.run_dir.name + ".toml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# written by the DosePilot training panel from preset "
+                    f"{request.preset or '(defaults)'!r}\n" + to_toml(tables), encoding="utf-8")
+    return path
+
+
+def build_train_command(request: TrainRequest, config: Path) -> list[str]:
+    """The argv of the training process (the same run a terminal or a cluster job would start):
+    ``dosepilot train STAGE --config CONFIG --data DATA --out RUN_DIR``."""
+    return [sys.executable, "-m", "engine.cli", "train", request.stage, "--config", str(config),
+            "--data", str(request.data_dir), "--out", str(request.run_dir)]
 
 
 class EventTail:

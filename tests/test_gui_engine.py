@@ -21,6 +21,7 @@ from gui_helpers import make_case  # noqa: E402
 from PySide6 import QtCore  # noqa: E402
 
 from planner_gui.main_window import MainWindow  # noqa: E402
+from planner_gui.views.slice_view import OVERLAY_MODES  # noqa: E402
 
 LEFT = QtCore.Qt.MouseButton.LeftButton
 
@@ -72,6 +73,11 @@ def test_real_engine_previews_while_dragging_and_predicts_on_release(
     assert preview.metrics["Parotid_L"].mean_gy != first.metrics["Parotid_L"].mean_gy
     curve = window.dvh_panel.curves["Parotid_L"].getData()[1]
     assert np.array_equal(curve, preview.dvhs["Parotid_L"].cumulative_pct)
+    window.seeds_spin.setValue(2)  # the full prediction gives a mean and an uncertainty map
+    bar = window.progress_bar
+    shown: list[tuple[bool, int, int]] = []
+    controller.progress.connect(
+        lambda done, total: shown.append((bar.isVisible(), bar.value(), bar.maximum())))
     with qtbot.waitSignal(window.session.result_changed, timeout=120_000,
                           check_params_cb=lambda r: r is not None and r.kind == "predict"):
         qtbot.mouseRelease(viewport, LEFT, pos=view.view_to_widget(
@@ -79,4 +85,12 @@ def test_real_engine_previews_while_dragging_and_predicts_on_release(
                                        -math.cos(math.radians(60))]))))
     assert window.session.plan.beams[0].gantry_deg == pytest.approx(60.0, abs=3.0)
     assert controller.predictions_done == 2
+    assert shown and all(visible for visible, _, _ in shown)
+    assert [v for _, v, _ in shown] == sorted(v for _, v, _ in shown)
+    assert shown[-1][1:] == (controller.steps, controller.steps)
+    assert not bar.isVisible(), "the bar goes away with the finished prediction"
+    final = window.session.result
+    assert final.std is not None and final.std.array.max() > 0
+    window.overlay_combo.setCurrentText(OVERLAY_MODES[3])
+    assert np.array_equal(view._overlay, view.grid.orient(final.std.array))
     window.close()

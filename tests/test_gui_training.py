@@ -7,10 +7,19 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
+import tomllib
 
 from engine.cli import build_parser
-from planner_gui.training_run import EventTail, TrainRequest, build_train_command
+from planner_gui.training_run import (
+    EventTail,
+    PresetError,
+    TrainRequest,
+    build_train_command,
+    merged_preset,
+    write_run_preset,
+)
 
 needs_display = pytest.mark.skipif(not os.environ.get("DISPLAY"),
                                    reason="GUI tests need a display: run under xvfb-run")
@@ -25,15 +34,43 @@ needs_trainer = pytest.mark.skipif(not has_train_command(),
                                    reason="the `dosepilot train` command is not installed here")
 
 
-def test_command_is_the_cli_train_command(tmp_path):
-    request = TrainRequest("stage-b", tmp_path / "data", tmp_path / "run", preset="tiny",
+@pytest.fixture(scope="module")
+def tiny_dataset(openkbp_dir, tmp_path_factory):
+    """Three training and one validation OpenKBP case (links to the shared data)."""
+    root = tmp_path_factory.mktemp("training-data")
+    for split, count in (("train", 3), ("validation", 1)):
+        (root / split).mkdir()
+        for src in sorted((openkbp_dir / split).glob("pt_*.npz"))[:count]:
+            (root / split / src.name).symlink_to(src)
+    return root
+
+
+def test_command_is_the_cli_train_command_with_a_derived_preset(tmp_path):
+    base = tmp_path / "base.toml"
+    base.write_text('[run]\nmax_steps = 100\nseed = 3\n[data]\ngrid = [9, 32, 32]\n'
+                    '[model]\ndit = "cpu-small"\n')
+    request = TrainRequest("dose", tmp_path / "data", tmp_path / "runs" / "r1", preset=str(base),
                            overrides={"run.max_steps": 3, "optim.lr": 0.001})
-    argv = build_train_command(request)
-    assert argv[:5] == [sys.executable, "-m", "engine.cli", "train", "stage-b"]
-    assert argv[argv.index("--config") + 1] == "tiny"
-    assert argv[argv.index("--run-dir") + 1] == str(tmp_path / "run")
-    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    assert sets == ["run.max_steps=3", "optim.lr=0.001"]
+    config = write_run_preset(request)
+    assert config == tmp_path / "runs" / "r1.toml"
+    tables = tomllib.loads(config.read_text())
+    assert tables["run"] == {"max_steps": 3, "seed": 3}
+    assert tables["optim"] == {"lr": 0.001}
+    assert tables["data"]["grid"] == [9, 32, 32] and tables["model"]["dit"] == "cpu-small"
+    argv = build_train_command(request, config)
+    assert argv == [sys.executable, "-m", "engine.cli", "train", "dose", "--config", str(config),
+                    "--data", str(tmp_path / "data"), "--out", str(tmp_path / "runs" / "r1")]
+
+
+def test_bad_presets_are_clear_errors(tmp_path):
+    with pytest.raises(PresetError, match="cannot read preset"):
+        merged_preset(str(tmp_path / "missing.toml"), {})
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[run\n")
+    with pytest.raises(PresetError, match="not valid TOML"):
+        merged_preset(str(broken), {})
+    with pytest.raises(PresetError, match="section.key"):
+        merged_preset("", {"max_steps": 3})
 
 
 def test_event_tail_returns_complete_new_lines_only(tmp_path):
@@ -65,7 +102,7 @@ def panel(qtbot, tmp_path):
 
 @needs_display
 def test_a_failing_launch_is_reported_with_the_process_output(panel, qtbot, tmp_path):
-    request = TrainRequest("no-such-stage", tmp_path, tmp_path / "run")
+    request = TrainRequest("no-such-stage", tmp_path, tmp_path / "runs" / "run")
     with qtbot.waitSignal(panel.finished, timeout=60_000) as blocker:
         panel.start(request)
     assert blocker.args == ["failed"]
@@ -79,3 +116,38 @@ def test_the_form_refuses_a_missing_dataset_folder(panel, tmp_path):
     panel.data_edit.setText(str(tmp_path / "missing"))
     panel.start_button.click()
     assert not panel.running and "existing dataset folder" in panel.status_label.text()
+
+
+@needs_display
+@needs_trainer
+def test_a_tiny_real_training_run_completes_with_its_loss_curve(panel, qtbot, tiny_dataset):
+    panel.preset_combo.setCurrentText("test-tiny")
+    assert panel.steps_spin.value() == 4, "the preset's values are shown in the form"
+    panel.data_edit.setText(str(tiny_dataset))
+    panel.stage_combo.setCurrentText("vae")
+    with qtbot.waitSignal(panel.finished, timeout=240_000) as blocker:
+        panel.start_button.click()
+    assert blocker.args == ["completed"], panel.status_label.text()
+    steps, losses = panel.loss_curve.getData()
+    assert list(steps) == [1, 2, 3, 4] and all(np.isfinite(losses))
+    assert panel.progress.value() == panel.progress.maximum() == 4
+    assert panel.exported_model.endswith("vae.safetensors")
+    assert not panel.use_button.isEnabled(), "a VAE is not a dose model"
+    assert "Training completed" in panel.status_label.text()
+
+
+@needs_display
+@needs_trainer
+def test_cancelling_a_run_ends_its_process(panel, qtbot, tiny_dataset, tmp_path):
+    request = TrainRequest("vae", tiny_dataset, tmp_path / "runs" / "long", preset="test-tiny",
+                           overrides={"run.max_steps": 100_000, "run.eval_every": 100_000,
+                                      "run.checkpoint_every": 100_000})
+    panel.start(request)
+    pid = panel.process.processId()
+    qtbot.waitUntil(lambda: any(e.get("type") == "train" for e in panel.events), timeout=240_000)
+    assert panel.running
+    with qtbot.waitSignal(panel.finished, timeout=30_000) as blocker:
+        panel.cancel_button.click()
+    assert blocker.args == ["cancelled"] and not panel.running
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the training process is gone

@@ -28,7 +28,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 OPENKBP_OARS: tuple[str, ...] = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid",
                                  "Esophagus", "Larynx", "Mandible")
@@ -200,6 +199,8 @@ def compare_paired(a: Iterable[float], b: Iterable[float]) -> PairedComparison:
     if np.all(diff == 0):
         t_stat, t_p, w_stat, w_p = 0.0, 1.0, 0.0, 1.0
     else:
+        from scipy import stats  # scipy.stats costs ~1 s to import: only when comparing
+
         t = stats.ttest_rel(x, y)
         w = stats.wilcoxon(x, y)
         t_stat, t_p, w_stat, w_p = (float(t.statistic), float(t.pvalue), float(w.statistic),

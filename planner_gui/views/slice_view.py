@@ -104,6 +104,7 @@ class SliceView(QtWidgets.QWidget):
         session.case_changed.connect(self._on_case)
         session.cursor_changed.connect(self._on_cursor)
         session.result_changed.connect(lambda _r: self._refresh_overlay())
+        session.reference_changed.connect(lambda _c: self._refresh_overlay())
         session.visibility_changed.connect(lambda *_: self._draw_contours())
         session.plan_changed.connect(lambda *_: self._draw_beams())
         session.selection_changed.connect(lambda _i: self._draw_beams())

@@ -110,7 +110,7 @@ class View3D(QtWidgets.QWidget):
 
     def _update_beams(self) -> None:
         plan = self.session.plan
-        if plan is None or not self.beam_meshes and not plan.beams:
+        if plan is None:
             return
         if len(plan.beams) != len(self.beam_meshes):
             self._build_beams()
