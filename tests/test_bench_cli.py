@@ -24,7 +24,7 @@ def test_bench_json_has_the_budget_keys_and_the_breakdown(report):
     assert {"preview_s", "predict10_s", "dvh_ms", "plates_ms", "device", "threads",
             "breakdown", "load_average"} <= set(report)
     assert report["device"] == "cpu" and report["threads"] == 1
-    assert report["steps"] == 10 and report["runs"] == 1 and report["beams"] == 7
+    assert report["steps"] == 10 and report["runs"] == 1 and report["beams"] == 9
     for key in ("preview_s", "predict10_s", "dvh_ms", "plates_ms", "preview_cpu_s",
                 "predict10_cpu_s"):
         assert 0 < report[key] < 1e4
