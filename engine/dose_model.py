@@ -58,6 +58,11 @@ class DoseModel:
         return self
 
     @property
+    def quality_warning(self) -> str:
+        """What the trainer of this model says it must not be used for ("" when nothing)."""
+        return str(self.provenance.get("quality_warning", ""))
+
+    @property
     def device(self) -> torch.device:
         return next(self.dit.parameters()).device
 

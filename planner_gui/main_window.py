@@ -208,7 +208,13 @@ class MainWindow(QtWidgets.QMainWindow):
         self._set_engine_label(engine_message)
 
     def _set_engine_label(self, message: str) -> None:
-        if self.controller.available:
+        model = getattr(self.controller.engine, "model", None)
+        warning = getattr(model, "quality_warning", "")
+        if self.controller.available and warning:
+            self.engine_label.setText("Experimental model: not for planning decisions")
+            self.engine_label.setStyleSheet("color: black; background: #eb3; padding: 1px 6px;")
+            self.engine_label.setToolTip(warning)
+        elif self.controller.available:
             self.engine_label.setText("Dose engine ready")
             self.engine_label.setStyleSheet("color: #3a3;")
             self.engine_label.setToolTip("")
