@@ -21,7 +21,7 @@ import numpy as np
 from scipy.special import erfc
 
 from engine.case import Beam, Case, Plan, Volume
-from engine.features.beam_geometry import source_positions_mm
+from engine.features.beam_geometry import source_direction_lps
 from engine.latest_wins import Cancelled
 from engine.metrics.dvh import all_metrics, prepare
 from engine.metrics.scorecard import BoundScorecard, builtin_template
@@ -84,7 +84,8 @@ class PhysicsDose:
     @staticmethod
     def _beam(case: Case, plan: Plan, beam: Beam, points: np.ndarray, body: np.ndarray,
               target: np.ndarray) -> np.ndarray:
-        src = source_positions_mm(beam, plan.patient_position, (beam.gantry_deg,))[0]
+        src = np.asarray(beam.isocenter_mm) + beam.sad_mm * source_direction_lps(
+            beam.gantry_deg, beam.couch_deg, plan.patient_position)
         axis = (np.asarray(beam.isocenter_mm) - src) / beam.sad_mm
         rel = points - src
         along = rel @ axis
