@@ -6,7 +6,9 @@ angle plates, with the per-stage breakdown, and records the load average before 
 
 Until a trained default model ships, it measures a bundle of the shipping architecture with
 random weights (timing does not depend on the weights): DiT preset ``cpu-small``, VAE preset
-``cpu8``, tiny codec preset ``preview``. ``--model`` measures a real bundle instead.
+``cpu8``, tiny codec preset ``preview``. ``--model`` measures a real bundle instead, and then also
+what the preview shortcut costs: the MAE inside the body between the tiny-codec and the full-VAE
+decode of the same latent (the VAE latent of the demo patient's dose).
 
     python -m benchmarks.bench_engine                 # 10 runs, automatic thread count
     python -m benchmarks.bench_engine --runs 12 --threads 1 2   # each count, same run
@@ -43,6 +45,27 @@ def shipping_bundle(path: Path, seed: int = 0) -> Path:
                     "presets": SHIPPING})
 
 
+def preview_codec_mae(engine, case) -> float:
+    """MAE (Gy) inside the body between the tiny-codec and the full-VAE decode of one latent.
+
+    The latent is the VAE encoding of the case's own dose on the model grid, so both decoders
+    see a realistic dose latent; the error is measured on the model grid.
+    """
+    from engine.features import Slot, build_modalities
+
+    inputs = build_modalities(case, case.plan, engine.normalization)
+    if not inputs.present[Slot.DOSE] or engine.model.codec is None:
+        raise ValueError("the case needs a dose and the model a tiny codec")
+    body = inputs[Slot.BODY] > 0
+    x = torch.from_numpy(inputs[Slot.DOSE].copy())[None, None].to(engine.device)
+    with torch.inference_mode():
+        z = engine.model.vae.encode(x)
+        full = engine.model.vae.decode(z).float()[0, 0].cpu().numpy()
+        tiny = engine.model.codec.decode(z).float()[0, 0].cpu().numpy()
+    norm = inputs.normalization
+    return float(abs(norm.dose_to_gy(tiny) - norm.dose_to_gy(full))[body].mean())
+
+
 def main(argv: list[str] | None = None) -> int:
     from engine.commands.bench_cmd import demo_patient, measure
     from engine.io.dicom import load_dicom_case
@@ -64,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             engine = DoseEngine.from_checkpoint(model, threads=threads)
             report = measure(engine, case, runs=args.runs)
             report["load_average_before"] = list(load_before)
+            if args.model:  # with random weights the number would mean nothing
+                report["preview_codec_mae_gy"] = preview_codec_mae(engine, case)
             reports.append(report)
     header = {"model": str(args.model) if args.model else
               f"random weights, presets {SHIPPING}",

@@ -9,9 +9,10 @@ For a plan we
 2. build the optimisation problem from the case: per target a squared deviation to its
    prescription (plus a squared overdose above 103 %), optimised on the target grown by
    ``target_margin_mm`` so that the coarse dose grid covers its edge; per organ at risk
-   head-and-neck-style overdose / mean-dose objectives scaled to the highest prescription; an
-   overdose objective on the rest of the body. Overlaps go to the higher prescription, then
-   targets before organs at risk, as in matRad;
+   head-and-neck-style overdose / mean-dose objectives scaled to the highest prescription;
+   overdose objectives on a 15 mm ring around the targets and on the rest of the body
+   (conformity). Overlaps go to the higher prescription, then targets before organs at risk,
+   then the ring, as in matRad;
 3. compute the dose-influence matrix on a ``dose_grid_mm`` grid, optimise the fluence, compute the
    dose on the CT grid (zero outside the body, like a clinical dose), and normalise it like a
    clinical plan: D95 of the primary (highest prescription) target = its prescription.
@@ -48,7 +49,6 @@ import numpy as np
 from scipy import ndimage
 
 from engine.case import (
-    Beam,
     Case,
     Geometry,
     PatientPosition,
@@ -503,12 +503,3 @@ def dose_comparison(case: Case, dose: np.ndarray, reference: np.ndarray,
         if s.mask.any():
             out[f"{s.name}_Dmean_diff_gy"] = float(dose[s.mask].mean() - reference[s.mask].mean())
     return out
-
-
-def physics_beam_plan(gantry_deg: Sequence[float], isocenter_mm: Sequence[float],
-                      prescription_gy: float | None = None, name: str = "physics") -> Plan:
-    """A coplanar static-beam HFS plan (helper for generators and tests)."""
-    return Plan(tuple(Beam(f"B{i + 1}", g, tuple(isocenter_mm), number=i + 1)
-                      for i, g in enumerate(gantry_deg)),
-                prescription_gy=prescription_gy, name=name)
-

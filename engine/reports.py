@@ -129,11 +129,12 @@ def write_report_figure(case: Case, result: DoseResult, path: str | Path,
         (f"coronal (row {iy})", (slice(None), iy, slice(None)), (0, nx * dx, 0, nz * dz)),
         (f"sagittal (column {ix})", (slice(None), slice(None), ix), (0, ny * dy, 0, nz * dz)),
     )
-    fig = Figure(figsize=(12, 9), dpi=90)
+    fig = Figure(figsize=(13, 8.5), dpi=90, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2)
+    grid = fig.add_gridspec(2, 3, height_ratios=(1.0, 0.9))
+    slice_axes = [fig.add_subplot(grid[0, i]) for i in range(3)]
     image = None
-    for ax, (title, sl, extent) in zip(axes.flat[:3], views):
+    for ax, (title, sl, extent) in zip(slice_axes, views):
         origin = "upper" if title.startswith("axial") else "lower"
         ax.imshow(ct[sl], cmap="gray", vmin=-400, vmax=600, extent=extent, origin=origin)
         d = np.ma.masked_less(dose[sl], 0.05 * vmax)
@@ -148,8 +149,8 @@ def write_report_figure(case: Case, result: DoseResult, path: str | Path,
         ax.set_xticks([])
         ax.set_yticks([])
     if image is not None:
-        fig.colorbar(image, ax=axes.flat[:3].tolist(), label="dose (Gy)", shrink=0.6)
-    ax = axes[1, 1]
+        fig.colorbar(image, ax=slice_axes, label="dose (Gy)", shrink=0.9)
+    ax = fig.add_subplot(grid[1, :])
     for name, curve in result.dvhs.items():
         if curve.volume_cc <= 0:
             continue
@@ -160,7 +161,8 @@ def write_report_figure(case: Case, result: DoseResult, path: str | Path,
     ax.set_xlim(0, vmax * 1.05)
     ax.set_ylim(0, 102)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right", ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1 + len(
+        result.dvhs) // 16)
     seeds = f", {len(result.seeds)} seeds" if len(result.seeds) > 1 else ""
     fig.suptitle(f"{case.name}: predicted dose ({result.kind}, {result.steps} steps{seeds}), "
                  f"max {float(dose.max()):.1f} Gy")

@@ -121,3 +121,14 @@ def physics_env() -> Path:
         return physics_python()
     except PhysicsUnavailableError as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Run a module's tiny networks on one torch thread (pool overhead dominates otherwise,
+    badly so on a loaded 2-core machine); restores the previous count afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,12 +3,15 @@ base frozen; adapters save, load and merge (merged output equals adapter output)
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from engine.models.dit import DiffKT3D, DiTConfig
 from trainer import lora
 from trainer.stages.common import dit_lora_targets
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _tiny_dit() -> DiffKT3D:
@@ -79,8 +82,6 @@ def test_save_load_merge_give_the_adapter_output(tmp_path):
 
 
 def test_loading_an_adapter_into_another_architecture_is_refused(tmp_path):
-    import pytest
-
     from engine.cli import UserError
     targets, trainable = dit_lora_targets(_tiny_dit())
     model = lora.attach_lora(_tiny_dit(), targets, rank=8, alpha=8, trainable_modules=trainable)

@@ -72,7 +72,7 @@ def dicom_run(dicom_patient, tiny_dose_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("pred") / "out"
     before = {p: p.read_bytes() for p in dicom_patient.rglob("*") if p.is_file()}
     code = main(["predict", str(dicom_patient), "--model", str(tiny_dose_bundle), "--out",
-                 str(out), "--steps", "2", "--json"])
+                 str(out), "--steps", "2", "--threads", "1", "--json"])
     after = {p: p.read_bytes() for p in dicom_patient.rglob("*") if p.is_file()}
     assert before == after  # the user's files are never modified
     return code, out / dicom_patient.name
@@ -81,7 +81,7 @@ def dicom_run(dicom_patient, tiny_dose_bundle, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dicom_result(dicom_patient, tiny_dose_bundle):
     """The same prediction straight from the engine."""
-    engine = DoseEngine.from_checkpoint(tiny_dose_bundle, threads=2)
+    engine = DoseEngine.from_checkpoint(tiny_dose_bundle, threads=1)  # as the CLI run
     case = load_dicom_case(dicom_patient)
     return case, engine.predict(case, steps=2, seeds=(0,))
 
@@ -266,3 +266,51 @@ def test_nothing_to_predict_is_a_clear_error(tmp_path, capsys, tiny_dose_bundle)
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(capsys, "predict", tmp_path / "empty", "--model", tiny_dose_bundle)
     assert code == 2 and "nothing to predict" in err
+
+
+def test_gdp_hmm_case_gets_dose_npy_on_its_own_grid(tiny_dose_bundle, tmp_path, capsys):
+    pytest.importorskip("engine.io.gdp_hmm", reason="the GDP-HMM reader has not landed yet")
+    shape = (40, 96, 112)
+    z, y, x = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij", sparse=True)
+    body = np.broadcast_to(((y - 48) / 40.0) ** 2 + ((x - 56) / 48.0) ** 2 < 1, shape)
+    ptv = np.broadcast_to((z - 20) ** 2 + (y - 48) ** 2 + (x - 56) ** 2 < 64, shape)
+    data = {"img": np.where(body, 0.0, -1000.0).astype(np.float32),
+            "Body": body.astype(np.uint8), "PTV70": ptv.astype(np.uint8),
+            "isocenter": np.array([20, 48, 56]), "angle_list": np.array([0.0, 120.0, 240.0]),
+            "isVMAT": False}
+    np.savez_compressed(tmp_path / "HN1+A+MOS_1.npz", data)
+    (tmp_path / "PTV_DICT.json").write_text(json.dumps(
+        {"HN1": {"PTV_High": {"OPTName": "PTV70", "PDose": 70.0}}}))
+    code, out, _ = run_cli(capsys, "predict", tmp_path / "HN1+A+MOS_1.npz", "--model",
+                           tiny_dose_bundle, "--out", tmp_path / "out", "--steps", "1",
+                           "--json")
+    assert code == 0, out
+    folder = tmp_path / "out" / "HN1+A+MOS_1"
+    pred = np.load(folder / "dose.npy")
+    assert pred.shape == shape
+    ds = pydicom.dcmread(folder / "dose.dcm")
+    np.testing.assert_allclose(pred, ds.pixel_array * float(ds.DoseGridScaling),
+                               atol=float(ds.DoseGridScaling))
+
+
+def test_find_cases_tells_a_patient_from_a_cohort(phantom_dicom, tmp_path):
+    from engine.commands.predict_cmd import find_cases
+    from engine.phantom import PhantomSpec, write_phantom
+
+    src = phantom_dicom.rtplan_path.parent
+    series = tmp_path / "series_layout"  # one patient, each object in its own sub-folder
+    shutil.copytree(src / "CT", series / "CT")
+    for name in ("RTSTRUCT", "RTPLAN"):
+        (series / name).mkdir()
+        shutil.copy(src / f"{name}.dcm", series / name / "1.dcm")
+    assert [(c.path, c.kind) for c in find_cases(series)] == [(series, "dicom")]
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(src, cohort / "a")
+    write_phantom(cohort / "b", PhantomSpec(shape=(8, 24, 24), name="OTHER"))
+    write_openkbp_npz(cohort / "pt_2.npz")
+    (cohort / "notes.txt").write_text("not a case")
+    found = [(c.name, c.kind) for c in find_cases(cohort)]
+    assert found == [("a", "dicom"), ("b", "dicom"), ("pt_2", "openkbp")]
+    assert [c.kind for c in find_cases(cohort / "pt_2.npz")] == ["openkbp"]
+    assert find_cases(cohort / "notes.txt") == []

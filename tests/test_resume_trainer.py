@@ -19,6 +19,7 @@ from trainer.config import config_from_dict
 from trainer.distributed import DistContext
 from trainer.events import read_events
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "test_trainer_loop.py"
 CPU = DistContext(0, 1, 0, torch.device("cpu"))

@@ -26,6 +26,7 @@ from trainer.events import read_events
 from trainer.loop import run
 from trainer.stages.scardnft import nft_task
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 SHAPE = (1, 4, 16)
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 
@@ -103,7 +104,7 @@ def velocity(model, x_t, sigma, items):
 
 
 @pytest.fixture(scope="module")
-def base_state() -> dict:
+def base_state(torch_one_thread) -> dict:
     """The base model: flow matching (v-prediction, shift 3) on the family of reference plans."""
     torch.manual_seed(0)
     net = ToyVelocityNet()

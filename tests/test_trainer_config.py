@@ -63,3 +63,22 @@ def test_cli_reports_an_invalid_preset_before_any_compute(tmp_path, capsys):
     assert code == 2
     assert "[optim] lr must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_set_overrides_are_validated_like_the_file():
+    cfg = load_config("test-tiny", ["run.max_steps=7", "optim.lr=2e-3", "data.flip_lr=true",
+                                    "data.grid=[13, 32, 32]", "model.dit=cpu-base"])
+    assert (cfg.run.max_steps, cfg.optim.lr, cfg.data.flip_lr) == (7, 2e-3, True)
+    assert cfg.data.grid == (13, 32, 32) and cfg.model.dit == "cpu-base"
+    with pytest.raises(ConfigError, match=r"--set 'max_steps=3': expected section.key=value"):
+        load_config("test-tiny", ["max_steps=3"])
+    with pytest.raises(ConfigError, match=r"with --set run.max_steps=0.*max_steps must be > 0"):
+        load_config("test-tiny", ["run.max_steps=0"])
+
+
+def test_cli_accepts_the_gui_spelling(tmp_path, capsys):
+    """The training panel launches `train stage-b --data D --run-dir R --set k=v`."""
+    code = main(["train", "stage-b", "--data", str(tmp_path / "missing"), "--run-dir",
+                 str(tmp_path / "run"), "--config", "test-tiny", "--set", "run.max_steps=2"])
+    assert code == 2
+    assert "dataset folder not found" in capsys.readouterr().err

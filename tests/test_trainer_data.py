@@ -46,7 +46,8 @@ def test_hash_split_is_deterministic_and_keeps_patients_together(tmp_path):
 
 
 def test_dicom_case_folders_and_missing_data(tmp_path):
-    _touch(tmp_path / "dicom/patient_a/ct_1.dcm")
+    _touch(tmp_path / "dicom/patient_a/CT/ct_1.dcm")
+    _touch(tmp_path / "dicom/patient_a/rtplan.dcm")
     _touch(tmp_path / "dicom/patient_b/rtplan.dcm")
     m = scan_dataset(tmp_path / "dicom", 0.0)
     assert m.format == "dicom" and [c.name for c in m.cases] == ["patient_a", "patient_b"]
@@ -95,3 +96,20 @@ def test_volume_cache_round_trip(tmp_path):
     assert back.mask(0).sum() == 4 and back.mask(1).sum() == 0 and back.mask(2).sum() == 4
     with pytest.raises(UserError, match="missing from the volume cache"):
         cache.read_volumes("train/pt_2")
+
+
+def test_a_dicom_case_becomes_training_volumes(phantom_dicom, tmp_path):
+    import shutil
+
+    from trainer.data import load_case, model_inputs
+    shutil.copytree(phantom_dicom.rtplan_path.parent, tmp_path / "dataset" / "patient_1")
+    m = scan_dataset(tmp_path / "dataset", val_fraction=0.0)
+    assert m.format == "dicom" and [c.name for c in m.cases] == ["patient_1"]
+    case = load_case(m.cases[0])
+    inputs = model_inputs(case, (9, 32, 32))
+    assert inputs.volumes.shape == (7, 9, 32, 32)
+    assert inputs.volumes[4].max() > -1.0                    # the reference dose is there
+    names = [s["name"] for s in inputs.structure_info]
+    assert len(names) == len(case.structures) or len(names) == 63
+    target = next(k for k, s in enumerate(inputs.structure_info) if s["role"] == "target")
+    assert ((inputs.structures >> target) & 1).any()

@@ -28,6 +28,7 @@ from trainer.config import config_from_dict  # noqa: E402
 from trainer.distributed import setup, teardown  # noqa: E402
 from trainer.events import read_events  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 COARSE = 8  # 128^3 OpenKBP grid -> 16^3
 
 

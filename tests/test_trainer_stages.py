@@ -15,6 +15,7 @@ from trainer.config import load_config  # noqa: E402
 from trainer.events import read_events  # noqa: E402
 from trainer.stages.common import build_vae  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 TINY = load_config("test-tiny").source
 
 
@@ -78,7 +79,7 @@ def test_diffusion_stages_chain_and_export(fitted):
     stage_b = _preset(root, "b", init_from=runs / "a" / "model", vae_adapt="decoder_lora")
     assert _train("dose", stage_b, data, runs / "b") == 0
     evals = [e for e in read_events(runs / "b") if e["type"] == "eval"]
-    assert {"val_loss", "val_mae_gy"} <= set(evals[-1])
+    assert {"val_loss", "val_mae_gy", "val_gdp_hmm_mae"} <= set(evals[-1])
     assert (runs / "b" / "vae.safetensors").is_file()       # the adapted decoder, merged
     assert any("decoder_l1" in e for e in read_events(runs / "b") if e["type"] == "train")
     post = _preset(root, "c", init_from=runs / "b" / "model")

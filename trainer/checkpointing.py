@@ -9,6 +9,10 @@ A checkpoint is two files in ``RUN_DIR/checkpoints/``:
   SHA-256, the optimizer's non-tensor state, numpy/python RNG states, the data-order state and a
   signature of the model (parameter names and shapes) to refuse an incompatible resume.
 
+The learning-rate schedule is a pure function of the step (:func:`trainer.loop.lr_at`) and the
+data order a pure function of seed and step (:func:`trainer.loop.global_batch_indices`), so the
+step is their whole state; the manifest records the data position anyway (epoch, position).
+
 Both files are written to a temporary name, fsync'ed and renamed (``os.replace`` is atomic on
 POSIX), tensors first, manifest last, then the folder is fsync'ed. A checkpoint counts only when
 its manifest parses and the tensor file matches the recorded size and hash: a file left half

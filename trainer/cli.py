@@ -1,4 +1,4 @@
-"""``dosepilot train STAGE --config PRESET --data DATASET --out RUN_DIR [--resume]``.
+"""``dosepilot train STAGE --config PRESET --data DATASET --out RUN_DIR [--resume] [--set K=V]``.
 
 Stages, in the order a model is built (seed §B.3, §B.5, §B.7):
 
@@ -26,36 +26,45 @@ from engine.cli import UserError
 STAGES = ("vae", "cache", "distill", "any2any", "dose", "scardnft")
 
 
+ALIASES = {"stage-a": "any2any", "stage-b": "dose"}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train or adapt the dose model (one stage)",
         description="\n\n".join(__doc__.split("\n\n")[1:4]) if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=STAGES, help="which stage to run")
-    p.add_argument("--config", required=True,
-                   help="preset TOML file, or the name of a shipped preset "
-                        "(paper, cpu-small, test-tiny)")
+    p.add_argument("stage", choices=STAGES + tuple(ALIASES),
+                   help="which stage to run (stage-a = any2any, stage-b = dose)")
+    p.add_argument("--config", default="",
+                   help="preset TOML file, or the name of a shipped preset (paper, cpu-small, "
+                        "test-tiny); default: paper with CUDA, cpu-small without")
     p.add_argument("--data", required=True, type=Path, help="dataset folder")
-    p.add_argument("--out", required=True, type=Path, help="run folder (created)")
+    p.add_argument("--out", "--run-dir", dest="out", required=True, type=Path,
+                   help="run folder (created)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest complete checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override one preset value (repeatable)")
     p.set_defaults(func=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
+    import torch
+
     from .config import load_config
     from .distributed import setup, teardown
 
     try:
-        cfg = load_config(args.config)
+        preset = args.config or ("paper" if torch.cuda.is_available() else "cpu-small")
+        cfg = load_config(preset, args.overrides)
         ctx = setup(cfg.run.device, cfg.run.threads)
     except UserError as exc:
         _log_refusal(args.out, exc)
         raise
-    import torch
     torch.manual_seed(cfg.run.seed)  # fresh weights are a function of the seed, on every rank
     try:
-        stage = importlib.import_module(f"trainer.stages.{args.stage}")
+        stage = importlib.import_module(f"trainer.stages.{ALIASES.get(args.stage, args.stage)}")
         stage.run(cfg, args.data, args.out, args.resume, ctx)
     except UserError as exc:
         _log_refusal(args.out, exc)

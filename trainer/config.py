@@ -189,14 +189,34 @@ def resolve_preset(name_or_path: str) -> Path:
                       f"presets ({', '.join(known) or 'none'})")
 
 
-def load_config(name_or_path: str) -> TrainConfig:
-    """Read and validate a preset (see the module docstring); ConfigError on any problem."""
+def load_config(name_or_path: str, overrides: list[str] = ()) -> TrainConfig:
+    """Read and validate a preset (see the module docstring); ConfigError on any problem.
+
+    ``overrides`` are ``section.key=value`` strings (``--set`` on the command line) applied on
+    top of the file; ``value`` is read as a TOML value (``3``, ``1e-4``, ``true``, ``[1, 2]``),
+    or as a plain string when it is not one.
+    """
     path = resolve_preset(name_or_path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return config_from_dict(raw, source=str(path))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not (sep and dot and section and name):
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. "
+                              "run.max_steps=200")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {item!r}: [{section}] is not a table in {path}")
+        table[name] = value
+    source = str(path) + (f" (with --set {', '.join(overrides)})" if overrides else "")
+    return config_from_dict(raw, source=source)
 
 
 def config_from_dict(raw: dict, source: str = "<dict>") -> TrainConfig:

@@ -7,7 +7,8 @@ Supported folders (``--data``):
   subfolders (then those are the split);
 * **GDP-HMM**: ``PID+PlanID+*.npz`` plan files, directly or in ``train/`` / ``valid/``
   subfolders (any depth); plans of one patient always fall on the same side of the split;
-* **DICOM**: one subfolder per case holding its CT series, RTSTRUCT, RTPLAN and RTDOSE.
+* **DICOM**: one subfolder per case holding (at any depth) its CT series, RTSTRUCT, RTPLAN and
+  RTDOSE.
 
 Without an explicit split, a case (a patient, for GDP-HMM) is in validation when a hash of its
 name falls below ``[data] val_fraction``: the split is stable when cases are added or removed.
@@ -91,11 +92,14 @@ def scan_dataset(root: Path, val_fraction: float) -> Manifest:
         cases = [_ref(p, root, "gdp_hmm", p.stem.split("+")[0]) for p in gdp]
         fmt = "gdp_hmm"
     else:
-        folders = sorted({p.parent for p in root.rglob("*.dcm")})
+        # a case is a subfolder of the dataset (DICOM files at any depth below it)
+        folders = sorted(d for d in root.iterdir() if d.is_dir() and next(d.rglob("*.dcm"), None))
+        if not folders and next(root.glob("*.dcm"), None):
+            folders = [root]
         if not folders:
             raise UserError(f"no cases found in {root}: expected OpenKBP pt_*.npz files, GDP-HMM "
                             "PID+PlanID+*.npz plan files, or one folder of DICOM files per case")
-        cases = [_ref(p, root, "dicom", p.relative_to(root).as_posix()) for p in folders]
+        cases = [_ref(p, root, "dicom", p.name) for p in folders]
         fmt = "dicom"
     cases = _assign_splits(cases, val_fraction)
     names = [c.name for c in cases]
@@ -106,12 +110,13 @@ def scan_dataset(root: Path, val_fraction: float) -> Manifest:
 
 
 def _ref(path: Path, root: Path, fmt: str, group: str) -> CaseRef:
+    if fmt == "dicom":  # a case folder; DICOM datasets are split by hash
+        return CaseRef(name=group, path=path, format=fmt, split="", group=group)
     rel = path.relative_to(root)
-    parts = {p.lower() for p in rel.parts[:-1]} if fmt != "dicom" else {p.lower() for p in
-                                                                        rel.parts}
+    parts = {p.lower() for p in rel.parts[:-1]}
     split = "val" if parts & _VAL_DIRS else ("train" if parts & _TRAIN_DIRS else "")
-    name = rel.with_suffix("").as_posix() if fmt != "dicom" else rel.as_posix()
-    return CaseRef(name=name, path=path, format=fmt, split=split, group=group)
+    return CaseRef(name=rel.with_suffix("").as_posix(), path=path, format=fmt, split=split,
+                   group=group)
 
 
 def _assign_splits(cases: list[CaseRef], val_fraction: float) -> list[CaseRef]:
@@ -133,8 +138,8 @@ def load_case(ref: CaseRef):
             from engine.io.openkbp import load_openkbp
             return load_openkbp(ref.path)
         if ref.format == "gdp_hmm":
-            from engine.io.gdp_hmm import load_gdp_hmm_case
-            return load_gdp_hmm_case(ref.path)
+            from engine.io.gdp_hmm import load_gdp_hmm_npz
+            return load_gdp_hmm_npz(ref.path)
         from engine.io.dicom import load_dicom_case
         return load_dicom_case(ref.path, name=ref.name)
     except (OSError, ValueError, KeyError) as exc:

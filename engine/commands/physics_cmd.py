@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,8 +107,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _engine_version(python: Path) -> dict:
-    import subprocess
-
     out = subprocess.run([str(python), "-I", "-c",
                           "from importlib.metadata import version; print(version('pyRadPlan'))"],
                          capture_output=True, text=True, timeout=120)

@@ -89,8 +89,11 @@ def _single_case(path: Path) -> CaseInput | None:
         return CaseInput(path, "openkbp")
     if any(p.is_file() and _is_dicom_file(p) for p in path.iterdir()):
         return CaseInput(path, "dicom")
+    if any(p.suffix.lower() in DATASET_SUFFIXES or (p / "ct.csv").is_file()
+           for p in path.iterdir()):
+        return None  # a folder of dataset cases
     subfolders = [p for p in path.iterdir() if p.is_dir() and _has_dicom(p)]
-    if subfolders and len({_patient_key(p) for p in subfolders}) == 1:
+    if len(subfolders) > 1 and len({_patient_key(p) for p in subfolders}) == 1:
         return CaseInput(path, "dicom")  # one patient's series in sub-folders
     return None
 
@@ -249,12 +252,14 @@ def predict_cases(engine, sources: list[CaseInput], out_dir: Path, steps: int,
                                           if f != "name"} for k, m in result.metrics.items()},
                              scorecard=(None if result.scorecard is None
                                         else result.scorecard.total))
-                log(f"{source.name}: max {entry['max_gy']:.2f} Gy, {timings['total']:.1f} s "
-                    f"-> {entry['out']}")
             except Exception as exc:  # noqa: BLE001 - one bad case must not stop the cohort
                 entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-                log(f"{source.name}: FAILED: {exc}")
             bar.update(steps - done)
+            if entry["status"] == "ok":
+                log(f"{source.name}: max {entry['max_gy']:.2f} Gy, "
+                    f"{entry['timings_s']['total']:.1f} s -> {entry['out']}")
+            else:
+                log(f"{source.name}: FAILED: {entry['error']}")
             yield entry
     finally:
         bar.close()
@@ -290,8 +295,10 @@ def run(args: argparse.Namespace) -> int:
     seeds = tuple(range(args.seeds))
 
     def log(line: str) -> None:
-        if not args.json:
-            print(line, file=sys.stdout if "FAILED" not in line else sys.stderr)
+        if not args.json:  # through tqdm, so that a progress bar on the terminal stays whole
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stdout if "FAILED" not in line else sys.stderr)
 
     for m in missing:
         log(f"{m['input']}: FAILED: {m['error']}")

@@ -7,8 +7,9 @@ clean; the loss is the MSE to the parameterisation's target (v = e - x0 by defau
 target slots only, averaged per sample, then over the batch.
 
 Validation: the same loss with dose as the only target at fixed flow times and fixed noises
-(``val_loss``, comparable across steps and runs), and, when the stage decodes, the voxel MAE in
-Gy inside the body of the 10-step sampled dose (``val_mae_gy``).
+(``val_loss``, comparable across steps and runs), and, when the VAE is a fitted one, for the
+10-step sampled dose: the voxel MAE in Gy inside the body (``val_mae_gy``) and the GDP-HMM
+leaderboard MAE (``val_gdp_hmm_mae``), both on the training grid.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from engine.models.dit import any2any_velocity, noise_targets
 
 from ..caches import Cache
 from ..config import TrainConfig
+from ..data import hash_fraction
 from ..distributed import DistContext
 from ..loop import Task, data_signature
 from .common import DOSE_SLOT
@@ -57,6 +59,11 @@ def any2any_targets(cfg: TrainConfig) -> TargetSampler:
         return mask
 
     return draw
+
+
+def item_generator(seed: int, name: str) -> torch.Generator:
+    """A generator fixed by the run seed and a case name (validation noise, rank-independent)."""
+    return torch.Generator().manual_seed(int(hash_fraction(f"{seed}/{name}") * 2 ** 62))
 
 
 def dose_targets(present: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -116,10 +123,10 @@ def flow_task(stage: str, model: nn.Module, cache: Cache, index: dict, cfg: Trai
         return value, stats
 
     def evaluate(m: nn.Module, items: list[LatentItem]) -> dict[str, float]:
-        losses, maes = [], []
-        for i, item in enumerate(items):
+        losses, maes, gdp = [], [], []
+        for item in items:
             x0 = load(item, None)[0][None].to(ctx.device)
-            g = torch.Generator().manual_seed(10_000 + i)
+            g = item_generator(cfg.run.seed, item.name)
             mask = dose_targets(torch.ones(7, dtype=torch.bool), g)[None].to(ctx.device)
             for s_val in VAL_SIGMAS:
                 noise = torch.randn(x0.shape, generator=g).to(ctx.device)
@@ -137,9 +144,14 @@ def flow_task(stage: str, model: nn.Module, cache: Cache, index: dict, cfg: Trai
                                           solver=cfg.diffusion.solver, shift=cfg.diffusion.shift)
                 dose = decode_dose(sample[:, DOSE_SLOT])[0].float().cpu()
                 maes.append(body_mae_gy(dose, volumes, index["normalisation"]))
+                score = gdp_hmm_mae_on_grid(dose, volumes, index["normalisation"])
+                if score is not None:
+                    gdp.append(score)
         out = {"val_loss": sum(losses) / len(losses)}
         if maes:
             out["val_mae_gy"] = sum(maes) / len(maes)
+        if gdp:
+            out["val_gdp_hmm_mae"] = sum(gdp) / len(gdp)
         return out
 
     return Task(stage=stage, model=model, params=[p for p in model.parameters()
@@ -163,6 +175,24 @@ def body_mae_gy(dose_gy: torch.Tensor, volumes, normalisation: dict) -> float:
     ref = dose_to_gy(volumes.volumes[DOSE_SLOT], normalisation)
     body = volumes.volumes[Slot.BODY] > 0
     return float((dose_gy - ref).abs()[body].mean())
+
+
+def gdp_hmm_mae_on_grid(dose_gy: torch.Tensor, volumes, normalisation: dict) -> float | None:
+    """The GDP-HMM leaderboard MAE (``engine.metrics.scores.gdp_hmm_mae``) on the training grid,
+    with the highest-prescription target as the high PTV; None when it is not defined."""
+    from engine.features import Slot
+    from engine.metrics.scores import gdp_hmm_mae
+    targets = [(k, s["prescription_gy"]) for k, s in enumerate(volumes.structure_info)
+               if s.get("role") == "target" and s.get("prescription_gy")]
+    if not targets:
+        return None
+    k, rx = max(targets, key=lambda t: t[1])
+    ref = dose_to_gy(volumes.volumes[DOSE_SLOT], normalisation).numpy()
+    try:
+        return gdp_hmm_mae(dose_gy.numpy(), ref, (volumes.volumes[Slot.BODY] > 0).numpy(),
+                           volumes.mask(k).numpy(), rx)
+    except ValueError:  # e.g. the PTV vanished on a coarse grid
+        return None
 
 
 class DiTWithDecoder(nn.Module):
@@ -216,7 +246,7 @@ def run_stage(stage: str, targets: TargetSampler, cfg: TrainConfig, data_dir: Pa
 
     manifest = scan_dataset(data_dir, cfg.data.val_fraction)
     cache = cache_for(cfg, run_dir)
-    vae = build_vae(cfg).eval()
+    vae = build_vae(cfg).to(ctx.device).eval()
     index = cache.require_latents(vae.config.to_dict())
     if {c["name"] for c in index["cases"]} != {c.name for c in manifest.cases}:
         raise UserError(f"the latent cache {cache.folder} was built from other cases than "

@@ -28,6 +28,7 @@ from engine import diffusion
 
 from .. import lora, nft
 from ..config import TrainConfig
+from ..data import hash_fraction
 from ..distributed import DistContext, all_gather_tensor
 from ..loop import Task
 
@@ -43,6 +44,7 @@ def nft_task(policy: PeftModel, velocity: Velocity, reward: Reward,
              export: Callable[[Path], Path] | None = None, data_signature: str = "") -> Task:
     """The ScardNFT task for a LoRA-wrapped ``policy`` (see the module docstring)."""
     sc = cfg.scardnft
+    policy.to(ctx.device)  # before the old-policy snapshot copies the trainable values
     params = lora.trainable_parameters(policy)
     old = nft.PolicySnapshot(params)
     sigmas = diffusion.sampling_sigmas(cfg.diffusion.sample_steps, cfg.diffusion.shift).float()
@@ -94,8 +96,9 @@ def nft_task(policy: PeftModel, velocity: Velocity, reward: Reward,
 
     def evaluate(model: nn.Module, items: list[Any]) -> dict[str, float]:
         rewards, maes = [], []
-        for i, it in enumerate(items):
-            g = torch.Generator().manual_seed(cfg.run.seed * 7919 + i)
+        for it in items:
+            g = torch.Generator().manual_seed(
+                int(hash_fraction(f"{cfg.run.seed}/{it!r}") * 2 ** 62))
             noise = torch.randn((k, *sample_shape), generator=g).to(ctx.device)
             rew, mae = reward(rollout(model, it, noise), it)
             rewards.append(rew.float().mean())
