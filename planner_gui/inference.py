@@ -2,16 +2,19 @@
 
 While a planner drags a beam, every new plan asks for a 1-step preview; only the newest request
 runs to completion (``engine.latest_wins``): waiting requests are dropped, a running prediction
-is cancelled between steps and a late result is discarded. Work runs on one worker thread at a
-lowered priority; results and progress come back on the event loop's thread (the Qt thread
-under qasync), so handlers may touch widgets.
+is cancelled between steps and a late result is discarded. Work runs on one worker thread (the
+engine uses all cores but one for torch, see ``engine_api.inference_threads``); results and
+progress come back on the event loop's thread (the Qt thread under qasync), so handlers may
+touch widgets.
+
+The worker keeps its normal priority: a lower one made things worse on a busy machine, because
+a descheduled worker that holds the GIL stalls the UI thread until it runs again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -22,21 +25,6 @@ from planner_gui.session import Session
 from planner_gui.signals import Signal
 
 log = logging.getLogger(__name__)
-WORKER_NICENESS = 5
-
-
-def _lower_thread_priority() -> None:
-    """Let the UI thread win the CPU over the inference thread (Linux: per-thread nice)."""
-    if not hasattr(os, "setpriority"):
-        return
-    tid = threading.get_native_id()
-    try:
-        if os.getpriority(os.PRIO_PROCESS, tid) < WORKER_NICENESS:
-            os.setpriority(os.PRIO_PROCESS, tid, WORKER_NICENESS)
-    except OSError:
-        log.debug("could not lower the inference thread's priority")
-
-
 class DoseController:
     """Connects a :class:`Session` to a dose engine: transient plans get previews, committed
     plans a full prediction with progress.
@@ -82,7 +70,6 @@ class DoseController:
         case, plan, engine = self.session.case, self.session.plan, self.engine
 
         def job(cancel: threading.Event) -> Any:
-            _lower_thread_priority()
             return engine.preview(case, plan, cancel)
 
         return self._launch("preview", job)
@@ -95,7 +82,6 @@ class DoseController:
         loop = asyncio.get_event_loop()
 
         def job(cancel: threading.Event) -> Any:
-            _lower_thread_priority()
 
             def on_progress(done: int, total: int) -> None:
                 if not cancel.is_set():
