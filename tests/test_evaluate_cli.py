@@ -177,7 +177,7 @@ def test_gdp_hmm_reader_refuses_code_in_pickles(tmp_path, capsys) -> None:
     np.save(pred / "X_1+p_pred.npy", np.zeros((2, 2, 2)))
     assert main(["evaluate", str(pred), str(ref), "--format", "gdp-hmm"]) == 2
     captured = capsys.readouterr()
-    assert "refusing to load builtins.print" in captured.err
+    assert "refused to load" in captured.err and "builtins.print" in captured.err
     assert "pwned" not in captured.out
     assert pickle.dumps(Payload())  # the payload itself is a valid pickle
 

@@ -12,11 +12,8 @@ malicious file cannot run code.
 
 from __future__ import annotations
 
-import io
 import json
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import numpy as np
 
 from engine.case import Case, Role
 from engine.io.openkbp import OpenKBPFormatError, load_openkbp
+from engine.io.safe_unpickle import load_npz_restricted
 
 OPENKBP_SHAPE = (128, 128, 128)
 _PATIENT = re.compile(r"^pt_(\d+)$")
@@ -157,42 +155,16 @@ def read_openkbp_prediction(path: Path) -> np.ndarray:
 
 # --- GDP-HMM -------------------------------------------------------------------------------
 
-_SAFE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays and "
-                                     f"plain values are allowed)")
-
-
 def read_gdp_hmm_npz(path: Path) -> dict:
     """The dict stored in a GDP-HMM plan ``.npz`` (``np.savez_compressed(path, crop_dict)``)."""
     path = Path(path)
     try:
-        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise BenchmarkFileError(f"{path}: unsupported .npy format version {version}")
-            if dtype != np.dtype(object) or shape != ():
-                raise BenchmarkFileError(f"{path}: expected one pickled dict in arr_0")
-            value = _ArraysOnlyUnpickler(io.BytesIO(f.read())).load()
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError,
-            EOFError) as exc:
-        if isinstance(exc, BenchmarkFileError):
-            raise
+        arrays = load_npz_restricted(path)
+    except ValueError as exc:  # UnsafePickleError included: nothing was executed
         raise BenchmarkFileError(f"{path}: not a GDP-HMM plan npz ({exc})") from exc
+    value = arrays.get("arr_0")
+    if value is None or len(arrays) != 1:
+        raise BenchmarkFileError(f"{path}: expected one pickled dict in arr_0")
     if isinstance(value, np.ndarray) and value.dtype == object and value.shape == ():
         value = value.item()
     if not isinstance(value, dict):
