@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.cli import UserError
+from engine.durable import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
     data_path = folder / f"{stem}.safetensors"
     tmp = folder / f"{stem}.safetensors.tmp-{os.getpid()}"
     save_file(tensors, str(tmp))
-    _fsync_file(tmp)
+    fsync_path(tmp)
     size, digest = tmp.stat().st_size, _sha256(tmp)
     os.replace(tmp, data_path)
 
@@ -110,7 +111,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
         **meta,
     }
     _atomic_write_text(folder / f"{stem}.json", json.dumps(manifest, indent=1))
-    _fsync_dir(folder)
+    fsync_path(folder)
     _prune(folder, keep)
     return data_path
 
@@ -226,19 +227,3 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -45,6 +45,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from engine.durable import fsync_path
+
 BUNDLE_FORMAT = "dosepilot-model-bundle"
 BUNDLE_VERSION = 1
 BUNDLE_JSON = "bundle.json"
@@ -118,13 +120,6 @@ def _compare(where: str, have: Mapping[str, tuple], want: Mapping[str, tuple]) -
         raise CheckpointError(f"{where}: " + "; ".join(parts))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def save_bundle(
     path: str | Path,
@@ -185,13 +180,13 @@ def save_bundle(
             save_file(tensors, str(tmp / manifest[name]["weights"]))
         (tmp / BUNDLE_JSON).write_text(text)
         for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.rename(path, old / path.name)
         os.rename(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         if old is not None and not path.exists():
             os.rename(old / path.name, path)  # put the previous bundle back
@@ -332,7 +327,7 @@ def pth_to_safetensors(src: str | Path, dst: str | Path) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp)
-        _fsync(Path(tmp))
+        fsync_path(Path(tmp))
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
