@@ -9,6 +9,7 @@ import torch
 from engine.cli import UserError
 from trainer.caches import Cache, apply_variant, variants_for
 from trainer.data import Augment, hash_fraction, scan_dataset, shift_volumes
+from trainer.stages.volumes import random_crop
 
 
 def _touch(path):
@@ -45,6 +46,27 @@ def test_hash_split_is_deterministic_and_keeps_patients_together(tmp_path):
     assert all(old[x.name] == x.split for x in c.cases if x.name in old)
 
 
+def test_generated_physics_plans_join_their_patient(tmp_path):
+    for name in ("train/pt_1.npz", "train/pt_2.npz", "train/physics/pt_1_plan0.npz",
+                 "train/physics/pt_1_plan1.npz", "validation/pt_201.npz", "train/notes.npz"):
+        _touch(tmp_path / name)
+    m = scan_dataset(tmp_path, val_fraction=0.5)
+    assert m.format == "openkbp"
+    assert [(c.name, c.group, c.split) for c in m.cases] == [
+        ("train/physics/pt_1_plan0", "pt_1", "train"),
+        ("train/physics/pt_1_plan1", "pt_1", "train"),
+        ("train/pt_1", "pt_1", "train"), ("train/pt_2", "pt_2", "train"),
+        ("validation/pt_201", "pt_201", "val")]
+    # without split folders the hash of the patient decides, so plans follow their patient
+    flat = tmp_path / "flat"
+    for pid in range(40):
+        _touch(flat / f"pt_{pid}.npz")
+        _touch(flat / f"pt_{pid}_plan0.npz")
+    split = {c.name: c.split for c in scan_dataset(flat, val_fraction=0.3).cases}
+    assert "val" in split.values()
+    assert all(split[f"pt_{pid}"] == split[f"pt_{pid}_plan0"] for pid in range(40))
+
+
 def test_dicom_case_folders_and_missing_data(tmp_path):
     _touch(tmp_path / "dicom/patient_a/CT/ct_1.dcm")
     _touch(tmp_path / "dicom/patient_a/rtplan.dcm")
@@ -61,6 +83,19 @@ def test_dicom_case_folders_and_missing_data(tmp_path):
 def _stack():
     g = torch.Generator().manual_seed(0)
     return torch.rand((7, 5, 6, 8), generator=g) * 2 - 1
+
+
+def test_random_crop_cuts_every_slot_at_one_place():
+    stack = torch.arange(7 * 9 * 16 * 24, dtype=torch.float32).reshape(7, 9, 16, 24)
+    corners = set()
+    for seed in range(20):
+        crop = random_crop(stack, (5, 8, 8), torch.Generator().manual_seed(seed))
+        assert crop.shape == (7, 5, 8, 8)
+        z, y, x = np.unravel_index(int(crop[0, 0, 0, 0]), (9, 16, 24))
+        assert torch.equal(crop, stack[:, z:z + 5, y:y + 8, x:x + 8])
+        corners.add((z, y, x))
+    assert len(corners) > 10                                 # positions vary with the draw
+    assert random_crop(stack, (0, 0, 0), torch.Generator()) is stack
 
 
 def test_flips_move_every_slot_together():

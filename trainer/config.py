@@ -73,6 +73,10 @@ class DataConfig:
     shift_voxels: int = 0           # random integer translation of every slot, in voxels
     cache_dir: str = ""             # latent cache (stage `cache` writes it; diffusion stages read)
     grid: tuple[int, int, int] = (97, 128, 160)   # model grid (z, y, x) voxels
+    # random crop (z, y, x) voxels of each training volume in the volume stages (vae, distill):
+    # the convolutional VAE and codec learn the same from crops at a fraction of the cost;
+    # (0, 0, 0) = the whole grid. Validation always uses the whole grid.
+    crop: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ _POSITIVE = {("run", "max_steps"), ("run", "log_every"), ("run", "eval_every"),
 _NON_NEGATIVE = {("run", "seed"), ("run", "threads"), ("model", "dit_dim"), ("model", "dit_layers"),
                  ("model", "dit_heads"), ("model", "dit_ffn_dim"), ("optim", "weight_decay"),
                  ("optim", "warmup_steps"), ("optim", "grad_clip"), ("data", "val_cases"),
-                 ("data", "shift_voxels"), ("vae_adapt", "loss_weight"),
+                 ("data", "shift_voxels"), ("data", "crop"), ("vae_adapt", "loss_weight"),
                  ("scardnft", "kl_weight"), ("scardnft", "scorecard_weight"),
                  ("scardnft", "mae_weight")}
 _FRACTIONS = {("data", "val_fraction"), ("any2any", "target_prob"),
@@ -305,6 +309,11 @@ def _check_relations(cfg: TrainConfig) -> None:
     if min(cfg.data.grid) <= 0 or (z - 1) % 4 or y % 8 or x % 8:
         raise ConfigError(f"{src}: [data] grid {cfg.data.grid} must be (4k+1, 8m, 8n) voxels for "
                           f"the causal VAE (the paper's is (97, 128, 160))")
+    crop = cfg.data.crop
+    if any(crop) and (min(crop) <= 0 or (crop[0] - 1) % 4 or crop[1] % 8 or crop[2] % 8
+                      or any(c > g for c, g in zip(crop, cfg.data.grid))):
+        raise ConfigError(f"{src}: [data] crop {crop} must be (0, 0, 0) or (4k+1, 8m, 8n) voxels "
+                          f"no larger than the grid {cfg.data.grid}")
     if cfg.scardnft.train_timesteps > cfg.diffusion.sample_steps:
         raise ConfigError(f"{src}: [scardnft] train_timesteps ({cfg.scardnft.train_timesteps}) "
                           f"cannot exceed [diffusion] sample_steps ({cfg.diffusion.sample_steps})")

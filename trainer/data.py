@@ -4,7 +4,9 @@ model-grid modality volumes per case, and augmentation that keeps dose physicall
 Supported folders (``--data``):
 
 * **OpenKBP**: ``pt_*.npz`` files, either directly or in ``train/`` and ``validation/``
-  subfolders (then those are the split);
+  subfolders (then those are the split), plus the angle-varied physics plans of
+  ``dosepilot physics generate`` (``pt_N_planK.npz``, any subfolder): a patient's plans always
+  fall on the same side of the split as the patient;
 * **GDP-HMM**: ``PID+PlanID+*.npz`` plan files, directly or in ``train/`` / ``valid/``
   subfolders (any depth); plans of one patient always fall on the same side of the split;
 * **DICOM**: one subfolder per case holding (at any depth) its CT series, RTSTRUCT, RTPLAN and
@@ -36,6 +38,8 @@ from engine.cli import UserError
 FORMATS = ("openkbp", "gdp_hmm", "dicom")
 _TRAIN_DIRS = {"train", "training"}
 _VAL_DIRS = {"validation", "valid", "val"}
+# an OpenKBP patient (group 1) or one of its generated physics plans
+_OPENKBP_NAME = re.compile(r"(pt_\d+)(?:_plan\d+)?")
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,10 @@ def scan_dataset(root: Path, val_fraction: float) -> Manifest:
     if not root.is_dir():
         raise UserError(f"--data must be a folder of cases, got a file: {root}")
     npz = sorted(root.rglob("*.npz"))
-    openkbp = [p for p in npz if re.fullmatch(r"pt_\d+", p.stem)]
+    openkbp = [p for p in npz if _OPENKBP_NAME.fullmatch(p.stem)]
     gdp = [p for p in npz if p.stem.count("+") >= 2]
     if openkbp:
-        cases = [_ref(p, root, "openkbp", p.stem) for p in openkbp]
+        cases = [_ref(p, root, "openkbp", _OPENKBP_NAME.fullmatch(p.stem)[1]) for p in openkbp]
         fmt = "openkbp"
     elif gdp:
         cases = [_ref(p, root, "gdp_hmm", p.stem.split("+")[0]) for p in gdp]

@@ -18,7 +18,7 @@ from .. import loop
 from ..config import TrainConfig
 from ..distributed import DistContext
 from .common import DOSE_SLOT, build_vae, cache_for
-from .volumes import augment_of, augmented_stack, volume_items
+from .volumes import augment_of, augmented_stack, random_crop, volume_items
 
 
 def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: DistContext) -> dict:
@@ -33,7 +33,8 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     augment = augment_of(cfg)
 
     def loss(m, names, gens):
-        volumes = torch.stack([augmented_stack(cache, n, augment, g)
+        volumes = torch.stack([random_crop(augmented_stack(cache, n, augment, g),
+                                           cfg.data.crop, g)
                                for n, g in zip(names, gens)]).to(ctx.device)
         out = distillation_loss(getattr(m, "module", m), vae, volumes)
         return out.total, {"encoder_mse": out.encoder.mean().item(),

@@ -3,7 +3,8 @@
 Needed when no pretrained Wan 2.1 VAE is at hand (or to adapt one: ``[model] vae_weights``
 starts from given weights). Each sample is one modality volume of one case (the dose drawn
 4x as often as each other slot: it is what the model must reproduce best), augmented as the
-preset says. Loss: L1 reconstruction through a sample of the posterior plus a small KL term.
+preset says and cut to ``[data] crop`` when one is set. Loss: L1 reconstruction through a
+sample of the posterior plus a small KL term.
 At the end the per-channel latent statistics are measured on training cases and stored in the
 exported VAE's config (``RUN_DIR/vae.safetensors``, usable as ``[model] vae_weights``); from
 then on the VAE is frozen.
@@ -21,7 +22,7 @@ from .. import loop
 from ..config import TrainConfig
 from ..distributed import DistContext
 from .common import DOSE_SLOT, build_vae, cache_for, save_vae
-from .volumes import augment_of, augmented_stack, volume_items
+from .volumes import augment_of, augmented_stack, random_crop, volume_items
 
 KL_WEIGHT = 1e-6
 SLOT_WEIGHTS = torch.tensor([1.0, 1, 1, 1, 4, 1, 1])
@@ -38,8 +39,8 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
         return int(torch.multinomial(SLOT_WEIGHTS, 1, generator=g))
 
     def loss(m, names, gens):
-        x = torch.stack([augmented_stack(cache, n, augment, g)[pick(g)] for n, g in
-                         zip(names, gens)])[:, None].to(ctx.device)
+        x = torch.stack([random_crop(augmented_stack(cache, n, augment, g), cfg.data.crop, g)
+                         [pick(g)] for n, g in zip(names, gens)])[:, None].to(ctx.device)
         raw = getattr(m, "module", m)
         mu, logvar = raw.encode_moments(x)
         eps = torch.stack([torch.randn(mu.shape[1:], generator=g) for g in gens]).to(mu.device)

@@ -29,5 +29,17 @@ def augmented_stack(cache: Cache, name: str, augment: Augment,
     return augment(stack, BACKGROUND, g) if g is not None and augment.active else stack
 
 
+def random_crop(stack: torch.Tensor, size: tuple[int, int, int],
+                g: torch.Generator) -> torch.Tensor:
+    """A ``[slots, *size]`` window of a ``[slots, D, H, W]`` stack at a position drawn from ``g``
+    (every slot cut at the same place); the whole stack when ``size`` is (0, 0, 0)."""
+    if not any(size):
+        return stack
+    starts = [int(torch.randint(n - c + 1, (1,), generator=g)) for n, c in
+              zip(stack.shape[1:], size)]
+    return stack[:, starts[0]:starts[0] + size[0], starts[1]:starts[1] + size[1],
+                 starts[2]:starts[2] + size[2]]
+
+
 def augment_of(cfg: TrainConfig) -> Augment:
     return Augment(cfg.data.flip_lr, cfg.data.flip_si, cfg.data.shift_voxels)

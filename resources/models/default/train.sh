@@ -3,77 +3,82 @@
 #
 #   resources/models/default/train.sh RUNS_DIR
 #
-# Stages, in order (resources/presets/default-cpu.toml; each stage's config is written into
-# RUNS_DIR/configs/ with the weights of the earlier stages filled in):
-#   vae -> cache -> distill -> any2any (Stage A) -> dose (Stage B)
+# Stages, in order (preset resources/presets/default-cpu.toml, per-stage values with --set):
+#   vae -> cache -> distill -> any2any (Stage A)         on the OpenKBP cases   (RUNS_DIR/data-a)
+#   cache -> dose (Stage B, from Stage A)                 on the OpenKBP cases plus the
+#                                                         physics-generated plans (RUNS_DIR/data-b)
 # Resumable: run the same command again after an interruption; a stage with checkpoints is
-# continued with --resume, a finished stage (its export exists) is skipped. To stop a stage
-# early and still export it, rerun with that stage's *_STEPS set to its last checkpoint step
-# (RUNS_DIR/STAGE/checkpoints/step_N.safetensors): the trainer resumes, has nothing left to
-# do and writes the export.
+# continued with --resume, a finished stage (its export exists) is skipped, and the latent
+# cache (RUNS_DIR/cache) skips the cases it already holds. To stop a stage early and still
+# export it, rerun with that stage's *_STEPS set to its last checkpoint step
+# (RUNS_DIR/STAGE/checkpoints/step_N.safetensors): the trainer resumes, has nothing left to do
+# and writes the export.
 #
 # Environment (defaults = the shipped model's run):
 #   OPENKBP=/work/shared/data/openkbp   the OpenKBP dataset (train/ and validation/ of pt_*.npz)
-#   N_TRAIN=8  N_VAL=2                  first N cases (by patient number) of each split
-#   VAE_STEPS=6 DISTILL_STEPS=6 A_STEPS=150 B_STEPS=150
-#   NICE=10                             niceness of the training processes
+#   PHYSICS=/work/physics-data          plans of `dosepilot physics generate` (pt_N_planK.npz);
+#                                       a missing folder means Stage B sees OpenKBP only
+#   N_TRAIN=169 N_VAL=33 N_PHYSICS=400  first N files (in name order) of each
+#   VAE_STEPS=800 DISTILL_STEPS=400 A_STEPS=800 B_STEPS=900
+#   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 # Run from the repository root with the project's environment active.
 set -euo pipefail
 
 RUNS=$(mkdir -p "${1:?usage: train.sh RUNS_DIR}" && cd "$1" && pwd)
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 OPENKBP=${OPENKBP:-/work/shared/data/openkbp}
-N_TRAIN=${N_TRAIN:-8}
-N_VAL=${N_VAL:-2}
-VAE_STEPS=${VAE_STEPS:-6}
-DISTILL_STEPS=${DISTILL_STEPS:-6}
-A_STEPS=${A_STEPS:-150}
-B_STEPS=${B_STEPS:-150}
+PHYSICS=${PHYSICS:-/work/physics-data}
+N_TRAIN=${N_TRAIN:-169}
+N_VAL=${N_VAL:-33}
+N_PHYSICS=${N_PHYSICS:-400}
+VAE_STEPS=${VAE_STEPS:-800}
+DISTILL_STEPS=${DISTILL_STEPS:-400}
+A_STEPS=${A_STEPS:-800}
+B_STEPS=${B_STEPS:-900}
 NICE=${NICE:-10}
+THREADS=${THREADS:-2}
 PRESET="$REPO/resources/presets/default-cpu.toml"
-DATA="$RUNS/data"
 
-# The case subset: symlinks to the first N cases of each split, in patient-number order.
-link_split() {  # SPLIT N
-    mkdir -p "$DATA/$1"
-    find "$OPENKBP/$1" -maxdepth 1 -name 'pt_*.npz' | sort -V | head -n "$2" |
-        while read -r f; do ln -sfn "$f" "$DATA/$1/"; done
+# The case subsets: symlinks to the first N files of a folder, in name order.
+link_first() {  # FROM_DIR TO_DIR N
+    mkdir -p "$2"
+    find "$1" -maxdepth 1 -name 'pt_*.npz' | sort -V | head -n "$3" |
+        while read -r f; do ln -sfn "$f" "$2/"; done
 }
-if [ ! -d "$DATA" ]; then
-    link_split train "$N_TRAIN"
-    link_split validation "$N_VAL"
+if [ ! -d "$RUNS/data-a" ]; then
+    link_first "$OPENKBP/train" "$RUNS/data-a/train" "$N_TRAIN"
+    link_first "$OPENKBP/validation" "$RUNS/data-a/validation" "$N_VAL"
 fi
 
-# One config per stage: the preset with its step count and the earlier stages' weights.
-stage_config() {  # NAME STEPS [MODEL_KEY=VALUE ...]
-    local name=$1 steps=$2 out="$RUNS/configs/$1.toml" extra=""
-    shift 2
-    for kv in "$@"; do extra+="${kv%%=*} = \"${kv#*=}\"\n"; done
-    mkdir -p "$RUNS/configs"
-    sed -e "s/^max_steps = .*/max_steps = $steps/" -e "s|^\[model\]|[model]\n$extra|" \
-        "$PRESET" > "$out"
-    echo "$out"
-}
-
-train() {  # STAGE RUN_NAME CONFIG
-    local resume=()
-    if compgen -G "$RUNS/$2/checkpoints/*.safetensors" > /dev/null; then resume=(--resume); fi
-    nice -n "$NICE" python -m engine.cli train "$1" --config "$3" --data "$DATA" \
-        --out "$RUNS/$2" "${resume[@]}"
+train() {  # STAGE RUN_NAME DATA [--set K=V ...]
+    local stage=$1 name=$2 data=$3 resume=()
+    shift 3
+    if compgen -G "$RUNS/$name/checkpoints/*.safetensors" > /dev/null; then resume=(--resume); fi
+    nice -n "$NICE" python -m engine.cli train "$stage" --config "$PRESET" --data "$data" \
+        --out "$RUNS/$name" --set "data.cache_dir=\"$RUNS/cache\"" --set "run.threads=$THREADS" "$@" "${resume[@]}"
 }
 
 VAE_W="$RUNS/vae/vae.safetensors"
 CODEC_W="$RUNS/distill/tiny_codec.safetensors"
+FITTED=(--set "model.vae_weights=\"$VAE_W\"")
+CROPS=(--set "data.crop=[33, 64, 64]" --set data.batch_size=4)
 
-[ -f "$VAE_W" ] || train vae vae "$(stage_config vae "$VAE_STEPS")"
-# The latent cache lives in RUNS_DIR/cache (shared by the later stages); it skips cached cases.
-nice -n "$NICE" python -m engine.cli train cache --data "$DATA" --out "$RUNS/cache-build" \
-    --config "$(stage_config cache 1 vae_weights="$VAE_W")"
-[ -f "$CODEC_W" ] || train distill distill \
-    "$(stage_config distill "$DISTILL_STEPS" vae_weights="$VAE_W")"
-[ -f "$RUNS/stage-a/model/bundle.json" ] || train any2any stage-a \
-    "$(stage_config any2any "$A_STEPS" vae_weights="$VAE_W" codec_weights="$CODEC_W")"
-[ -f "$RUNS/stage-b/model/bundle.json" ] || train dose stage-b \
-    "$(stage_config dose "$B_STEPS" vae_weights="$VAE_W" codec_weights="$CODEC_W" \
-        init_from="$RUNS/stage-a/model")"
+[ -f "$VAE_W" ] || train vae vae "$RUNS/data-a" --set "run.max_steps=$VAE_STEPS" "${CROPS[@]}"
+train cache cache-a "$RUNS/data-a" "${FITTED[@]}"
+[ -f "$CODEC_W" ] || train distill distill "$RUNS/data-a" "${FITTED[@]}" \
+    --set "run.max_steps=$DISTILL_STEPS" "${CROPS[@]}"
+[ -f "$RUNS/stage-a/model/bundle.json" ] || train any2any stage-a "$RUNS/data-a" "${FITTED[@]}" \
+    --set "model.codec_weights=\"$CODEC_W\"" --set "run.max_steps=$A_STEPS"
+
+# Stage B data: the OpenKBP cases plus the generated plans present when Stage B first starts
+# (fixed from then on, so that a resumed Stage B sees the same data).
+if [ ! -d "$RUNS/data-b" ]; then
+    mkdir -p "$RUNS/data-b"
+    cp -a "$RUNS/data-a/train" "$RUNS/data-a/validation" "$RUNS/data-b/"
+    if [ -d "$PHYSICS" ]; then link_first "$PHYSICS" "$RUNS/data-b/train/physics" "$N_PHYSICS"; fi
+fi
+train cache cache-b "$RUNS/data-b" "${FITTED[@]}"
+[ -f "$RUNS/stage-b/model/bundle.json" ] || train dose stage-b "$RUNS/data-b" "${FITTED[@]}" \
+    --set "model.codec_weights=\"$CODEC_W\"" --set "model.init_from=\"$RUNS/stage-a/model\"" \
+    --set "run.max_steps=$B_STEPS"
 echo "model bundle: $RUNS/stage-b/model"
