@@ -107,6 +107,7 @@ def test_generate_and_resume(physics_env, tmp_path, capsys):
             "--beams", "5..5", "--max-iter", "40"]
     assert main(argv + ["--limit", "1"]) == 0
     assert sorted(p.name for p in out.glob("*.npz")) == ["pt_1_plan0.npz"]
+    assert "0 of 2 plans present; computing 1 with" in capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["engine"]["engine_version"] and manifest["plans_written"] == 1
     assert manifest["settings"]["physics"]["max_iter"] == 40

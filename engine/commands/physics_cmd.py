@@ -137,10 +137,9 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     jobs = pd.plan_jobs(cases, args.out_dir, config.plans_per_case)
-    todo = [j for j in jobs if not j.out.exists()]
-    if args.limit is not None:
-        todo = todo[:args.limit]
-    print(f"{len(jobs) - len(todo)} of {len(jobs)} plans present; computing {len(todo)} with "
+    missing = [j for j in jobs if not j.out.exists()]
+    todo = missing if args.limit is None else missing[:args.limit]
+    print(f"{len(jobs) - len(missing)} of {len(jobs)} plans present; computing {len(todo)} with "
           f"{args.workers} worker(s) into {args.out_dir}", file=sys.stderr)
     times: list[float] = list(manifest.get("seconds_per_plan", []))
     failures: dict[str, str] = {}
