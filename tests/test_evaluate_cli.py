@@ -79,16 +79,41 @@ def test_openkbp_scores_by_hand(openkbp_folders, capsys) -> None:
     assert any("pt_3" in w for w in report["warnings"])
 
 
+def _gdp_hmm_by_hand(pred: np.ndarray, ref: np.ndarray, ptv: np.ndarray, body: np.ndarray
+                     ) -> float:
+    ref = ref * 70.0 / np.percentile(ref[ptv], 3)
+    union = ((ref > 5) | (pred > 5)) & body
+    return float(np.abs(ref - pred)[union].sum() / ((ref > 5) & body).sum())
+
+
+def test_openkbp_folders_also_get_the_gdp_hmm_style_mae(openkbp_folders, capsys) -> None:
+    pred, ref = openkbp_folders
+    report = run_json(capsys, str(pred), str(ref))
+    rows = {r["case"]: r for r in report["cases"]}
+    body = np.zeros(SHAPE, bool)
+    body[30:90, 30:90, 30:90] = True
+    expected = []
+    for pid, shift, offset in (("pt_1", 0, 1.0), ("pt_2", 5, 0.0)):
+        dose = np.load(ref / f"{pid}.npz")["dose_cgy"] / 100.0
+        ptv = np.zeros(SHAPE, bool)
+        ptv[50 + shift:60 + shift, 50:60, 50:60] = True
+        expected.append(_gdp_hmm_by_hand(dose + offset * body, dose, ptv, body))
+        assert rows[pid]["gdp_hmm_mae"] == pytest.approx(expected[-1], rel=1e-4)
+    assert expected[1] > 0.1      # the reference is rescaled: even an exact copy is off
+    assert report["gdp_hmm_mae"]["mean"] == pytest.approx(np.mean(expected), rel=1e-4)
+
+
 def test_openkbp_text_output_is_csv_and_summary(openkbp_folders, capsys) -> None:
     pred, ref = openkbp_folders
     assert main(["evaluate", str(pred), str(ref), "--scorecard", "head_neck"]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert lines[0] == "case,dose_score,dvh_score,scorecard_pred,scorecard_ref"
+    assert lines[0] == "case,dose_score,dvh_score,gdp_hmm_mae,scorecard_pred,scorecard_ref"
     assert lines[1].startswith("pt_1,1.0000,1.0000,") and lines[2].startswith("pt_2,0.0000,")
     assert "OpenKBP dose score: 0.5000 Gy over 2 patient(s)" in out
     assert "OpenKBP DVH score: 0.5000 Gy" in out
-    pred_card, ref_card = (float(v) for v in lines[2].split(",")[3:5])
+    assert "GDP-HMM-style MAE (highest PTV D97 = prescription, possible-dose mask)" in out
+    pred_card, ref_card = (float(v) for v in lines[2].split(",")[4:6])
     assert pred_card == ref_card and 0.0 <= ref_card <= 1.0  # pt_2 predicted exactly
     assert "pt_3" in err
 

@@ -1,10 +1,12 @@
 """``dosepilot evaluate PRED_DIR REF_DIR [--format openkbp|gdp-hmm] [--json]``: benchmark scores.
 
 OpenKBP (default): ``PRED_DIR`` holds ``pt_N.csv`` (the challenge's sparse submission format) or
-``pt_N.npy`` (dense 128³ in the dataset's layout, Gy) files; ``REF_DIR`` the shared ``pt_N.npz``
-references or the original dataset's ``pt_N/`` folders (read by :mod:`engine.io.openkbp`).
-Prints one CSV row per patient (dose score, DVH score) and the summary: the OpenKBP dose and
-DVH scores over the patients scored.
+``pt_N.npy`` (dense 128³ in the dataset's layout, Gy) files, or the ``pt_N/dose.npy`` folders
+``dosepilot predict`` writes; ``REF_DIR`` the shared ``pt_N.npz`` references or the original
+dataset's ``pt_N/`` folders (read by :mod:`engine.io.openkbp`). Prints one CSV row per patient
+(dose score, DVH score, GDP-HMM-style MAE) and the summary: the OpenKBP dose and DVH scores over
+the patients scored, and the mean GDP-HMM leaderboard MAE computed on the OpenKBP patients (the
+highest-prescription PTV as the high PTV, the possible-dose mask as the body).
 
 GDP-HMM: ``PRED_DIR`` holds ``{plan}_pred.npy`` (Gy, the npz grid), ``REF_DIR`` the plans'
 ``{plan}.npz`` files; the prescriptions come from ``PTV_DICT.json`` (``--ptv-dict``, else found in
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from engine.cli import UserError
-from engine.io.openkbp import to_case_axes
+from engine.io.openkbp import PRESCRIPTIONS_GY, to_case_axes
 from engine.metrics.benchmark_io import (
     BenchmarkFileError,
     openkbp_predictions,
@@ -112,11 +114,27 @@ def _evaluate_openkbp(args: argparse.Namespace, warnings: list[str]
         pred = read_openkbp_prediction(preds[pid])
         rows.append(openkbp_case_score(pid, ref.dose_gy, pred, ref.masks,
                                        ref.possible_dose_mask, ref.voxel_mm))
+        extra[pid] = _gdp_hmm_style(ref, pred)
         if template is not None:
             card = BoundScorecard(template, ref.case)
-            extra[pid] = {"scorecard_pred": card.score(to_case_axes(pred)).total,
-                          "scorecard_ref": card.score(ref.case.dose.array).total}
+            extra[pid].update(scorecard_pred=card.score(to_case_axes(pred)).total,
+                              scorecard_ref=card.score(ref.case.dose.array).total)
     return openkbp_benchmark(rows), extra
+
+
+def _gdp_hmm_style(ref, pred: np.ndarray) -> dict[str, float]:
+    """The GDP-HMM leaderboard MAE on an OpenKBP patient: the highest-prescription PTV as the
+    high PTV (reference rescaled to its D97 = prescription), the possible-dose mask as the body;
+    empty when the patient has no such PTV."""
+    for name in sorted(PRESCRIPTIONS_GY, key=PRESCRIPTIONS_GY.get, reverse=True):
+        mask = ref.masks.get(name)
+        if mask is not None and mask.any():
+            try:
+                return {"gdp_hmm_mae": gdp_hmm_mae(pred, ref.dose_gy, ref.possible_dose_mask,
+                                                   mask, PRESCRIPTIONS_GY[name])}
+            except ValueError:      # no voxel above 5 Gy: not defined
+                return {}
+    return {}
 
 
 def _ptv_dict(args: argparse.Namespace) -> dict:
@@ -170,9 +188,9 @@ def _report(result: BenchmarkScore, extra: dict[str, dict[str, float]],
                                "dose_score": result.dose_score}
     if result.benchmark == "openkbp":
         summary["dvh_score"] = result.dvh_score
-    if extra:
-        for key in ("scorecard_pred", "scorecard_ref"):
-            values = np.array([e[key] for e in extra.values()])
+    for key in ("gdp_hmm_mae", "scorecard_pred", "scorecard_ref"):
+        values = np.array([e[key] for e in extra.values() if key in e])
+        if values.size:
             summary[key] = {"mean": float(values.mean()), "min": float(values.min()),
                             "median": float(np.median(values)), "max": float(values.max())}
     return {**summary, "cases": cases, "warnings": warnings}
@@ -181,7 +199,8 @@ def _report(result: BenchmarkScore, extra: dict[str, dict[str, float]],
 def _print_text(report: dict[str, Any]) -> None:
     rows = report["cases"]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for r in rows:
         writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -194,6 +213,10 @@ def _print_text(report: dict[str, Any]) -> None:
         print(f"OpenKBP DVH score: {dvh:.4f} Gy" if dvh is not None else "OpenKBP DVH score: -")
     else:
         print(f"GDP-HMM MAE: {report['dose_score']:.4f} Gy over {report['n_cases']} plan(s)")
+    if "gdp_hmm_mae" in report:
+        s = report["gdp_hmm_mae"]
+        print(f"GDP-HMM-style MAE (highest PTV D97 = prescription, possible-dose mask): mean "
+              f"{s['mean']:.4f} Gy, median {s['median']:.4f} Gy")
     for key, label in (("scorecard_pred", "prediction"), ("scorecard_ref", "reference")):
         if key in report:
             s = report[key]
