@@ -19,7 +19,7 @@
 #   PHYSICS=/work/physics-data          plans of `dosepilot physics generate` (pt_N_planK.npz);
 #                                       a missing folder means Stage B sees OpenKBP only
 #   N_TRAIN=169 N_VAL=33 N_PHYSICS=400  first N files (in name order) of each
-#   VAE_STEPS=800 DISTILL_STEPS=400 A_STEPS=800 B_STEPS=900
+#   VAE_STEPS=800 DISTILL_STEPS=300 A_STEPS=400 B_STEPS=800
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 # Run from the repository root with the project's environment active.
 set -euo pipefail
@@ -32,9 +32,9 @@ N_TRAIN=${N_TRAIN:-169}
 N_VAL=${N_VAL:-33}
 N_PHYSICS=${N_PHYSICS:-400}
 VAE_STEPS=${VAE_STEPS:-800}
-DISTILL_STEPS=${DISTILL_STEPS:-400}
-A_STEPS=${A_STEPS:-800}
-B_STEPS=${B_STEPS:-900}
+DISTILL_STEPS=${DISTILL_STEPS:-300}
+A_STEPS=${A_STEPS:-400}
+B_STEPS=${B_STEPS:-800}
 NICE=${NICE:-10}
 THREADS=${THREADS:-2}
 PRESET="$REPO/resources/presets/default-cpu.toml"
@@ -55,7 +55,8 @@ train() {  # STAGE RUN_NAME DATA [--set K=V ...]
     shift 3
     if compgen -G "$RUNS/$name/checkpoints/*.safetensors" > /dev/null; then resume=(--resume); fi
     nice -n "$NICE" python -m engine.cli train "$stage" --config "$PRESET" --data "$data" \
-        --out "$RUNS/$name" --set "data.cache_dir=\"$RUNS/cache\"" --set "run.threads=$THREADS" "$@" "${resume[@]}"
+        --out "$RUNS/$name" --set "data.cache_dir=\"$RUNS/cache\"" --set "run.threads=$THREADS" \
+        "$@" "${resume[@]}"
 }
 
 VAE_W="$RUNS/vae/vae.safetensors"
