@@ -22,7 +22,9 @@ from planner_gui.training_run import (
 )
 
 POLL_MS = 250
-TERMINATE_GRACE_MS = 3000
+# Cancel sends SIGTERM: the trainer finishes its current step, saves a checkpoint and exits
+# (trainer.loop); a CPU step can take a minute, so it is killed only after this long.
+TERMINATE_GRACE_MS = 180_000
 
 
 class TrainingPanel(QtWidgets.QWidget):
@@ -204,11 +206,12 @@ class TrainingPanel(QtWidgets.QWidget):
                 and self.process.state() != QtCore.QProcess.ProcessState.NotRunning)
 
     def cancel(self) -> None:
-        """Stop the run: terminate, then kill if it has not exited after a grace period."""
+        """Stop the run: the trainer saves a checkpoint after its current step and exits; it is
+        killed if it has not exited after a grace period."""
         if not self.running:
             return
         self._cancelling = True
-        self._set_status("Cancelling …")
+        self._set_status("Stopping after the current step and saving a checkpoint …")
         self.process.terminate()
         # the process object is the timer's context: no kill once it is gone
         QtCore.QTimer.singleShot(TERMINATE_GRACE_MS, self.process, self.process.kill)
@@ -258,7 +261,11 @@ class TrainingPanel(QtWidgets.QWidget):
         self._read_output()
         self.poll()
         if self._cancelling:
-            self._finish("cancelled", "Training cancelled.")
+            stopped = [e for e in self.events
+                       if e.get("type") == "end" and e.get("status") == "stopped"]
+            self._finish("cancelled", f"Training stopped at step {stopped[-1]['step']}; its "
+                         "checkpoint is saved in the run folder (dosepilot train --resume "
+                         "continues it)." if stopped else "Training cancelled.")
         elif exit_code == 0 and exit_status == QtCore.QProcess.ExitStatus.NormalExit:
             done = any(e.get("type") == "end" for e in self.events)
             where = f" Model: {self.exported_model}" if self.exported_model else ""

@@ -151,3 +151,8 @@ def test_cancelling_a_run_ends_its_process(panel, qtbot, tiny_dataset, tmp_path)
     assert blocker.args == ["cancelled"] and not panel.running
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the training process is gone
+    stopped = [e for e in panel.events if e.get("type") == "end"]
+    assert stopped and stopped[-1]["status"] == "stopped"       # it stopped cleanly ...
+    step = stopped[-1]["step"]
+    assert (request.run_dir / "checkpoints" / f"step_{step:08d}.safetensors").is_file()
+    assert f"Training stopped at step {step}" in panel.status_label.text()   # ... and says so

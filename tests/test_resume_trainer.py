@@ -141,3 +141,43 @@ def test_checkpoint_holds_optimizer_rng_and_data_order(toy_data, tmp_path):
     assert any(k.startswith("optim.") and k.endswith("exp_avg_sq") for k in tensors)
     assert "rng.torch.rank0" in tensors and "rng.numpy" in tensors
     assert json.loads((found.tensors_path.with_suffix(".json")).read_text())["step"] == 6
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(openkbp_dir,
+                                                                            tmp_path):
+    """`dosepilot train` on SIGTERM (the GUI's Cancel): checkpoint at the step it stopped at,
+    an `end` event with status "stopped", exit status 128 + 15; --resume carries on from there."""
+    data = tmp_path / "data"
+    for split, count in (("train", 2), ("validation", 1)):
+        (data / split).mkdir(parents=True)
+        for src in sorted((openkbp_dir / split).glob("pt_*.npz"))[:count]:
+            (data / split / src.name).symlink_to(src)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "engine.cli", "train", "vae", "--config", "test-tiny",
+           "--data", str(data), "--out", str(run), "--set", "run.checkpoint_every=1000",
+           "--set", "run.eval_every=1000"]
+    proc = subprocess.Popen(cmd + ["--set", "run.max_steps=100000"], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if [e for e in read_events(run) if e["type"] == "train"]:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by signal SIGTERM" in err and "--resume" in err
+    events = read_events(run)
+    end = events[-1]
+    assert end["type"] == "end" and end["status"] == "stopped"
+    stopped_at = end["step"]
+    assert 1 <= stopped_at < 100000
+    assert checkpointing.find_latest(run).step == stopped_at    # nothing trained is lost
+
+    out = subprocess.run(cmd + ["--set", f"run.max_steps={stopped_at + 2}", "--resume"],
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    events = read_events(run)
+    assert [e["step"] for e in events if e["type"] == "start"] == [0, stopped_at]
+    assert events[-1]["type"] == "end" and events[-1]["status"] == "completed"
+    assert (run / "vae.safetensors").is_file()

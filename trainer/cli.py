@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import sys
 from pathlib import Path
 
 from engine.cli import UserError
@@ -54,6 +55,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .distributed import setup, teardown
+    from .loop import TrainingStopped
 
     try:
         preset = args.config or ("paper" if torch.cuda.is_available() else "cpu-small")
@@ -66,6 +68,9 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         stage = importlib.import_module(f"trainer.stages.{ALIASES.get(args.stage, args.stage)}")
         stage.run(cfg, args.data, args.out, args.resume, ctx)
+    except TrainingStopped as exc:
+        print(f"{args.stage}: {exc}", file=sys.stderr)
+        return 128 + exc.signum       # the shell's convention for "ended by this signal"
     except UserError as exc:
         _log_refusal(args.out, exc)
         raise

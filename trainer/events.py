@@ -19,8 +19,8 @@ Types and their extra fields:
 * ``"eval"``: ``total_steps`` and the validation metrics (floats, e.g. ``val_loss``,
   ``val_mae_gy``).
 * ``"checkpoint"``: ``path`` (str) of the checkpoint just completed.
-* ``"end"``: ``total_steps``, ``status`` ("completed"), ``export`` (path of the exported model,
-  or null), ``wall_s``.
+* ``"end"``: ``total_steps``, ``status`` ("completed", or "stopped" when a signal stopped the
+  run after saving a checkpoint), ``export`` (path of the exported model, or null), ``wall_s``.
 * ``"error"``: ``message`` (str), ``error_type`` (str).
 
 Only rank 0 writes. Lines are flushed as they are written, so a reader sees complete lines; a

@@ -5,6 +5,11 @@ of items) and hands it to :func:`run`, which owns everything else: Adam with lin
 a constant lr, grad clipping, bf16 autocast on CUDA only, DDP, periodic validation, atomic
 checkpoints, exact resume, the event log and a progress bar on a terminal.
 
+Stopping: SIGTERM or SIGINT (the GUI's Cancel, Ctrl-C, a cluster's pre-emption notice) asks the
+run to stop after the current step: it saves a checkpoint, logs an ``end`` event with status
+``stopped`` and raises :class:`TrainingStopped`, so ``--resume`` continues exactly there. A
+second signal interrupts at once.
+
 Determinism: every random draw of a training step comes from generators derived from
 ``(seed, step, index of the sample in the global batch)``, and the data order of epoch ``e``
 is a permutation seeded by ``(seed, e)``. A step's samples, noises and augmentations therefore
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -37,6 +44,44 @@ from .distributed import DistContext, all_gather_tensor, all_reduce_mean, barrie
 from .events import EventLog
 
 log = logging.getLogger(__name__)
+
+
+class TrainingStopped(Exception):
+    """The run stopped on a signal after saving a checkpoint at ``step``."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        super().__init__(f"stopped by signal {signal.Signals(signum).name} at step {step}; a "
+                         "checkpoint was saved: continue with --resume")
+        self.step, self.signum = step, signum
+
+
+class StopRequest:
+    """While entered (main thread only), SIGTERM/SIGINT set ``signum`` instead of killing the
+    process; a second signal restores the previous handler and raises it again."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            signal.signal(signum, self._previous[signum])
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        log.warning("%s: stopping after this step and saving a checkpoint (send it again to "
+                    "stop at once)", signal.Signals(signum).name)
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 LossFn = Callable[[nn.Module, list[Any], list[torch.Generator]], tuple[torch.Tensor, dict]]
 
@@ -172,7 +217,10 @@ def run(task: Task, cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume: b
         check_fits(cfg, ctx, len(task.train_items))
         start_ckpt = prepare_resume(run_dir, resume, task, cfg, ctx)
         barrier(ctx)
-        return _train(task, cfg, run_dir, ctx, start_ckpt, events, progress)
+        with StopRequest() as stop:
+            return _train(task, cfg, run_dir, ctx, start_ckpt, events, progress, stop)
+    except TrainingStopped:
+        raise
     except BaseException as exc:
         events.emit("error", _last_step(run_dir), message=str(exc) or type(exc).__name__,
                     error_type=type(exc).__name__)
@@ -188,7 +236,8 @@ def _last_step(run_dir: Path) -> int:
 
 
 def _train(task: Task, cfg: TrainConfig, run_dir: Path, ctx: DistContext,
-           start: ckpt.Checkpoint | None, events: EventLog, progress: bool | None) -> dict:
+           start: ckpt.Checkpoint | None, events: EventLog, progress: bool | None,
+           stop: StopRequest) -> dict:
     model, params = task.model.to(ctx.device), task.params
     opt = torch.optim.Adam(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                            weight_decay=cfg.optim.weight_decay)
@@ -257,15 +306,31 @@ def _train(task: Task, cfg: TrainConfig, run_dir: Path, ctx: DistContext,
             scores = _evaluate(task, model, cfg, ctx)
             events.emit("eval", step, total_steps=total, **scores)
             last.update(scores)
-        if step % cfg.run.checkpoint_every == 0 or step == total:
+        signum = _agreed_signal(stop.signum, ctx)
+        if step % cfg.run.checkpoint_every == 0 or step == total or signum:
             path = _save(task, model, opt, cfg, run_dir, ctx, step)
             events.emit("checkpoint", step, path=str(path) if path else None)
+        if signum and step < total:
+            bar.close()
+            events.emit("end", step, total_steps=total, status="stopped", export=None,
+                        wall_s=time.time() - t_run)
+            raise TrainingStopped(step, signum)
     bar.close()
     exported = task.export(run_dir) if (task.export is not None and ctx.is_main) else None
     barrier(ctx)
     events.emit("end", step, total_steps=total, status="completed", export=exported,
                 wall_s=time.time() - t_run)
     return last
+
+
+def _agreed_signal(signum: int, ctx: DistContext) -> int:
+    """The stop signal if any rank received one (all ranks stop at the same step)."""
+    if not ctx.distributed:
+        return signum
+    import torch.distributed as dist
+    value = torch.tensor([signum], device=ctx.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
 
 
 def _finite_everywhere(loss: torch.Tensor, ctx: DistContext) -> bool:
