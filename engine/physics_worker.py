@@ -58,6 +58,21 @@ def _objective(spec: dict):
     return kinds[spec["type"]](spec)
 
 
+def _without_empty_objectives(ct, cst, dij):
+    """The structure set with the objectives removed from structures that keep no voxel once
+    the optimiser has applied the overlap priorities and moved to the dose grid (a small OAR
+    inside a target, or one thinner than a dose voxel): pyRadPlan's objectives divide by the
+    voxel count. Returns (structure set, names of the structures whose objectives went)."""
+    on_dose_grid = cst.apply_overlap_priorities().resample_on_new_ct(
+        ct.resample_to_grid(dij.dose_grid))
+    empty = {v.name for v in on_dose_grid.vois if v.objectives and v.indices_numpy.size == 0}
+    if not empty:
+        return cst, []
+    vois = [v.model_copy(update={"objectives": []}) if v.name in empty else v
+            for v in cst.vois]
+    return type(cst)(vois=vois, ct_image=cst.ct_image), sorted(empty)
+
+
 def run(job: Path) -> None:
     t0 = time.perf_counter()
     import SimpleITK as sitk
@@ -114,7 +129,9 @@ def run(job: Path) -> None:
     t_dij = time.perf_counter() - t
     t = time.perf_counter()
     info: dict = {}
+    skipped: list[str] = []
     if settings["optimize"]:
+        cst, skipped = _without_empty_objectives(ct, cst, dij)
         fluence = fluence_optimization(ct, cst, stf, dij, pln, opt_info=info)
     else:
         fluence = np.ones(dij.total_num_of_bixels)
@@ -137,6 +154,7 @@ def run(job: Path) -> None:
         "optimizer": "scipy L-BFGS-B",
         "num_bixels": int(dij.total_num_of_bixels),
         "num_iter": int(info.get("num_iter", -1)),
+        "skipped_objectives": skipped,
         "timings_s": {"import": t_import, "stf": t_stf, "dij": t_dij, "optimization": t_opt,
                       "forward": t_fwd, "total": time.perf_counter() - t0},
     }))

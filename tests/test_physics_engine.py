@@ -98,6 +98,23 @@ def test_optimised_arc_plan_is_normalised_and_spares_the_organ(physics_env):
     assert result.info["engine"] == "pyRadPlan" and result.info["num_bixels"] > 0
 
 
+def test_an_organ_hidden_inside_the_target_loses_its_objectives_not_the_plan(physics_env):
+    """A parotid entirely inside the PTV keeps no voxel once the optimiser applies the overlap
+    priorities; pyRadPlan's mean-dose objective then divided by zero (OpenKBP pt_21)."""
+    shape = (10, 32, 32)
+    g = Geometry(shape, (-77.5, -77.5, -22.5), (5.0, 5.0, 5.0))
+    z, y, x = np.meshgrid(*g.axis_coordinates(), indexing="ij")
+    ct = np.where(x ** 2 + y ** 2 <= 70.0 ** 2, 0.0, -1000.0).astype(np.float32)
+    ptv = (x ** 2 + y ** 2 <= 25.0 ** 2) & (np.abs(z) <= 12.5)
+    hidden = (x ** 2 + y ** 2 <= 6.0 ** 2) & (np.abs(z) <= 2.5)
+    case = Case("hidden", Volume(ct, g), (Structure("PTV", Role.TARGET, ptv, 60.0),
+                                          Structure("RightParotid", Role.OAR, hidden)))
+    beams = tuple(Beam(f"B{a}", float(a), (0.0, 0.0, 0.0)) for a in (0, 120, 240))
+    result = compute_physics_dose(case, Plan(beams), PhysicsSettings(max_iter=30))
+    assert result.info["skipped_objectives"] == ["RightParotid"]
+    assert np.percentile(result.dose.array[ptv], 5) == pytest.approx(60.0, rel=1e-4)
+
+
 def test_generate_and_resume(physics_env, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
