@@ -48,6 +48,17 @@ def test_closing_matches_scipy_on_random_masks():
         assert np.array_equal(close_like_reference(m), ref)
 
 
+def test_closing_matches_scipy_across_64_slice_words():
+    """Columns longer than one 64-bit word: the bit shifts carry between words."""
+    rng = np.random.default_rng(4)
+    for n_z in (63, 64, 65, 97, 128, 131):
+        m = rng.random((n_z, 5, 6)) < 0.08
+        m[60:68, 2, 3] = True  # a run across the first word boundary
+        ref = ndimage.binary_erosion(ndimage.binary_dilation(m, np.ones((4, 4, 4))),
+                                     np.ones((3, 3, 3)))
+        assert np.array_equal(close_like_reference(m), ref)
+
+
 @pytest.mark.parametrize("ptv_kind", ["convex", "two_lobes"])
 def test_static_beams_agree_with_the_reference(ptv_kind, two_lobes):
     ptv = two_lobes if ptv_kind == "two_lobes" else _ellipsoid((18, 30, 38), (7, 9, 11))

@@ -141,22 +141,56 @@ def _label_rays(slope_o: np.ndarray, slope_z: np.ndarray, bin_size: float
     return labels, ~ok[bo]
 
 
+_RAY_CHUNK = 128  # rays rasterised together: keeps the (rays x slices) temporaries in cache
+
+
+def words_per_column(n_z: int) -> int:
+    """64-bit words that hold one column of ``n_z`` voxels as bits (see :meth:`BeamMarks.bits`)."""
+    return max((n_z + 63) // 64, 1)
+
+
+_LOW_BITS = np.array([(1 << n) - 1 for n in range(65)], dtype=np.uint64)  # n lowest bits set
+
+
 def _rasterise(delta: np.ndarray, length: np.ndarray, source: np.ndarray,
                shape: tuple[int, int, int], major: int, sign: float) -> np.ndarray:
-    """``(3, n)`` indices of the in-grid samples of rays sharing one major axis and direction."""
-    n_major = shape[major]
-    k = (np.arange(n_major, dtype=np.float64) - source[major]) * sign
-    k = np.broadcast_to(k, (len(length), n_major))
-    valid = (k >= 0) & (k <= length[:, None])
-    coords = []
-    for axis in range(3):
-        if axis == major:
-            c = np.broadcast_to(np.arange(n_major, dtype=np.float64), k.shape)
-        else:
-            c = np.rint(k * (delta[:, axis] / length)[:, None] + source[axis])
-            valid &= (c >= 0) & (c < shape[axis])
-        coords.append(c)
-    return np.stack([c[valid] for c in coords]).astype(np.int32)
+    """Flat indices, in the z-last layout ``(Y, X, 64 * words)``, of the in-grid samples of rays
+    sharing one major axis and direction (repeats kept)."""
+    z_pad = 64 * words_per_column(shape[0])
+    stride = {0: 1, 1: shape[2] * z_pad, 2: z_pad}  # flat = (y * X + x) * z_pad + z
+    k = (np.arange(shape[major], dtype=np.float64) - source[major]) * sign
+    along = np.nonzero(k >= 0)[0]
+    if len(along) == 0:
+        return np.zeros(0, dtype=np.int64)
+    k = k[along]
+    base = (along * stride[major]).astype(np.float64)
+    others = [a for a in range(3) if a != major]
+    slopes = [delta[:, a] / length for a in others]
+    # a ray keeps every sample when it reaches the last slice and both its ends are in the grid
+    # (rint is monotone along a ray)
+    whole = length >= k.max()
+    for a, slope in zip(others, slopes):
+        for kk in (k.min(), k.max()):
+            end = np.rint(kk * slope + source[a])
+            whole &= (end >= 0) & (end < shape[a])
+    out = []
+    for rays in (np.nonzero(whole)[0], np.nonzero(~whole)[0]):
+        for lo in range(0, len(rays), _RAY_CHUNK):
+            part = rays[lo: lo + _RAY_CHUNK]
+            flat = None
+            valid = None if whole[part[0]] else k[None, :] <= length[part, None]
+            for a, slope in zip(others, slopes):
+                c = np.multiply.outer(slope[part], k)
+                c += source[a]
+                np.rint(c, out=c)
+                if valid is not None:
+                    valid &= (c >= 0) & (c < shape[a])
+                if a != 0:
+                    c *= stride[a]
+                flat = c if flat is None else np.add(flat, c, out=flat)
+            flat += base
+            out.append((flat.ravel() if valid is None else flat[valid]).astype(np.int64))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
 class BeamMarks:
@@ -165,7 +199,8 @@ class BeamMarks:
     Attributes:
         intervals: ``(z_lo, z_hi)`` pairs of ``(Y, X)`` arrays, the inclusive marked z range per
             column (``z_lo > z_hi``: none), one pair per group of rays sharing a major axis.
-        points: ``(3, n)`` indices ``(z, y, x)`` of voxels marked sample by sample.
+        points: flat indices of the voxels marked sample by sample, in the z-last layout
+            ``(Y, X, 64 * words_per_column(Z))`` (repeats allowed).
     """
 
     def __init__(self, shape: tuple[int, int, int], surface: np.ndarray, source: np.ndarray):
@@ -173,17 +208,19 @@ class BeamMarks:
         z_n, y_n, x_n = shape
         self.intervals: list[tuple[np.ndarray, np.ndarray]] = []
         points = []
-        self.points = np.zeros((3, 0), dtype=np.int32)
+        self.points = np.zeros(0, dtype=np.int64)
         if len(surface) == 0:
             return
         delta, length = ray_ends(surface, source, shape)
         delta = delta[length > 0]
         # rays with the same truncated end point are the same ray: keep one of each
-        cols = [delta[:, k] - delta[:, k].min() for k in range(3)]
+        low = delta.min(axis=0)
+        cols = [delta[:, k] - low[k] for k in range(3)]
         span = [c.max() + 1 for c in cols]
-        _, first = np.unique((cols[0] * span[1] + cols[1]) * span[2] + cols[2],
-                             return_index=True)
-        delta = delta[first]
+        keys = np.unique((cols[0] * span[1] + cols[1]) * span[2] + cols[2])  # exact integers
+        keys, c2 = np.divmod(keys, span[2])
+        c0, c1 = np.divmod(keys, span[1])
+        delta = np.stack([c0, c1, c2], axis=1) + low
         length = _row_max_abs(delta)
         a = np.abs(delta)  # the first axis reaching the length is the major (stepping) axis
         major = np.where(a[:, 0] >= length, 0, np.where(a[:, 1] >= length, 1, 2))
@@ -213,14 +250,20 @@ class BeamMarks:
                     if one.any():
                         self._hull(s_o[one], s_z[one], source, ax, other, rows, kk)
         if points:
-            self.points = np.concatenate(points, axis=1)
+            self.points = np.concatenate(points)
 
     def _hull(self, s_o: np.ndarray, s_z: np.ndarray, source: np.ndarray, ax: int, other: int,
               rows: np.ndarray, kk: np.ndarray) -> None:
         order = np.argsort(s_o, kind="stable")
         s_o, s_z = s_o[order], s_z[order]
-        n_o = self.shape[other]
-        edges = ((np.arange(n_o + 1) - 0.5 - source[other])[None, :]) / kk[:, None]
+        # only the columns the rays can round into (a margin of one against round-off)
+        o_lo = int(np.floor(np.min(kk * s_o[0]) + source[other] + 0.5)) - 1
+        o_hi = int(np.floor(np.max(kk * s_o[-1]) + source[other] + 0.5)) + 2
+        o_lo, o_hi = max(o_lo, 0), min(o_hi, self.shape[other])
+        if o_hi <= o_lo:
+            return
+        n_o = o_hi - o_lo
+        edges = ((np.arange(o_lo, o_hi + 1) - 0.5 - source[other])[None, :]) / kk[:, None]
         idx = np.searchsorted(s_o, edges.ravel()).reshape(edges.shape)
         zmin, zmax, nonempty = _range_min_max(_sparse_tables(s_z), idx[:, :-1].ravel(),
                                               idx[:, 1:].ravel())
@@ -228,49 +271,28 @@ class BeamMarks:
         lo = np.rint(kk[:, None] * zmin.reshape(shape2) + source[0])
         hi = np.rint(kk[:, None] * zmax.reshape(shape2) + source[0])
         nonempty = nonempty.reshape(shape2)
-        z_lo = np.full((self.shape[ax], n_o), self.shape[0], dtype=np.int32)
-        z_hi = np.full((self.shape[ax], n_o), -1, dtype=np.int32)
-        z_lo[rows] = np.where(nonempty, np.clip(lo, 0, self.shape[0]), self.shape[0])
-        z_hi[rows] = np.where(nonempty, np.clip(hi, -1, self.shape[0] - 1), -1)
+        z_lo = np.full((self.shape[ax], self.shape[other]), self.shape[0], dtype=np.int32)
+        z_hi = np.full((self.shape[ax], self.shape[other]), -1, dtype=np.int32)
+        z_lo[rows, o_lo:o_hi] = np.where(nonempty, np.clip(lo, 0, self.shape[0]), self.shape[0])
+        z_hi[rows, o_lo:o_hi] = np.where(nonempty, np.clip(hi, -1, self.shape[0] - 1), -1)
         if ax == 2:
             z_lo, z_hi = z_lo.T, z_hi.T
         self.intervals.append((np.ascontiguousarray(z_lo), np.ascontiguousarray(z_hi)))
 
-    def bounding_box(self) -> tuple[slice, slice, slice] | None:
-        """The smallest index box holding every mark, or None when nothing is marked."""
-        lo = np.array(self.shape)
-        hi = np.full(3, -1)
+    def bits(self) -> np.ndarray:
+        """The marks packed along z: ``(Y, X, words)`` uint64, voxel ``z`` of a column is bit
+        ``z % 64`` of its word ``z // 64`` (bits past the grid are 0)."""
+        z_n, y_n, x_n = self.shape
+        n_words = words_per_column(z_n)
+        if len(self.points):
+            scratch = np.zeros((y_n, x_n, 64 * n_words), dtype=bool)
+            scratch.reshape(-1)[self.points] = True
+            words = np.packbits(scratch, axis=2, bitorder="little").view(np.dtype("<u8"))
+        else:
+            words = np.zeros((y_n, x_n, n_words), dtype=np.dtype("<u8"))
         for z_lo, z_hi in self.intervals:
-            cols = z_lo <= z_hi
-            ys = np.nonzero(cols.any(axis=1))[0]
-            if len(ys):
-                xs = np.nonzero(cols.any(axis=0))[0]
-                lo = np.minimum(lo, [z_lo.min(), ys[0], xs[0]])
-                hi = np.maximum(hi, [z_hi.max(), ys[-1], xs[-1]])
-        if self.points.shape[1]:
-            lo = np.minimum(lo, self.points.min(axis=1))
-            hi = np.maximum(hi, self.points.max(axis=1))
-        if (hi < lo).any():
-            return None
-        return tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
-
-    def render(self, box: tuple[slice, slice, slice]) -> np.ndarray:
-        """The marks as a boolean block over ``box``, which must contain :meth:`bounding_box`."""
-        zs, ys, xs = box
-        shape = (zs.stop - zs.start, ys.stop - ys.start, xs.stop - xs.start)
-        block = np.zeros(shape, dtype=bool)
-        # z - z_lo wraps round below z_lo in unsigned ints: one compare tests both interval ends
-        unsigned = np.uint8 if self.shape[0] < 255 else np.uint16
-        z = np.arange(zs.start, zs.stop).astype(unsigned)[:, None, None]
-        tmp = np.empty(shape, dtype=unsigned)
-        for z_lo, z_hi in self.intervals:
-            lo = z_lo[ys, xs]
-            width = np.where(z_hi[ys, xs] >= lo, z_hi[ys, xs] - lo + 1, 0).astype(unsigned)
-            np.subtract(z, lo.astype(unsigned)[None], out=tmp)
-            block |= tmp < width[None]
-        if self.points.shape[1]:  # the box holds every point (see bounding_box)
-            p = self.points
-            flat = ((p[0] - zs.start) * shape[1] + (p[1] - ys.start)) * shape[2] + (
-                p[2] - xs.start)
-            block.reshape(-1)[flat] = True
-        return block
+            for w in range(n_words):
+                lo = np.clip(z_lo - 64 * w, 0, 64)
+                hi = np.clip(z_hi + 1 - 64 * w, 0, 64)
+                words[..., w] |= _LOW_BITS[hi] & ~_LOW_BITS[lo]
+        return words

@@ -29,7 +29,7 @@ import numpy as np
 
 from engine.case import Geometry, Plan, Technique
 from engine.features.beam_geometry import source_direction_lps
-from engine.features.beam_rays import BeamMarks, surface_voxels
+from engine.features.beam_rays import _LOW_BITS, BeamMarks, surface_voxels, words_per_column
 
 ANGLE_PLATE_LENGTH = 50.0
 ANGLE_PLATE_WIDTH = 4.0
@@ -55,15 +55,15 @@ def source_index(geometry: Geometry, isocenter_index: np.ndarray, direction_lps:
     return np.trunc(_snap(np.asarray(isocenter_index, dtype=np.float64)) + offset)
 
 
-def _shift_bits(packed: np.ndarray, towards_lower: bool) -> np.ndarray:
-    """Bits packed big-endian along the last axis, moved by one position (zeros shifted in)."""
-    out = np.empty_like(packed)
-    if towards_lower:  # out[x] = bits[x + 1]
-        np.left_shift(packed, 1, out=out)
-        out[..., :-1] |= packed[..., 1:] >> 7
-    else:  # out[x] = bits[x - 1]
-        np.right_shift(packed, 1, out=out)
-        out[..., 1:] |= packed[..., :-1] << 7
+def _shift_z(words: np.ndarray, n: int) -> np.ndarray:
+    """Columns of bits (:meth:`BeamMarks.bits` layout): ``out[z] = a[z + n]``, zeros shifted in
+    (``0 < |n| < 64``)."""
+    if n > 0:
+        out = words >> n
+        out[..., :-1] |= words[..., 1:] << (64 - n)
+    else:
+        out = words << -n
+        out[..., 1:] |= words[..., :-1] >> (64 + n)
     return out
 
 
@@ -90,51 +90,80 @@ def _erode_axis(a: np.ndarray, axis: int) -> np.ndarray:
     return out
 
 
-def close_like_reference(marks: np.ndarray) -> np.ndarray:
-    """``binary_erosion(binary_dilation(m, ones((4,4,4))), ones((3,3,3)))`` as scipy does it.
+def close_bits(words: np.ndarray, n_z: int) -> np.ndarray:
+    """The reference's closing of marks packed along z (``(Y, X, words)``, see
+    :meth:`BeamMarks.bits`) on a grid of ``n_z`` slices; bits past the grid stay 0.
 
-    Both boxes are separable, so this is three 1-D passes each. scipy centres ``ones(4)`` at
-    index 2, so the dilation is ``out[i] = any(m[i-1 : i+3])``; the erosion counts everything
-    outside the array as 0 (the outer faces always end up 0). The work is done on bits packed
-    along x, eight voxels a byte.
+    ``binary_erosion(binary_dilation(m, ones((4,4,4))), ones((3,3,3)))`` as scipy does it: both
+    boxes are separable; scipy centres ``ones(4)`` at index 2, so the dilation is
+    ``out[i] = any(m[i-1 : i+3])``, and the erosion counts everything outside the grid as 0 (the
+    outer faces always end up 0). Along z, 64 voxels go through each word operation.
     """
-    nx = marks.shape[2]
-    m = np.packbits(marks, axis=2)
-    if nx % 8:  # keep the padding bits out of the array: they must act as "outside" (0)
-        m[..., -1] &= np.uint8((0xFF << (8 - nx % 8)) & 0xFF)
-    m = _dilate_axis(_dilate_axis(m, 0), 1)
-    pair = m | _shift_bits(m, towards_lower=True)
-    m = pair | _shift_bits(m, towards_lower=False) | _shift_bits(pair, towards_lower=True)
-    if nx % 8:
-        m[..., -1] &= np.uint8((0xFF << (8 - nx % 8)) & 0xFF)
+    m = _dilate_axis(_dilate_axis(words, 0), 1)
+    m = m | _shift_z(m, -1) | _shift_z(m, 1) | _shift_z(m, 2)
+    in_grid = _LOW_BITS[np.clip(n_z - 64 * np.arange(m.shape[2]), 0, 64)]
+    m &= in_grid  # past the last slice is outside: the erosion must see 0 there
     m = _erode_axis(_erode_axis(m, 0), 1)
-    m = m & _shift_bits(m, towards_lower=True) & _shift_bits(m, towards_lower=False)
-    out = np.unpackbits(m, axis=2, count=nx).view(bool)
-    out[..., 0] = False
-    out[..., -1] = False
-    return out
+    return m & _shift_z(m, -1) & _shift_z(m, 1)
 
 
-def _padded_box(box: tuple[slice, ...], shape: tuple[int, ...], pad: int = 3) -> tuple[slice, ...]:
-    return tuple(slice(max(b.start - pad, 0), min(b.stop + pad, n)) for b, n in zip(box, shape))
+def _pack_z(mask: np.ndarray) -> np.ndarray:
+    """A boolean ``[z, y, x]`` mask in the :meth:`BeamMarks.bits` layout."""
+    n_words = words_per_column(mask.shape[0])
+    packed = np.zeros(mask.shape[1:] + (8 * n_words,), dtype=np.uint8)
+    bytes_ = np.packbits(np.moveaxis(mask, 0, -1), axis=-1, bitorder="little")
+    packed[..., : bytes_.shape[-1]] = bytes_
+    return packed.view(np.dtype("<u8"))
 
 
-def _one_beam(shape: tuple[int, int, int], surface: np.ndarray, iso: np.ndarray,
-              source: np.ndarray, weight: float
-              ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
-    """One source's weighted plate over its bounding box: ``(box, weights, closed mask)``."""
-    marks = BeamMarks(shape, surface, source)
-    box = marks.bounding_box()
-    if box is None:
-        return None
-    box = _padded_box(box, shape)
-    closed = close_like_reference(marks.render(box))
-    d2 = [((np.arange(b.start, b.stop, dtype=np.float64) - s) ** 2).astype(np.float32)
-          for b, s in zip(box, source)]
-    dist2 = d2[0][:, None, None] + (d2[1][:, None] + d2[2][None, :])[None]
+def close_like_reference(marks: np.ndarray) -> np.ndarray:
+    """``binary_erosion(binary_dilation(m, ones((4,4,4))), ones((3,3,3)))`` for a boolean
+    ``[z, y, x]`` mask (:func:`close_bits` on the mask packed along z)."""
+    n_z = marks.shape[0]
+    closed = close_bits(_pack_z(np.asarray(marks, dtype=bool)), n_z)
+    bits = np.unpackbits(closed.view(np.uint8), axis=-1, count=n_z, bitorder="little")
+    return np.moveaxis(bits.view(bool), -1, 0)
+
+
+_ROWS_PER_BLOCK = 8  # rows weighted together: a block's temporaries stay in cache
+
+
+def _closed_marks(shape: tuple[int, int, int], surface: np.ndarray, source: np.ndarray
+                  ) -> np.ndarray:
+    """One source's closed marks, packed along z (:meth:`BeamMarks.bits` layout)."""
+    return close_bits(BeamMarks(shape, surface, source).bits(), shape[0])
+
+
+def _add_weighted(plate: np.ndarray, closed: np.ndarray, iso: np.ndarray, source: np.ndarray,
+                  weight: float) -> None:
+    """Add one source's closed marks times its inverse-square factor to ``plate`` (``[y, x, z]``).
+
+    Works block by block over rows of y, each cut to the x range of its closed columns, so
+    the arithmetic covers little more than the closed voxels of an oblique beam.
+    """
+    n_y, n_x, n_z = plate.shape
+    columns = closed[..., 0].copy()
+    for w in range(1, closed.shape[2]):
+        columns |= closed[..., w]
+    columns = columns != 0
+    rows = np.nonzero(columns.any(axis=1))[0]
+    if len(rows) == 0:
+        return
     scale = np.float32(weight * float(np.sum((source - iso) ** 2)))
-    np.divide(scale, dist2, out=dist2)
-    return box, dist2, closed
+    d2y, d2x, d2z = (((np.arange(n, dtype=np.float64) - source[a]) ** 2).astype(np.float32)
+                     for a, n in ((1, n_y), (2, n_x), (0, n_z)))
+    for y0 in range(int(rows[0]), int(rows[-1]) + 1, _ROWS_PER_BLOCK):
+        ys = slice(y0, y0 + _ROWS_PER_BLOCK)
+        xs = np.nonzero(columns[ys].any(axis=0))[0]
+        if len(xs) == 0:
+            continue
+        xs = slice(int(xs[0]), int(xs[-1]) + 1)
+        inside = np.unpackbits(closed[ys, xs].view(np.uint8), axis=2, count=n_z,
+                               bitorder="little")
+        values = d2z[None, None, :] + (d2y[ys, None] + d2x[None, xs])[:, :, None]
+        np.divide(scale, values, out=values)
+        np.multiply(values, inside, out=values)
+        plate[ys, xs] += values
 
 
 def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index: np.ndarray,
@@ -146,26 +175,23 @@ def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index:
         isocenter_index: isocentre ``(z, y, x)`` in voxel indices.
         sources_index: ``(n, 3)`` source positions in voxel indices (see :func:`source_index`).
         weights: per-source multiplier of its plate (default 1 each).
-        workers: threads computing beams side by side (numpy releases the GIL in its loops).
+        workers: threads computing the beams' closed marks side by side (numpy releases the
+            GIL in its loops); the weighted sum is added up in order, in one thread.
     """
     shape = tuple(int(n) for n in ptv.shape)
-    plate = np.zeros(shape, dtype=np.float32)
     sources = np.atleast_2d(np.asarray(sources_index, dtype=np.float64))
     weights = np.ones(len(sources)) if weights is None else np.asarray(weights, dtype=np.float64)
     surface = surface_voxels(np.asarray(ptv, dtype=bool))
     iso = np.asarray(isocenter_index, dtype=np.float64)
-    jobs = [(shape, surface, iso, s, float(w)) for s, w in zip(sources, weights)]
-    if workers > 1 and len(jobs) > 1:
+    if workers > 1 and len(sources) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(lambda job: _one_beam(*job), jobs))
+            closed = list(pool.map(lambda s: _closed_marks(shape, surface, s), sources))
     else:
-        results = [_one_beam(*job) for job in jobs]
-    for result in results:
-        if result is not None:
-            box, values, closed = result
-            target = plate[box]
-            np.add(target, values, out=target, where=closed)
-    return plate
+        closed = [_closed_marks(shape, surface, s) for s in sources]
+    plate = np.zeros(shape[1:] + shape[:1], dtype=np.float32)  # [y, x, z], like the bits
+    for c, s, w in zip(closed, sources, weights):
+        _add_weighted(plate, c, iso, s, float(w))
+    return np.ascontiguousarray(np.moveaxis(plate, -1, 0))
 
 
 def angle_plate_2d(shape_yx: tuple[int, int], isocenter_yx: Sequence[float],
