@@ -96,10 +96,12 @@ def _range_min_max(tables: tuple[np.ndarray, np.ndarray], lo: np.ndarray, hi: np
     n = np.where(nonempty, n, 1)
     lo = np.where(nonempty, lo, 0)
     level = np.frexp(n)[1] - 1  # floor(log2 n)
-    b = lo + n - (1 << level)
     lows, highs = tables
-    return (np.minimum(lows[level, lo], lows[level, b]),
-            np.maximum(highs[level, lo], highs[level, b]), nonempty)
+    first = level * lows.shape[1] + lo  # flat indices: far faster than 2-D fancy indexing
+    last = first + n - (1 << level)
+    lows, highs = lows.ravel(), highs.ravel()
+    return (np.minimum(lows[first], lows[last]), np.maximum(highs[first], highs[last]),
+            nonempty)
 
 
 def _label_rays(slope_o: np.ndarray, slope_z: np.ndarray, bin_size: float
@@ -197,8 +199,9 @@ class BeamMarks:
     """The reference's marked voxels for one source: z-intervals per column plus exact points.
 
     Attributes:
-        intervals: ``(z_lo, z_hi)`` pairs of ``(Y, X)`` arrays, the inclusive marked z range per
-            column (``z_lo > z_hi``: none), one pair per group of rays sharing a major axis.
+        intervals: ``(ys, xs, z_lo, z_hi)``, one per group of rays sharing a major axis: the
+            inclusive marked z range of each column of the box ``[ys, xs]`` (``z_lo > z_hi``:
+            none; columns outside the box: none).
         points: flat indices of the voxels marked sample by sample, in the z-last layout
             ``(Y, X, 64 * words_per_column(Z))`` (repeats allowed).
     """
@@ -206,7 +209,7 @@ class BeamMarks:
     def __init__(self, shape: tuple[int, int, int], surface: np.ndarray, source: np.ndarray):
         self.shape = shape
         z_n, y_n, x_n = shape
-        self.intervals: list[tuple[np.ndarray, np.ndarray]] = []
+        self.intervals: list[tuple[slice, slice, np.ndarray, np.ndarray]] = []
         points = []
         self.points = np.zeros(0, dtype=np.int64)
         if len(surface) == 0:
@@ -214,7 +217,7 @@ class BeamMarks:
         delta, length = ray_ends(surface, source, shape)
         delta = delta[length > 0]
         # rays with the same truncated end point are the same ray: keep one of each
-        low = delta.min(axis=0)
+        low = np.array([delta[:, k].min() for k in range(3)])  # (a strided axis-0 min is slow)
         cols = [delta[:, k] - low[k] for k in range(3)]
         span = [c.max() + 1 for c in cols]
         keys = np.unique((cols[0] * span[1] + cols[1]) * span[2] + cols[2])  # exact integers
@@ -271,13 +274,14 @@ class BeamMarks:
         lo = np.rint(kk[:, None] * zmin.reshape(shape2) + source[0])
         hi = np.rint(kk[:, None] * zmax.reshape(shape2) + source[0])
         nonempty = nonempty.reshape(shape2)
-        z_lo = np.full((self.shape[ax], self.shape[other]), self.shape[0], dtype=np.int32)
-        z_hi = np.full((self.shape[ax], self.shape[other]), -1, dtype=np.int32)
-        z_lo[rows, o_lo:o_hi] = np.where(nonempty, np.clip(lo, 0, self.shape[0]), self.shape[0])
-        z_hi[rows, o_lo:o_hi] = np.where(nonempty, np.clip(hi, -1, self.shape[0] - 1), -1)
-        if ax == 2:
-            z_lo, z_hi = z_lo.T, z_hi.T
-        self.intervals.append((np.ascontiguousarray(z_lo), np.ascontiguousarray(z_hi)))
+        z_lo = np.where(nonempty, np.clip(lo, 0, self.shape[0]), self.shape[0]).astype(np.int32)
+        z_hi = np.where(nonempty, np.clip(hi, -1, self.shape[0] - 1), -1).astype(np.int32)
+        along = slice(int(rows[0]), int(rows[-1]) + 1)  # rows: a run of slices (k > 0)
+        across = slice(o_lo, o_hi)
+        if ax == 1:
+            self.intervals.append((along, across, z_lo, z_hi))
+        else:
+            self.intervals.append((across, along, z_lo.T, z_hi.T))
 
     def bits(self) -> np.ndarray:
         """The marks packed along z: ``(Y, X, words)`` uint64, voxel ``z`` of a column is bit
@@ -290,9 +294,9 @@ class BeamMarks:
             words = np.packbits(scratch, axis=2, bitorder="little").view(np.dtype("<u8"))
         else:
             words = np.zeros((y_n, x_n, n_words), dtype=np.dtype("<u8"))
-        for z_lo, z_hi in self.intervals:
+        for ys, xs, z_lo, z_hi in self.intervals:
             for w in range(n_words):
                 lo = np.clip(z_lo - 64 * w, 0, 64)
                 hi = np.clip(z_hi + 1 - 64 * w, 0, 64)
-                words[..., w] |= _LOW_BITS[hi] & ~_LOW_BITS[lo]
+                words[ys, xs, w] |= _LOW_BITS[hi] & ~_LOW_BITS[lo]
         return words
