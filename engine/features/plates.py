@@ -128,38 +128,56 @@ def close_like_reference(marks: np.ndarray) -> np.ndarray:
 _ROWS_PER_BLOCK = 8  # rows weighted together: a block's temporaries stay in cache
 
 
+def _occupied(words: np.ndarray) -> np.ndarray:
+    """Which columns of bits (``(Y, X, words)``) hold any set bit."""
+    any_bit = words[..., 0].copy()
+    for w in range(1, words.shape[2]):
+        any_bit |= words[..., w]
+    return any_bit != 0
+
+
 def _closed_marks(shape: tuple[int, int, int], surface: np.ndarray, source: np.ndarray
-                  ) -> np.ndarray:
-    """One source's closed marks, packed along z (:meth:`BeamMarks.bits` layout)."""
-    return close_bits(BeamMarks(shape, surface, source).bits(), shape[0])
+                  ) -> tuple[tuple[int, int], np.ndarray] | None:
+    """One source's closed marks over the box of its marks padded by 3 columns (the closing
+    reaches 2 beyond a mark): ``((y0, x0), words)`` in :meth:`BeamMarks.bits` layout, or None
+    when nothing is marked."""
+    words = BeamMarks(shape, surface, source).bits()
+    marked = _occupied(words)
+    ys = np.nonzero(marked.any(axis=1))[0]
+    if len(ys) == 0:
+        return None
+    xs = np.nonzero(marked.any(axis=0))[0]
+    y0, x0 = max(int(ys[0]) - 3, 0), max(int(xs[0]) - 3, 0)
+    return (y0, x0), close_bits(words[y0: ys[-1] + 4, x0: xs[-1] + 4], shape[0])
 
 
-def _add_weighted(plate: np.ndarray, closed: np.ndarray, iso: np.ndarray, source: np.ndarray,
-                  weight: float) -> None:
-    """Add one source's closed marks times its inverse-square factor to ``plate`` (``[y, x, z]``).
+def _add_weighted(plate: np.ndarray, origin: tuple[int, int], closed: np.ndarray,
+                  iso: np.ndarray, source: np.ndarray, weight: float) -> None:
+    """Add one source's closed marks times its inverse-square factor to ``plate`` (``[y, x, z]``);
+    ``closed`` covers the columns from ``origin`` on.
 
     Works block by block over rows of y, each cut to the x range of its closed columns, so
     the arithmetic covers little more than the closed voxels of an oblique beam.
     """
     n_y, n_x, n_z = plate.shape
-    columns = closed[..., 0].copy()
-    for w in range(1, closed.shape[2]):
-        columns |= closed[..., w]
-    columns = columns != 0
+    columns = _occupied(closed)
     rows = np.nonzero(columns.any(axis=1))[0]
     if len(rows) == 0:
         return
     scale = np.float32(weight * float(np.sum((source - iso) ** 2)))
     d2y, d2x, d2z = (((np.arange(n, dtype=np.float64) - source[a]) ** 2).astype(np.float32)
                      for a, n in ((1, n_y), (2, n_x), (0, n_z)))
-    for y0 in range(int(rows[0]), int(rows[-1]) + 1, _ROWS_PER_BLOCK):
-        ys = slice(y0, y0 + _ROWS_PER_BLOCK)
-        xs = np.nonzero(columns[ys].any(axis=0))[0]
+    y0, x0 = origin
+    for r in range(int(rows[0]), int(rows[-1]) + 1, _ROWS_PER_BLOCK):
+        block = slice(r, r + _ROWS_PER_BLOCK)
+        xs = np.nonzero(columns[block].any(axis=0))[0]
         if len(xs) == 0:
             continue
         xs = slice(int(xs[0]), int(xs[-1]) + 1)
-        inside = np.unpackbits(closed[ys, xs].view(np.uint8), axis=2, count=n_z,
+        inside = np.unpackbits(closed[block, xs].view(np.uint8), axis=2, count=n_z,
                                bitorder="little")
+        ys = slice(y0 + block.start, y0 + block.start + inside.shape[0])
+        xs = slice(x0 + xs.start, x0 + xs.stop)
         values = d2z[None, None, :] + (d2y[ys, None] + d2x[None, xs])[:, :, None]
         np.divide(scale, values, out=values)
         np.multiply(values, inside, out=values)
@@ -190,7 +208,8 @@ def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index:
         closed = [_closed_marks(shape, surface, s) for s in sources]
     plate = np.zeros(shape[1:] + shape[:1], dtype=np.float32)  # [y, x, z], like the bits
     for c, s, w in zip(closed, sources, weights):
-        _add_weighted(plate, c, iso, s, float(w))
+        if c is not None:
+            _add_weighted(plate, *c, iso, s, float(w))
     return np.ascontiguousarray(np.moveaxis(plate, -1, 0))
 
 
