@@ -72,32 +72,29 @@ def ray_ends(surface: np.ndarray, source: np.ndarray, shape: tuple[int, int, int
     return delta, _row_max_abs(delta)
 
 
-def _sparse_tables(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Range-minimum/maximum tables: row ``l`` holds min/max of ``values[i : i + 2**l]``."""
-    n = len(values)
-    levels = max(int(n).bit_length(), 1)
-    lows = np.full((levels, n), np.inf)
-    highs = np.full((levels, n), -np.inf)
-    lows[0], highs[0] = values, values
-    width = 1
-    for lev in range(1, levels):
-        lows[lev, : n - width] = np.minimum(lows[lev - 1, : n - width], lows[lev - 1, width:])
-        highs[lev, : n - width] = np.maximum(highs[lev - 1, : n - width],
-                                             highs[lev - 1, width:])
-        width *= 2
-    return lows, highs
-
-
-def _range_min_max(tables: tuple[np.ndarray, np.ndarray], lo: np.ndarray, hi: np.ndarray
+def _range_min_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Min and max of ``values[lo:hi]`` per query, and which queries were non-empty."""
+    """Min and max of ``values[lo:hi]`` per query, and which queries were non-empty.
+
+    Sparse tables: level ``l`` holds the min/max of ``values[i : i + 2**l]``, built only up to
+    the longest query; each query is then two overlapping power-of-two windows.
+    """
     n = hi - lo
     nonempty = n > 0
     n = np.where(nonempty, n, 1)
     lo = np.where(nonempty, lo, 0)
     level = np.frexp(n)[1] - 1  # floor(log2 n)
-    lows, highs = tables
-    first = level * lows.shape[1] + lo  # flat indices: far faster than 2-D fancy indexing
+    size = len(values)
+    levels = int(level.max()) + 1
+    lows = np.empty((levels, size))
+    highs = np.empty((levels, size))
+    lows[0], highs[0] = values, values
+    for lev in range(1, levels):  # only the windows that fit: the rest is never read
+        width, fit = 1 << (lev - 1), size - (1 << lev) + 1
+        np.minimum(lows[lev - 1, :fit], lows[lev - 1, width: width + fit], out=lows[lev, :fit])
+        np.maximum(highs[lev - 1, :fit], highs[lev - 1, width: width + fit],
+                   out=highs[lev, :fit])
+    first = level * size + lo  # flat indices: far faster than 2-D fancy indexing
     last = first + n - (1 << level)
     lows, highs = lows.ravel(), highs.ravel()
     return (np.minimum(lows[first], lows[last]), np.maximum(highs[first], highs[last]),
@@ -257,7 +254,7 @@ class BeamMarks:
 
     def _hull(self, s_o: np.ndarray, s_z: np.ndarray, source: np.ndarray, ax: int, other: int,
               rows: np.ndarray, kk: np.ndarray) -> None:
-        order = np.argsort(s_o, kind="stable")
+        order = np.argsort(s_o)  # ties need no order: a column takes all of them or none
         s_o, s_z = s_o[order], s_z[order]
         # only the columns the rays can round into (a margin of one against round-off)
         o_lo = int(np.floor(np.min(kk * s_o[0]) + source[other] + 0.5)) - 1
@@ -268,8 +265,7 @@ class BeamMarks:
         n_o = o_hi - o_lo
         edges = ((np.arange(o_lo, o_hi + 1) - 0.5 - source[other])[None, :]) / kk[:, None]
         idx = np.searchsorted(s_o, edges.ravel()).reshape(edges.shape)
-        zmin, zmax, nonempty = _range_min_max(_sparse_tables(s_z), idx[:, :-1].ravel(),
-                                              idx[:, 1:].ravel())
+        zmin, zmax, nonempty = _range_min_max(s_z, idx[:, :-1].ravel(), idx[:, 1:].ravel())
         shape2 = (len(kk), n_o)
         lo = np.rint(kk[:, None] * zmin.reshape(shape2) + source[0])
         hi = np.rint(kk[:, None] * zmax.reshape(shape2) + source[0])
