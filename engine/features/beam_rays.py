@@ -213,26 +213,29 @@ class BeamMarks:
             return
         delta, length = ray_ends(surface, source, shape)
         delta = delta[length > 0]
-        # rays with the same truncated end point are the same ray: keep one of each
-        low = np.array([delta[:, k].min() for k in range(3)])  # (a strided axis-0 min is slow)
-        cols = [delta[:, k] - low[k] for k in range(3)]
-        span = [c.max() + 1 for c in cols]
-        keys = np.unique((cols[0] * span[1] + cols[1]) * span[2] + cols[2])  # exact integers
-        keys, c2 = np.divmod(keys, span[2])
-        c0, c1 = np.divmod(keys, span[1])
-        delta = np.stack([c0, c1, c2], axis=1) + low
-        length = _row_max_abs(delta)
-        a = np.abs(delta)  # the first axis reaching the length is the major (stepping) axis
-        major = np.where(a[:, 0] >= length, 0, np.where(a[:, 1] >= length, 1, 2))
-        sign = np.sign(delta[np.arange(len(length)), major])
-        slope = delta / length[:, None]
+        # rays with the same truncated end point are the same ray: keep one of each (the work
+        # below is on one contiguous array per axis: much faster than on (n, 3) columns)
+        ends = [delta[:, k] for k in range(3)]
+        low = [e.min() for e in ends]
+        span = [e.max() - lo + 1 for e, lo in zip(ends, low)]
+        keys = np.unique(((ends[0] - low[0]) * span[1] + (ends[1] - low[1])) * span[2]
+                         + (ends[2] - low[2]))  # exact integers
+        keys, ends[2] = np.divmod(keys, span[2])
+        ends[0], ends[1] = np.divmod(keys, span[1])
+        ends = [e + lo for e, lo in zip(ends, low)]
+        size = [np.abs(e) for e in ends]
+        length = np.maximum(np.maximum(size[0], size[1]), size[2])
+        # the first axis reaching the length is the major (stepping) axis
+        major = np.where(size[0] >= length, 0, np.where(size[1] >= length, 1, 2))
+        group = 2 * major + (np.choose(major, ends) > 0)  # (major axis, direction)
+        counts = np.bincount(group, minlength=6)
         for ax in range(3):
             for sg in (-1.0, 1.0):
-                sel = (major == ax) & (sign == sg)
-                if not sel.any():
+                if not counts[2 * ax + (sg > 0)]:
                     continue
+                sel = np.nonzero(group == 2 * ax + (sg > 0))[0]
                 if ax == 0:  # only for non-coplanar sources: no column structure along z
-                    points.append(_rasterise(delta[sel], length[sel], source, shape, ax, sg))
+                    points.append(self._exact(ends, length, sel, source, ax, sg))
                     continue
                 other = 3 - ax
                 k = (np.arange(shape[ax], dtype=np.float64) - source[ax]) * sg
@@ -240,17 +243,21 @@ class BeamMarks:
                 if len(rows) == 0:
                     continue
                 kk = k[rows]
-                s_o, s_z = slope[sel, other], slope[sel, 0]
+                s_o, s_z = ends[other][sel] / length[sel], ends[0][sel] / length[sel]
                 labels, hard = _label_rays(s_o, s_z, 1.0 / kk.min())
                 if hard.any():
-                    idx = np.nonzero(sel)[0][hard]
-                    points.append(_rasterise(delta[idx], length[idx], source, shape, ax, sg))
+                    points.append(self._exact(ends, length, sel[hard], source, ax, sg))
                 for label in range(int(labels.max()) + 1):
                     one = ~hard & (labels == label)
                     if one.any():
                         self._hull(s_o[one], s_z[one], source, ax, other, rows, kk)
         if points:
             self.points = np.concatenate(points)
+
+    def _exact(self, ends: list[np.ndarray], length: np.ndarray, rays: np.ndarray,
+               source: np.ndarray, ax: int, sign: float) -> np.ndarray:
+        delta = np.stack([e[rays] for e in ends], axis=1)
+        return _rasterise(delta, length[rays], source, self.shape, ax, sign)
 
     def _hull(self, s_o: np.ndarray, s_z: np.ndarray, source: np.ndarray, ax: int, other: int,
               rows: np.ndarray, kk: np.ndarray) -> None:

@@ -151,37 +151,49 @@ def _closed_marks(shape: tuple[int, int, int], surface: np.ndarray, source: np.n
     return (y0, x0), close_bits(words[y0: ys[-1] + 4, x0: xs[-1] + 4], shape[0])
 
 
-def _add_weighted(plate: np.ndarray, origin: tuple[int, int], closed: np.ndarray,
-                  iso: np.ndarray, source: np.ndarray, weight: float) -> None:
-    """Add one source's closed marks times its inverse-square factor to ``plate`` (``[y, x, z]``);
-    ``closed`` covers the columns from ``origin`` on.
+def _weighted_sum(shape: tuple[int, int, int],
+                  closed: Sequence[tuple[tuple[int, int], np.ndarray] | None],
+                  iso: np.ndarray, sources: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Sum over beams of the closed marks (see :func:`_closed_marks`) times the inverse-square
+    factor, as a ``[z, y, x]`` float32 plate.
 
-    Works block by block over rows of y, each cut to the x range of its closed columns, so
-    the arithmetic covers little more than the closed voxels of an oblique beam.
+    Works block by block over rows of y, each block summing every beam in cache before it is
+    stored once; a beam's part of a block is cut to the x range of its closed columns, so the
+    arithmetic covers little more than the closed voxels of an oblique beam.
     """
-    n_y, n_x, n_z = plate.shape
-    columns = _occupied(closed)
-    rows = np.nonzero(columns.any(axis=1))[0]
-    if len(rows) == 0:
-        return
-    scale = np.float32(weight * float(np.sum((source - iso) ** 2)))
-    d2y, d2x, d2z = (((np.arange(n, dtype=np.float64) - source[a]) ** 2).astype(np.float32)
-                     for a, n in ((1, n_y), (2, n_x), (0, n_z)))
-    y0, x0 = origin
-    for r in range(int(rows[0]), int(rows[-1]) + 1, _ROWS_PER_BLOCK):
-        block = slice(r, r + _ROWS_PER_BLOCK)
-        xs = np.nonzero(columns[block].any(axis=0))[0]
-        if len(xs) == 0:
+    n_z, n_y, n_x = shape
+    beams = []
+    for item, source, weight in zip(closed, sources, weights):
+        if item is None:
             continue
-        xs = slice(int(xs[0]), int(xs[-1]) + 1)
-        inside = np.unpackbits(closed[block, xs].view(np.uint8), axis=2, count=n_z,
-                               bitorder="little")
-        ys = slice(y0 + block.start, y0 + block.start + inside.shape[0])
-        xs = slice(x0 + xs.start, x0 + xs.stop)
-        values = d2z[None, None, :] + (d2y[ys, None] + d2x[None, xs])[:, :, None]
-        np.divide(scale, values, out=values)
-        np.multiply(values, inside, out=values)
-        plate[ys, xs] += values
+        (y0, x0), words = item
+        d2y, d2x, d2z = (((np.arange(n, dtype=np.float64) - source[a]) ** 2).astype(np.float32)
+                         for a, n in ((1, n_y), (2, n_x), (0, n_z)))
+        scale = np.float32(weight * float(np.sum((source - iso) ** 2)))
+        beams.append((y0, x0, words, _occupied(words), d2y, d2x, d2z, scale))
+    plate = np.empty(shape, dtype=np.float32)
+    block = np.empty((_ROWS_PER_BLOCK, n_x, n_z), dtype=np.float32)  # [y, x, z], like the bits
+    for r0 in range(0, n_y, _ROWS_PER_BLOCK):
+        r1 = min(r0 + _ROWS_PER_BLOCK, n_y)
+        total = block[: r1 - r0]
+        total.fill(0.0)
+        for y0, x0, words, columns, d2y, d2x, d2z, scale in beams:
+            lo, hi = max(r0 - y0, 0), min(r1 - y0, words.shape[0])
+            if lo >= hi:
+                continue
+            xs = np.nonzero(columns[lo:hi].any(axis=0))[0]
+            if len(xs) == 0:
+                continue
+            xs = slice(int(xs[0]), int(xs[-1]) + 1)
+            inside = np.unpackbits(words[lo:hi, xs].view(np.uint8), axis=2, count=n_z,
+                                   bitorder="little")
+            ys, xs = slice(y0 + lo, y0 + hi), slice(x0 + xs.start, x0 + xs.stop)
+            values = d2z[None, None, :] + (d2y[ys, None] + d2x[None, xs])[:, :, None]
+            np.divide(scale, values, out=values)
+            np.multiply(values, inside, out=values)
+            total[ys.start - r0: ys.stop - r0, xs] += values
+        plate[:, r0:r1] = np.moveaxis(total, -1, 0)
+    return plate
 
 
 def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index: np.ndarray,
@@ -206,11 +218,7 @@ def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index:
             closed = list(pool.map(lambda s: _closed_marks(shape, surface, s), sources))
     else:
         closed = [_closed_marks(shape, surface, s) for s in sources]
-    plate = np.zeros(shape[1:] + shape[:1], dtype=np.float32)  # [y, x, z], like the bits
-    for c, s, w in zip(closed, sources, weights):
-        if c is not None:
-            _add_weighted(plate, *c, iso, s, float(w))
-    return np.ascontiguousarray(np.moveaxis(plate, -1, 0))
+    return _weighted_sum(shape, closed, iso, sources, weights)
 
 
 def angle_plate_2d(shape_yx: tuple[int, int], isocenter_yx: Sequence[float],
