@@ -148,7 +148,7 @@ def words_per_column(n_z: int) -> int:
     return max((n_z + 63) // 64, 1)
 
 
-_LOW_BITS = np.array([(1 << n) - 1 for n in range(65)], dtype=np.uint64)  # n lowest bits set
+LOW_BITS = np.array([(1 << n) - 1 for n in range(65)], dtype=np.uint64)  # n lowest bits set
 
 
 def _rasterise(delta: np.ndarray, length: np.ndarray, source: np.ndarray,
@@ -301,5 +301,5 @@ class BeamMarks:
             for w in range(n_words):
                 lo = np.clip(z_lo - 64 * w, 0, 64)
                 hi = np.clip(z_hi + 1 - 64 * w, 0, 64)
-                words[ys, xs, w] |= _LOW_BITS[hi] & ~_LOW_BITS[lo]
+                words[ys, xs, w] |= LOW_BITS[hi] & ~LOW_BITS[lo]
         return words

@@ -18,6 +18,11 @@ patient position (:mod:`engine.features.beam_geometry`), then are truncated to i
 positions as the reference's ``int()`` does (:func:`source_index`). Static beams use their
 gantry angle; an arc uses its control-point angles, thinned to at most one per
 ``arc_step_deg`` and weighted so the sum still counts every control point.
+
+A beam's marks and their closing are held as columns of bits along z, 64 slices to a 64-bit
+word (:meth:`BeamMarks.bits`), so the closing costs a few dozen word operations per column; the
+inverse-square sum then runs block by block over rows of y, in cache, over the x range of each
+beam's closed columns only.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 
 from engine.case import Geometry, Plan, Technique
 from engine.features.beam_geometry import source_direction_lps
-from engine.features.beam_rays import _LOW_BITS, BeamMarks, surface_voxels, words_per_column
+from engine.features.beam_rays import LOW_BITS, BeamMarks, surface_voxels, words_per_column
 
 ANGLE_PLATE_LENGTH = 50.0
 ANGLE_PLATE_WIDTH = 4.0
@@ -101,7 +106,7 @@ def close_bits(words: np.ndarray, n_z: int) -> np.ndarray:
     """
     m = _dilate_axis(_dilate_axis(words, 0), 1)
     m = m | _shift_z(m, -1) | _shift_z(m, 1) | _shift_z(m, 2)
-    in_grid = _LOW_BITS[np.clip(n_z - 64 * np.arange(m.shape[2]), 0, 64)]
+    in_grid = LOW_BITS[np.clip(n_z - 64 * np.arange(m.shape[2]), 0, 64)]
     m &= in_grid  # past the last slice is outside: the erosion must see 0 there
     m = _erode_axis(_erode_axis(m, 0), 1)
     return m & _shift_z(m, -1) & _shift_z(m, 1)
