@@ -116,6 +116,15 @@ def test_single_oblique_and_lateral_beams_agree(angle, two_lobes):
     assert fast[ISO] == pytest.approx(1.0)
 
 
+def test_worker_threads_do_not_change_the_plate(two_lobes):
+    sources = np.array([reference_source(ISO, a) for a in NINE], dtype=float)
+    weights = np.linspace(0.5, 2.0, len(NINE))
+    one = beam_plate(two_lobes, ISO, sources, weights, workers=1)
+    assert one.any()
+    for workers in (2, 3):
+        assert np.array_equal(beam_plate(two_lobes, ISO, sources, weights, workers=workers), one)
+
+
 def test_empty_ptv_gives_an_empty_plate():
     plate = beam_plate(np.zeros(SHAPE, bool), ISO, np.array([reference_source(ISO, 0.0)], float))
     assert not plate.any()

@@ -156,18 +156,14 @@ def _closed_marks(shape: tuple[int, int, int], surface: np.ndarray, source: np.n
     return (y0, x0), close_bits(words[y0: ys[-1] + 4, x0: xs[-1] + 4], shape[0])
 
 
-def _weighted_sum(shape: tuple[int, int, int],
-                  closed: Sequence[tuple[tuple[int, int], np.ndarray] | None],
-                  iso: np.ndarray, sources: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Sum over beams of the closed marks (see :func:`_closed_marks`) times the inverse-square
-    factor, as a ``[z, y, x]`` float32 plate.
-
-    Works block by block over rows of y, each block summing every beam in cache before it is
-    stored once; a beam's part of a block is cut to the x range of its closed columns, so the
-    arithmetic covers little more than the closed voxels of an oblique beam.
-    """
+def _beam_terms(shape: tuple[int, int, int],
+                closed: Sequence[tuple[tuple[int, int], np.ndarray] | None],
+                iso: np.ndarray, sources: np.ndarray, weights: np.ndarray) -> list[tuple]:
+    """Per marked beam, what :func:`_weighted_rows` needs: the closed words and their origin,
+    their occupied columns, the squared index distances to the source along y, x and z, and the
+    factor ``weight * |s - iso|^2``."""
     n_z, n_y, n_x = shape
-    beams = []
+    terms = []
     for item, source, weight in zip(closed, sources, weights):
         if item is None:
             continue
@@ -175,14 +171,26 @@ def _weighted_sum(shape: tuple[int, int, int],
         d2y, d2x, d2z = (((np.arange(n, dtype=np.float64) - source[a]) ** 2).astype(np.float32)
                          for a, n in ((1, n_y), (2, n_x), (0, n_z)))
         scale = np.float32(weight * float(np.sum((source - iso) ** 2)))
-        beams.append((y0, x0, words, _occupied(words), d2y, d2x, d2z, scale))
-    plate = np.empty(shape, dtype=np.float32)
+        terms.append((y0, x0, words, _occupied(words), d2y, d2x, d2z, scale))
+    return terms
+
+
+def _weighted_rows(plate: np.ndarray, terms: list[tuple], starts: Sequence[int]) -> None:
+    """Store into ``plate`` (``[z, y, x]``) the blocks of rows of y from ``starts``: the sum over
+    beams of their closed marks times the inverse-square factor.
+
+    Each block sums every beam in cache before it is stored once; a beam's part of a block is
+    cut to the x range of its closed columns, so the arithmetic covers little more than the
+    closed voxels of an oblique beam. Beams are added in order: any split of the blocks gives
+    the same plate.
+    """
+    n_z, n_y, n_x = plate.shape
     block = np.empty((_ROWS_PER_BLOCK, n_x, n_z), dtype=np.float32)  # [y, x, z], like the bits
-    for r0 in range(0, n_y, _ROWS_PER_BLOCK):
+    for r0 in starts:
         r1 = min(r0 + _ROWS_PER_BLOCK, n_y)
         total = block[: r1 - r0]
         total.fill(0.0)
-        for y0, x0, words, columns, d2y, d2x, d2z, scale in beams:
+        for y0, x0, words, columns, d2y, d2x, d2z, scale in terms:
             lo, hi = max(r0 - y0, 0), min(r1 - y0, words.shape[0])
             if lo >= hi:
                 continue
@@ -198,7 +206,6 @@ def _weighted_sum(shape: tuple[int, int, int],
             np.multiply(values, inside, out=values)
             total[ys.start - r0: ys.stop - r0, xs] += values
         plate[:, r0:r1] = np.moveaxis(total, -1, 0)
-    return plate
 
 
 def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index: np.ndarray,
@@ -210,20 +217,28 @@ def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index:
         isocenter_index: isocentre ``(z, y, x)`` in voxel indices.
         sources_index: ``(n, 3)`` source positions in voxel indices (see :func:`source_index`).
         weights: per-source multiplier of its plate (default 1 each).
-        workers: threads computing the beams' closed marks side by side (numpy releases the
-            GIL in its loops); the weighted sum is added up in order, in one thread.
+        workers: threads computing the beams' closed marks, then the weighted sum's blocks of
+            rows, side by side (numpy releases the GIL in its loops); the plate is the same
+            for any number.
     """
     shape = tuple(int(n) for n in ptv.shape)
     sources = np.atleast_2d(np.asarray(sources_index, dtype=np.float64))
     weights = np.ones(len(sources)) if weights is None else np.asarray(weights, dtype=np.float64)
     surface = surface_voxels(np.asarray(ptv, dtype=bool))
     iso = np.asarray(isocenter_index, dtype=np.float64)
+    plate = np.empty(shape, dtype=np.float32)
+    starts = list(range(0, shape[1], _ROWS_PER_BLOCK))
     if workers > 1 and len(sources) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             closed = list(pool.map(lambda s: _closed_marks(shape, surface, s), sources))
+            terms = _beam_terms(shape, closed, iso, sources, weights)
+            # interleaved blocks: each thread gets a share of the beams' rows
+            list(pool.map(lambda k: _weighted_rows(plate, terms, starts[k::workers]),
+                          range(workers)))
     else:
         closed = [_closed_marks(shape, surface, s) for s in sources]
-    return _weighted_sum(shape, closed, iso, sources, weights)
+        _weighted_rows(plate, _beam_terms(shape, closed, iso, sources, weights), starts)
+    return plate
 
 
 def angle_plate_2d(shape_yx: tuple[int, int], isocenter_yx: Sequence[float],
