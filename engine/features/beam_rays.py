@@ -173,11 +173,11 @@ def _rasterise(delta: np.ndarray, length: np.ndarray, source: np.ndarray,
             end = np.rint(kk * slope + source[a])
             whole &= (end >= 0) & (end < shape[a])
     out = []
-    for rays in (np.nonzero(whole)[0], np.nonzero(~whole)[0]):
+    for rays, checked in ((np.nonzero(whole)[0], False), (np.nonzero(~whole)[0], True)):
         for lo in range(0, len(rays), _RAY_CHUNK):
             part = rays[lo: lo + _RAY_CHUNK]
             flat = None
-            valid = None if whole[part[0]] else k[None, :] <= length[part, None]
+            valid = k[None, :] <= length[part, None] if checked else None
             for a, slope in zip(others, slopes):
                 c = np.multiply.outer(slope[part], k)
                 c += source[a]
@@ -205,7 +205,6 @@ class BeamMarks:
 
     def __init__(self, shape: tuple[int, int, int], surface: np.ndarray, source: np.ndarray):
         self.shape = shape
-        z_n, y_n, x_n = shape
         self.intervals: list[tuple[slice, slice, np.ndarray, np.ndarray]] = []
         points = []
         self.points = np.zeros(0, dtype=np.int64)
