@@ -4,7 +4,9 @@ Budget (DESIGN §9): <= 50 ms median. Compared in the same run with the straight
 of the GDP-HMM toolkit algorithm (a Python loop over PTV surface voxels, one rasterised ray
 each: tests/test_plates_reference.py). The target is a real head-and-neck PTV union (OpenKBP
 pt_1 resampled onto the model grid) when the shared data is present, else two overlapping
-ellipsoids of similar size. Reports the medians, the speed-up and the voxel agreement.
+ellipsoids of similar size. Reports the medians, the speed-up and the voxel agreement, with the
+default 2 worker threads and with 1; the single-thread process CPU time is the figure to compare
+across runs on a busy machine (it is close to the idle single-thread wall time).
 
     python -m benchmarks.bench_plates [--repeats 15] [--reference-repeats 1]
 """
@@ -44,8 +46,9 @@ def _ptv() -> tuple[np.ndarray, str]:
     return a | b, "synthetic two-ellipsoid PTV"
 
 
-def _fast(ptv: np.ndarray, sources: np.ndarray, directions: np.ndarray) -> np.ndarray:
-    plate = beam_plate(ptv, ISOCENTER_VOXEL, sources)
+def _fast(ptv: np.ndarray, sources: np.ndarray, directions: np.ndarray, workers: int = 2
+          ) -> np.ndarray:
+    plate = beam_plate(ptv, ISOCENTER_VOXEL, sources, workers=workers)
     angle_plate(ptv.shape, ISOCENTER_VOXEL, directions)
     return plate
 
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     directions = np.array([source_direction_lps(a)[[1, 0]] for a in ANGLES])
     _fast(ptv, sources, directions)  # warm-up
     fast_t, fast_cpu, fast = _timed(lambda: _fast(ptv, sources, directions), args.repeats)
+    one_t, one_cpu, one = _timed(lambda: _fast(ptv, sources, directions, workers=1),
+                                 args.repeats)
+    if not np.array_equal(one, fast):
+        raise AssertionError("1 and 2 worker threads gave different plates")
     ref_t, ref_cpu, ref = _timed(lambda: reference_all_beam_plate(ptv, ISOCENTER_VOXEL, ANGLES),
                                  args.reference_repeats)
     agree = float(np.mean(np.isclose(fast, ref, rtol=1e-5, atol=1e-6)))
@@ -82,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vectorised beam + angle plates: median {fm * 1e3:.1f} ms "
           f"(min {min(fast_t) * 1e3:.1f}, max {max(fast_t) * 1e3:.1f}, n={len(fast_t)})")
     print(f"  process CPU time: median {fc * 1e3:.1f} ms")
+    print(f"  1 thread: median {statistics.median(one_t) * 1e3:.1f} ms "
+          f"(min {min(one_t) * 1e3:.1f}), process CPU time median "
+          f"{statistics.median(one_cpu) * 1e3:.1f} ms (min {min(one_cpu) * 1e3:.1f})")
     print(f"straightforward loop version:   median {rm:.2f} s, CPU {rc:.2f} s (n={len(ref_t)})")
     print(f"speed-up {rm / fm:.0f}x wall, {rc / fc:.0f}x CPU; voxels equal to the reference: "
           f"{agree * 100:.3f} %")

@@ -9,6 +9,7 @@ from test_plates_reference import reference_all_beam_plate, reference_beam_plate
 
 from engine.case import AXIAL_DIRECTION, Beam, Geometry, PatientPosition, Plan, Technique
 from engine.features.beam_geometry import source_direction_lps
+from engine.features.beam_rays import _range_min_max, _rasterise, ray_ends, words_per_column
 from engine.features.plates import (
     angle_plate,
     angle_plate_2d,
@@ -48,6 +49,54 @@ def test_closing_matches_scipy_on_random_masks():
         assert np.array_equal(close_like_reference(m), ref)
 
 
+def test_closing_matches_scipy_across_64_slice_words():
+    """Columns longer than one 64-bit word: the bit shifts carry between words."""
+    rng = np.random.default_rng(4)
+    for n_z in (63, 64, 65, 97, 128, 131):
+        m = rng.random((n_z, 5, 6)) < 0.08
+        m[60:68, 2, 3] = True  # a run across the first word boundary
+        ref = ndimage.binary_erosion(ndimage.binary_dilation(m, np.ones((4, 4, 4))),
+                                     np.ones((3, 3, 3)))
+        assert np.array_equal(close_like_reference(m), ref)
+
+
+def test_range_min_max_matches_slices():
+    rng = np.random.default_rng(5)
+    for size in (1, 2, 3, 7, 64, 1000):
+        values = rng.random(size)
+        lo, hi = np.sort(rng.integers(0, size + 1, size=(2, 300)), axis=0)
+        low, high, nonempty = _range_min_max(values, lo, hi)
+        assert np.array_equal(nonempty, hi > lo)
+        for a, b, mn, mx in zip(lo[hi > lo], hi[hi > lo], low[nonempty], high[nonempty]):
+            assert mn == values[a:b].min() and mx == values[a:b].max()
+
+
+@pytest.mark.parametrize("source", [(20.0, -300.0, 50.0), (20.0, 40.0, 400.0), (33.0, 20.0, -90.0)])
+def test_exact_rasterisation_matches_the_reference_samples(source):
+    """Every ray of a group, also rays that end inside the grid or leave it sideways."""
+    source = np.array(source)
+    rng = np.random.default_rng(6)
+    surface = np.stack([rng.integers(0, n, 400) for n in SHAPE], axis=1)
+    delta, length = ray_ends(surface, source, SHAPE)
+    keep = length > 0
+    delta, length = delta[keep], length[keep]
+    a = np.abs(delta)
+    major = np.where(a[:, 0] >= length, 0, np.where(a[:, 1] >= length, 1, 2))
+    z_pad = 64 * words_per_column(SHAPE[0])
+    for ax in range(3):
+        for sign in (-1.0, 1.0):
+            sel = (major == ax) & (np.sign(delta[np.arange(len(length)), major]) == sign)
+            if not sel.any():
+                continue
+            fast = set(_rasterise(delta[sel], length[sel], source, SHAPE, ax, sign).tolist())
+            ref = set()
+            for d, n in zip(delta[sel], length[sel]):
+                samples = np.round(np.linspace(source, source + d, int(n) + 1)).astype(int)
+                inside = np.all((samples >= 0) & (samples < SHAPE), axis=1)
+                ref.update(((y * SHAPE[2] + x) * z_pad + z) for z, y, x in samples[inside])
+            assert fast == ref
+
+
 @pytest.mark.parametrize("ptv_kind", ["convex", "two_lobes"])
 def test_static_beams_agree_with_the_reference(ptv_kind, two_lobes):
     ptv = two_lobes if ptv_kind == "two_lobes" else _ellipsoid((18, 30, 38), (7, 9, 11))
@@ -65,6 +114,15 @@ def test_single_oblique_and_lateral_beams_agree(angle, two_lobes):
     ref = reference_beam_plate(two_lobes, ISO, angle)
     assert _agreement(fast, ref) >= 0.999
     assert fast[ISO] == pytest.approx(1.0)
+
+
+def test_worker_threads_do_not_change_the_plate(two_lobes):
+    sources = np.array([reference_source(ISO, a) for a in NINE], dtype=float)
+    weights = np.linspace(0.5, 2.0, len(NINE))
+    one = beam_plate(two_lobes, ISO, sources, weights, workers=1)
+    assert one.any()
+    for workers in (2, 3):
+        assert np.array_equal(beam_plate(two_lobes, ISO, sources, weights, workers=workers), one)
 
 
 def test_empty_ptv_gives_an_empty_plate():

@@ -72,34 +72,33 @@ def ray_ends(surface: np.ndarray, source: np.ndarray, shape: tuple[int, int, int
     return delta, _row_max_abs(delta)
 
 
-def _sparse_tables(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Range-minimum/maximum tables: row ``l`` holds min/max of ``values[i : i + 2**l]``."""
-    n = len(values)
-    levels = max(int(n).bit_length(), 1)
-    lows = np.full((levels, n), np.inf)
-    highs = np.full((levels, n), -np.inf)
-    lows[0], highs[0] = values, values
-    width = 1
-    for lev in range(1, levels):
-        lows[lev, : n - width] = np.minimum(lows[lev - 1, : n - width], lows[lev - 1, width:])
-        highs[lev, : n - width] = np.maximum(highs[lev - 1, : n - width],
-                                             highs[lev - 1, width:])
-        width *= 2
-    return lows, highs
-
-
-def _range_min_max(tables: tuple[np.ndarray, np.ndarray], lo: np.ndarray, hi: np.ndarray
+def _range_min_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Min and max of ``values[lo:hi]`` per query, and which queries were non-empty."""
+    """Min and max of ``values[lo:hi]`` per query, and which queries were non-empty.
+
+    Sparse tables: level ``l`` holds the min/max of ``values[i : i + 2**l]``, built only up to
+    the longest query; each query is then two overlapping power-of-two windows.
+    """
     n = hi - lo
     nonempty = n > 0
     n = np.where(nonempty, n, 1)
     lo = np.where(nonempty, lo, 0)
     level = np.frexp(n)[1] - 1  # floor(log2 n)
-    b = lo + n - (1 << level)
-    lows, highs = tables
-    return (np.minimum(lows[level, lo], lows[level, b]),
-            np.maximum(highs[level, lo], highs[level, b]), nonempty)
+    size = len(values)
+    levels = int(level.max()) + 1
+    lows = np.empty((levels, size))
+    highs = np.empty((levels, size))
+    lows[0], highs[0] = values, values
+    for lev in range(1, levels):  # only the windows that fit: the rest is never read
+        width, fit = 1 << (lev - 1), size - (1 << lev) + 1
+        np.minimum(lows[lev - 1, :fit], lows[lev - 1, width: width + fit], out=lows[lev, :fit])
+        np.maximum(highs[lev - 1, :fit], highs[lev - 1, width: width + fit],
+                   out=highs[lev, :fit])
+    first = level * size + lo  # flat indices: far faster than 2-D fancy indexing
+    last = first + n - (1 << level)
+    lows, highs = lows.ravel(), highs.ravel()
+    return (np.minimum(lows[first], lows[last]), np.maximum(highs[first], highs[last]),
+            nonempty)
 
 
 def _label_rays(slope_o: np.ndarray, slope_z: np.ndarray, bin_size: float
@@ -141,61 +140,101 @@ def _label_rays(slope_o: np.ndarray, slope_z: np.ndarray, bin_size: float
     return labels, ~ok[bo]
 
 
+_RAY_CHUNK = 128  # rays rasterised together: keeps the (rays x slices) temporaries in cache
+
+
+def words_per_column(n_z: int) -> int:
+    """64-bit words that hold one column of ``n_z`` voxels as bits (see :meth:`BeamMarks.bits`)."""
+    return max((n_z + 63) // 64, 1)
+
+
+LOW_BITS = np.array([(1 << n) - 1 for n in range(65)], dtype=np.uint64)  # n lowest bits set
+
+
 def _rasterise(delta: np.ndarray, length: np.ndarray, source: np.ndarray,
                shape: tuple[int, int, int], major: int, sign: float) -> np.ndarray:
-    """``(3, n)`` indices of the in-grid samples of rays sharing one major axis and direction."""
-    n_major = shape[major]
-    k = (np.arange(n_major, dtype=np.float64) - source[major]) * sign
-    k = np.broadcast_to(k, (len(length), n_major))
-    valid = (k >= 0) & (k <= length[:, None])
-    coords = []
-    for axis in range(3):
-        if axis == major:
-            c = np.broadcast_to(np.arange(n_major, dtype=np.float64), k.shape)
-        else:
-            c = np.rint(k * (delta[:, axis] / length)[:, None] + source[axis])
-            valid &= (c >= 0) & (c < shape[axis])
-        coords.append(c)
-    return np.stack([c[valid] for c in coords]).astype(np.int32)
+    """Flat indices, in the z-last layout ``(Y, X, 64 * words)``, of the in-grid samples of rays
+    sharing one major axis and direction (repeats kept)."""
+    z_pad = 64 * words_per_column(shape[0])
+    stride = {0: 1, 1: shape[2] * z_pad, 2: z_pad}  # flat = (y * X + x) * z_pad + z
+    k = (np.arange(shape[major], dtype=np.float64) - source[major]) * sign
+    along = np.nonzero(k >= 0)[0]
+    if len(along) == 0:
+        return np.zeros(0, dtype=np.int64)
+    k = k[along]
+    base = (along * stride[major]).astype(np.float64)
+    others = [a for a in range(3) if a != major]
+    slopes = [delta[:, a] / length for a in others]
+    # a ray keeps every sample when it reaches the last slice and both its ends are in the grid
+    # (rint is monotone along a ray)
+    whole = length >= k.max()
+    for a, slope in zip(others, slopes):
+        for kk in (k.min(), k.max()):
+            end = np.rint(kk * slope + source[a])
+            whole &= (end >= 0) & (end < shape[a])
+    out = []
+    for rays, checked in ((np.nonzero(whole)[0], False), (np.nonzero(~whole)[0], True)):
+        for lo in range(0, len(rays), _RAY_CHUNK):
+            part = rays[lo: lo + _RAY_CHUNK]
+            flat = None
+            valid = k[None, :] <= length[part, None] if checked else None
+            for a, slope in zip(others, slopes):
+                c = np.multiply.outer(slope[part], k)
+                c += source[a]
+                np.rint(c, out=c)
+                if valid is not None:
+                    valid &= (c >= 0) & (c < shape[a])
+                if a != 0:
+                    c *= stride[a]
+                flat = c if flat is None else np.add(flat, c, out=flat)
+            flat += base
+            out.append((flat.ravel() if valid is None else flat[valid]).astype(np.int64))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
 class BeamMarks:
     """The reference's marked voxels for one source: z-intervals per column plus exact points.
 
     Attributes:
-        intervals: ``(z_lo, z_hi)`` pairs of ``(Y, X)`` arrays, the inclusive marked z range per
-            column (``z_lo > z_hi``: none), one pair per group of rays sharing a major axis.
-        points: ``(3, n)`` indices ``(z, y, x)`` of voxels marked sample by sample.
+        intervals: ``(ys, xs, z_lo, z_hi)``, one per group of rays sharing a major axis: the
+            inclusive marked z range of each column of the box ``[ys, xs]`` (``z_lo > z_hi``:
+            none; columns outside the box: none).
+        points: flat indices of the voxels marked sample by sample, in the z-last layout
+            ``(Y, X, 64 * words_per_column(Z))`` (repeats allowed).
     """
 
     def __init__(self, shape: tuple[int, int, int], surface: np.ndarray, source: np.ndarray):
         self.shape = shape
-        z_n, y_n, x_n = shape
-        self.intervals: list[tuple[np.ndarray, np.ndarray]] = []
+        self.intervals: list[tuple[slice, slice, np.ndarray, np.ndarray]] = []
         points = []
-        self.points = np.zeros((3, 0), dtype=np.int32)
+        self.points = np.zeros(0, dtype=np.int64)
         if len(surface) == 0:
             return
         delta, length = ray_ends(surface, source, shape)
         delta = delta[length > 0]
-        # rays with the same truncated end point are the same ray: keep one of each
-        cols = [delta[:, k] - delta[:, k].min() for k in range(3)]
-        span = [c.max() + 1 for c in cols]
-        _, first = np.unique((cols[0] * span[1] + cols[1]) * span[2] + cols[2],
-                             return_index=True)
-        delta = delta[first]
-        length = _row_max_abs(delta)
-        a = np.abs(delta)  # the first axis reaching the length is the major (stepping) axis
-        major = np.where(a[:, 0] >= length, 0, np.where(a[:, 1] >= length, 1, 2))
-        sign = np.sign(delta[np.arange(len(length)), major])
-        slope = delta / length[:, None]
+        # rays with the same truncated end point are the same ray: keep one of each (the work
+        # below is on one contiguous array per axis: much faster than on (n, 3) columns)
+        ends = [delta[:, k] for k in range(3)]
+        low = [e.min() for e in ends]
+        span = [e.max() - lo + 1 for e, lo in zip(ends, low)]
+        keys = np.unique(((ends[0] - low[0]) * span[1] + (ends[1] - low[1])) * span[2]
+                         + (ends[2] - low[2]))  # exact integers
+        keys, ends[2] = np.divmod(keys, span[2])
+        ends[0], ends[1] = np.divmod(keys, span[1])
+        ends = [e + lo for e, lo in zip(ends, low)]
+        size = [np.abs(e) for e in ends]
+        length = np.maximum(np.maximum(size[0], size[1]), size[2])
+        # the first axis reaching the length is the major (stepping) axis
+        major = np.where(size[0] >= length, 0, np.where(size[1] >= length, 1, 2))
+        group = 2 * major + (np.choose(major, ends) > 0)  # (major axis, direction)
+        counts = np.bincount(group, minlength=6)
         for ax in range(3):
             for sg in (-1.0, 1.0):
-                sel = (major == ax) & (sign == sg)
-                if not sel.any():
+                if not counts[2 * ax + (sg > 0)]:
                     continue
+                sel = np.nonzero(group == 2 * ax + (sg > 0))[0]
                 if ax == 0:  # only for non-coplanar sources: no column structure along z
-                    points.append(_rasterise(delta[sel], length[sel], source, shape, ax, sg))
+                    points.append(self._exact(ends, length, sel, source, ax, sg))
                     continue
                 other = 3 - ax
                 k = (np.arange(shape[ax], dtype=np.float64) - source[ax]) * sg
@@ -203,74 +242,63 @@ class BeamMarks:
                 if len(rows) == 0:
                     continue
                 kk = k[rows]
-                s_o, s_z = slope[sel, other], slope[sel, 0]
+                s_o, s_z = ends[other][sel] / length[sel], ends[0][sel] / length[sel]
                 labels, hard = _label_rays(s_o, s_z, 1.0 / kk.min())
                 if hard.any():
-                    idx = np.nonzero(sel)[0][hard]
-                    points.append(_rasterise(delta[idx], length[idx], source, shape, ax, sg))
+                    points.append(self._exact(ends, length, sel[hard], source, ax, sg))
                 for label in range(int(labels.max()) + 1):
                     one = ~hard & (labels == label)
                     if one.any():
                         self._hull(s_o[one], s_z[one], source, ax, other, rows, kk)
         if points:
-            self.points = np.concatenate(points, axis=1)
+            self.points = np.concatenate(points)
+
+    def _exact(self, ends: list[np.ndarray], length: np.ndarray, rays: np.ndarray,
+               source: np.ndarray, ax: int, sign: float) -> np.ndarray:
+        delta = np.stack([e[rays] for e in ends], axis=1)
+        return _rasterise(delta, length[rays], source, self.shape, ax, sign)
 
     def _hull(self, s_o: np.ndarray, s_z: np.ndarray, source: np.ndarray, ax: int, other: int,
               rows: np.ndarray, kk: np.ndarray) -> None:
-        order = np.argsort(s_o, kind="stable")
+        order = np.argsort(s_o)  # ties need no order: a column takes all of them or none
         s_o, s_z = s_o[order], s_z[order]
-        n_o = self.shape[other]
-        edges = ((np.arange(n_o + 1) - 0.5 - source[other])[None, :]) / kk[:, None]
+        # only the columns the rays can round into (a margin of one against round-off)
+        o_lo = int(np.floor(np.min(kk * s_o[0]) + source[other] + 0.5)) - 1
+        o_hi = int(np.floor(np.max(kk * s_o[-1]) + source[other] + 0.5)) + 2
+        o_lo, o_hi = max(o_lo, 0), min(o_hi, self.shape[other])
+        if o_hi <= o_lo:
+            return
+        n_o = o_hi - o_lo
+        edges = ((np.arange(o_lo, o_hi + 1) - 0.5 - source[other])[None, :]) / kk[:, None]
         idx = np.searchsorted(s_o, edges.ravel()).reshape(edges.shape)
-        zmin, zmax, nonempty = _range_min_max(_sparse_tables(s_z), idx[:, :-1].ravel(),
-                                              idx[:, 1:].ravel())
+        zmin, zmax, nonempty = _range_min_max(s_z, idx[:, :-1].ravel(), idx[:, 1:].ravel())
         shape2 = (len(kk), n_o)
         lo = np.rint(kk[:, None] * zmin.reshape(shape2) + source[0])
         hi = np.rint(kk[:, None] * zmax.reshape(shape2) + source[0])
         nonempty = nonempty.reshape(shape2)
-        z_lo = np.full((self.shape[ax], n_o), self.shape[0], dtype=np.int32)
-        z_hi = np.full((self.shape[ax], n_o), -1, dtype=np.int32)
-        z_lo[rows] = np.where(nonempty, np.clip(lo, 0, self.shape[0]), self.shape[0])
-        z_hi[rows] = np.where(nonempty, np.clip(hi, -1, self.shape[0] - 1), -1)
-        if ax == 2:
-            z_lo, z_hi = z_lo.T, z_hi.T
-        self.intervals.append((np.ascontiguousarray(z_lo), np.ascontiguousarray(z_hi)))
+        z_lo = np.where(nonempty, np.clip(lo, 0, self.shape[0]), self.shape[0]).astype(np.int32)
+        z_hi = np.where(nonempty, np.clip(hi, -1, self.shape[0] - 1), -1).astype(np.int32)
+        along = slice(int(rows[0]), int(rows[-1]) + 1)  # rows: a run of slices (k > 0)
+        across = slice(o_lo, o_hi)
+        if ax == 1:
+            self.intervals.append((along, across, z_lo, z_hi))
+        else:
+            self.intervals.append((across, along, z_lo.T, z_hi.T))
 
-    def bounding_box(self) -> tuple[slice, slice, slice] | None:
-        """The smallest index box holding every mark, or None when nothing is marked."""
-        lo = np.array(self.shape)
-        hi = np.full(3, -1)
-        for z_lo, z_hi in self.intervals:
-            cols = z_lo <= z_hi
-            ys = np.nonzero(cols.any(axis=1))[0]
-            if len(ys):
-                xs = np.nonzero(cols.any(axis=0))[0]
-                lo = np.minimum(lo, [z_lo.min(), ys[0], xs[0]])
-                hi = np.maximum(hi, [z_hi.max(), ys[-1], xs[-1]])
-        if self.points.shape[1]:
-            lo = np.minimum(lo, self.points.min(axis=1))
-            hi = np.maximum(hi, self.points.max(axis=1))
-        if (hi < lo).any():
-            return None
-        return tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
-
-    def render(self, box: tuple[slice, slice, slice]) -> np.ndarray:
-        """The marks as a boolean block over ``box``, which must contain :meth:`bounding_box`."""
-        zs, ys, xs = box
-        shape = (zs.stop - zs.start, ys.stop - ys.start, xs.stop - xs.start)
-        block = np.zeros(shape, dtype=bool)
-        # z - z_lo wraps round below z_lo in unsigned ints: one compare tests both interval ends
-        unsigned = np.uint8 if self.shape[0] < 255 else np.uint16
-        z = np.arange(zs.start, zs.stop).astype(unsigned)[:, None, None]
-        tmp = np.empty(shape, dtype=unsigned)
-        for z_lo, z_hi in self.intervals:
-            lo = z_lo[ys, xs]
-            width = np.where(z_hi[ys, xs] >= lo, z_hi[ys, xs] - lo + 1, 0).astype(unsigned)
-            np.subtract(z, lo.astype(unsigned)[None], out=tmp)
-            block |= tmp < width[None]
-        if self.points.shape[1]:  # the box holds every point (see bounding_box)
-            p = self.points
-            flat = ((p[0] - zs.start) * shape[1] + (p[1] - ys.start)) * shape[2] + (
-                p[2] - xs.start)
-            block.reshape(-1)[flat] = True
-        return block
+    def bits(self) -> np.ndarray:
+        """The marks packed along z: ``(Y, X, words)`` uint64, voxel ``z`` of a column is bit
+        ``z % 64`` of its word ``z // 64`` (bits past the grid are 0)."""
+        z_n, y_n, x_n = self.shape
+        n_words = words_per_column(z_n)
+        if len(self.points):
+            scratch = np.zeros((y_n, x_n, 64 * n_words), dtype=bool)
+            scratch.reshape(-1)[self.points] = True
+            words = np.packbits(scratch, axis=2, bitorder="little").view(np.dtype("<u8"))
+        else:
+            words = np.zeros((y_n, x_n, n_words), dtype=np.dtype("<u8"))
+        for ys, xs, z_lo, z_hi in self.intervals:
+            for w in range(n_words):
+                lo = np.clip(z_lo - 64 * w, 0, 64)
+                hi = np.clip(z_hi + 1 - 64 * w, 0, 64)
+                words[ys, xs, w] |= LOW_BITS[hi] & ~LOW_BITS[lo]
+        return words

@@ -18,6 +18,11 @@ patient position (:mod:`engine.features.beam_geometry`), then are truncated to i
 positions as the reference's ``int()`` does (:func:`source_index`). Static beams use their
 gantry angle; an arc uses its control-point angles, thinned to at most one per
 ``arc_step_deg`` and weighted so the sum still counts every control point.
+
+A beam's marks and their closing are held as columns of bits along z, 64 slices to a 64-bit
+word (:meth:`BeamMarks.bits`), so the closing costs a few dozen word operations per column; the
+inverse-square sum then runs block by block over rows of y, in cache, over the x range of each
+beam's closed columns only.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 
 from engine.case import Geometry, Plan, Technique
 from engine.features.beam_geometry import source_direction_lps
-from engine.features.beam_rays import BeamMarks, surface_voxels
+from engine.features.beam_rays import LOW_BITS, BeamMarks, surface_voxels, words_per_column
 
 ANGLE_PLATE_LENGTH = 50.0
 ANGLE_PLATE_WIDTH = 4.0
@@ -55,15 +60,15 @@ def source_index(geometry: Geometry, isocenter_index: np.ndarray, direction_lps:
     return np.trunc(_snap(np.asarray(isocenter_index, dtype=np.float64)) + offset)
 
 
-def _shift_bits(packed: np.ndarray, towards_lower: bool) -> np.ndarray:
-    """Bits packed big-endian along the last axis, moved by one position (zeros shifted in)."""
-    out = np.empty_like(packed)
-    if towards_lower:  # out[x] = bits[x + 1]
-        np.left_shift(packed, 1, out=out)
-        out[..., :-1] |= packed[..., 1:] >> 7
-    else:  # out[x] = bits[x - 1]
-        np.right_shift(packed, 1, out=out)
-        out[..., 1:] |= packed[..., :-1] << 7
+def _shift_z(words: np.ndarray, n: int) -> np.ndarray:
+    """Columns of bits (:meth:`BeamMarks.bits` layout): ``out[z] = a[z + n]``, zeros shifted in
+    (``0 < |n| < 64``)."""
+    if n > 0:
+        out = words >> n
+        out[..., :-1] |= words[..., 1:] << (64 - n)
+    else:
+        out = words << -n
+        out[..., 1:] |= words[..., :-1] >> (64 + n)
     return out
 
 
@@ -90,51 +95,117 @@ def _erode_axis(a: np.ndarray, axis: int) -> np.ndarray:
     return out
 
 
-def close_like_reference(marks: np.ndarray) -> np.ndarray:
-    """``binary_erosion(binary_dilation(m, ones((4,4,4))), ones((3,3,3)))`` as scipy does it.
+def close_bits(words: np.ndarray, n_z: int) -> np.ndarray:
+    """The reference's closing of marks packed along z (``(Y, X, words)``, see
+    :meth:`BeamMarks.bits`) on a grid of ``n_z`` slices; bits past the grid stay 0.
 
-    Both boxes are separable, so this is three 1-D passes each. scipy centres ``ones(4)`` at
-    index 2, so the dilation is ``out[i] = any(m[i-1 : i+3])``; the erosion counts everything
-    outside the array as 0 (the outer faces always end up 0). The work is done on bits packed
-    along x, eight voxels a byte.
+    ``binary_erosion(binary_dilation(m, ones((4,4,4))), ones((3,3,3)))`` as scipy does it: both
+    boxes are separable; scipy centres ``ones(4)`` at index 2, so the dilation is
+    ``out[i] = any(m[i-1 : i+3])``, and the erosion counts everything outside the grid as 0 (the
+    outer faces always end up 0). Along z, 64 voxels go through each word operation.
     """
-    nx = marks.shape[2]
-    m = np.packbits(marks, axis=2)
-    if nx % 8:  # keep the padding bits out of the array: they must act as "outside" (0)
-        m[..., -1] &= np.uint8((0xFF << (8 - nx % 8)) & 0xFF)
-    m = _dilate_axis(_dilate_axis(m, 0), 1)
-    pair = m | _shift_bits(m, towards_lower=True)
-    m = pair | _shift_bits(m, towards_lower=False) | _shift_bits(pair, towards_lower=True)
-    if nx % 8:
-        m[..., -1] &= np.uint8((0xFF << (8 - nx % 8)) & 0xFF)
+    m = _dilate_axis(_dilate_axis(words, 0), 1)
+    m = m | _shift_z(m, -1) | _shift_z(m, 1) | _shift_z(m, 2)
+    in_grid = LOW_BITS[np.clip(n_z - 64 * np.arange(m.shape[2]), 0, 64)]
+    m &= in_grid  # past the last slice is outside: the erosion must see 0 there
     m = _erode_axis(_erode_axis(m, 0), 1)
-    m = m & _shift_bits(m, towards_lower=True) & _shift_bits(m, towards_lower=False)
-    out = np.unpackbits(m, axis=2, count=nx).view(bool)
-    out[..., 0] = False
-    out[..., -1] = False
-    return out
+    return m & _shift_z(m, -1) & _shift_z(m, 1)
 
 
-def _padded_box(box: tuple[slice, ...], shape: tuple[int, ...], pad: int = 3) -> tuple[slice, ...]:
-    return tuple(slice(max(b.start - pad, 0), min(b.stop + pad, n)) for b, n in zip(box, shape))
+def _pack_z(mask: np.ndarray) -> np.ndarray:
+    """A boolean ``[z, y, x]`` mask in the :meth:`BeamMarks.bits` layout."""
+    n_words = words_per_column(mask.shape[0])
+    packed = np.zeros(mask.shape[1:] + (8 * n_words,), dtype=np.uint8)
+    bytes_ = np.packbits(np.moveaxis(mask, 0, -1), axis=-1, bitorder="little")
+    packed[..., : bytes_.shape[-1]] = bytes_
+    return packed.view(np.dtype("<u8"))
 
 
-def _one_beam(shape: tuple[int, int, int], surface: np.ndarray, iso: np.ndarray,
-              source: np.ndarray, weight: float
-              ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
-    """One source's weighted plate over its bounding box: ``(box, weights, closed mask)``."""
-    marks = BeamMarks(shape, surface, source)
-    box = marks.bounding_box()
-    if box is None:
+def close_like_reference(marks: np.ndarray) -> np.ndarray:
+    """``binary_erosion(binary_dilation(m, ones((4,4,4))), ones((3,3,3)))`` for a boolean
+    ``[z, y, x]`` mask (:func:`close_bits` on the mask packed along z)."""
+    n_z = marks.shape[0]
+    closed = close_bits(_pack_z(np.asarray(marks, dtype=bool)), n_z)
+    bits = np.unpackbits(closed.view(np.uint8), axis=-1, count=n_z, bitorder="little")
+    return np.moveaxis(bits.view(bool), -1, 0)
+
+
+_ROWS_PER_BLOCK = 8  # rows weighted together: a block's temporaries stay in cache
+
+
+def _occupied(words: np.ndarray) -> np.ndarray:
+    """Which columns of bits (``(Y, X, words)``) hold any set bit."""
+    any_bit = words[..., 0].copy()
+    for w in range(1, words.shape[2]):
+        any_bit |= words[..., w]
+    return any_bit != 0
+
+
+def _closed_marks(shape: tuple[int, int, int], surface: np.ndarray, source: np.ndarray
+                  ) -> tuple[tuple[int, int], np.ndarray] | None:
+    """One source's closed marks over the box of its marks padded by 3 columns (the closing
+    reaches 2 beyond a mark): ``((y0, x0), words)`` in :meth:`BeamMarks.bits` layout, or None
+    when nothing is marked."""
+    words = BeamMarks(shape, surface, source).bits()
+    marked = _occupied(words)
+    ys = np.nonzero(marked.any(axis=1))[0]
+    if len(ys) == 0:
         return None
-    box = _padded_box(box, shape)
-    closed = close_like_reference(marks.render(box))
-    d2 = [((np.arange(b.start, b.stop, dtype=np.float64) - s) ** 2).astype(np.float32)
-          for b, s in zip(box, source)]
-    dist2 = d2[0][:, None, None] + (d2[1][:, None] + d2[2][None, :])[None]
-    scale = np.float32(weight * float(np.sum((source - iso) ** 2)))
-    np.divide(scale, dist2, out=dist2)
-    return box, dist2, closed
+    xs = np.nonzero(marked.any(axis=0))[0]
+    y0, x0 = max(int(ys[0]) - 3, 0), max(int(xs[0]) - 3, 0)
+    return (y0, x0), close_bits(words[y0: ys[-1] + 4, x0: xs[-1] + 4], shape[0])
+
+
+def _beam_terms(shape: tuple[int, int, int],
+                closed: Sequence[tuple[tuple[int, int], np.ndarray] | None],
+                iso: np.ndarray, sources: np.ndarray, weights: np.ndarray) -> list[tuple]:
+    """Per marked beam, what :func:`_weighted_rows` needs: the closed words and their origin,
+    their occupied columns, the squared index distances to the source along y, x and z, and the
+    factor ``weight * |s - iso|^2``."""
+    n_z, n_y, n_x = shape
+    terms = []
+    for item, source, weight in zip(closed, sources, weights):
+        if item is None:
+            continue
+        (y0, x0), words = item
+        d2y, d2x, d2z = (((np.arange(n, dtype=np.float64) - source[a]) ** 2).astype(np.float32)
+                         for a, n in ((1, n_y), (2, n_x), (0, n_z)))
+        scale = np.float32(weight * float(np.sum((source - iso) ** 2)))
+        terms.append((y0, x0, words, _occupied(words), d2y, d2x, d2z, scale))
+    return terms
+
+
+def _weighted_rows(plate: np.ndarray, terms: list[tuple], starts: Sequence[int]) -> None:
+    """Store into ``plate`` (``[z, y, x]``) the blocks of rows of y from ``starts``: the sum over
+    beams of their closed marks times the inverse-square factor.
+
+    Each block sums every beam in cache before it is stored once; a beam's part of a block is
+    cut to the x range of its closed columns, so the arithmetic covers little more than the
+    closed voxels of an oblique beam. Beams are added in order: any split of the blocks gives
+    the same plate.
+    """
+    n_z, n_y, n_x = plate.shape
+    block = np.empty((_ROWS_PER_BLOCK, n_x, n_z), dtype=np.float32)  # [y, x, z], like the bits
+    for r0 in starts:
+        r1 = min(r0 + _ROWS_PER_BLOCK, n_y)
+        total = block[: r1 - r0]
+        total.fill(0.0)
+        for y0, x0, words, columns, d2y, d2x, d2z, scale in terms:
+            lo, hi = max(r0 - y0, 0), min(r1 - y0, words.shape[0])
+            if lo >= hi:
+                continue
+            xs = np.nonzero(columns[lo:hi].any(axis=0))[0]
+            if len(xs) == 0:
+                continue
+            xs = slice(int(xs[0]), int(xs[-1]) + 1)
+            inside = np.unpackbits(words[lo:hi, xs].view(np.uint8), axis=2, count=n_z,
+                                   bitorder="little")
+            ys, xs = slice(y0 + lo, y0 + hi), slice(x0 + xs.start, x0 + xs.stop)
+            values = d2z[None, None, :] + (d2y[ys, None] + d2x[None, xs])[:, :, None]
+            np.divide(scale, values, out=values)
+            np.multiply(values, inside, out=values)
+            total[ys.start - r0: ys.stop - r0, xs] += values
+        plate[:, r0:r1] = np.moveaxis(total, -1, 0)
 
 
 def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index: np.ndarray,
@@ -146,25 +217,27 @@ def beam_plate(ptv: np.ndarray, isocenter_index: Sequence[float], sources_index:
         isocenter_index: isocentre ``(z, y, x)`` in voxel indices.
         sources_index: ``(n, 3)`` source positions in voxel indices (see :func:`source_index`).
         weights: per-source multiplier of its plate (default 1 each).
-        workers: threads computing beams side by side (numpy releases the GIL in its loops).
+        workers: threads computing the beams' closed marks, then the weighted sum's blocks of
+            rows, side by side (numpy releases the GIL in its loops); the plate is the same
+            for any number.
     """
     shape = tuple(int(n) for n in ptv.shape)
-    plate = np.zeros(shape, dtype=np.float32)
     sources = np.atleast_2d(np.asarray(sources_index, dtype=np.float64))
     weights = np.ones(len(sources)) if weights is None else np.asarray(weights, dtype=np.float64)
     surface = surface_voxels(np.asarray(ptv, dtype=bool))
     iso = np.asarray(isocenter_index, dtype=np.float64)
-    jobs = [(shape, surface, iso, s, float(w)) for s, w in zip(sources, weights)]
-    if workers > 1 and len(jobs) > 1:
+    plate = np.empty(shape, dtype=np.float32)
+    starts = list(range(0, shape[1], _ROWS_PER_BLOCK))
+    if workers > 1 and len(sources) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(lambda job: _one_beam(*job), jobs))
+            closed = list(pool.map(lambda s: _closed_marks(shape, surface, s), sources))
+            terms = _beam_terms(shape, closed, iso, sources, weights)
+            # interleaved blocks: each thread gets a share of the beams' rows
+            list(pool.map(lambda k: _weighted_rows(plate, terms, starts[k::workers]),
+                          range(workers)))
     else:
-        results = [_one_beam(*job) for job in jobs]
-    for result in results:
-        if result is not None:
-            box, values, closed = result
-            target = plate[box]
-            np.add(target, values, out=target, where=closed)
+        closed = [_closed_marks(shape, surface, s) for s in sources]
+        _weighted_rows(plate, _beam_terms(shape, closed, iso, sources, weights), starts)
     return plate
 
 
