@@ -432,7 +432,8 @@ def _run_worker(python: Path, job: Path, timeout_s: float,
     log_path = job / "worker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([str(python), "-I", str(WORKER), str(job)],
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "DOSEPILOT_PHYSICS_PARENT": str(os.getpid())})
         deadline = time.monotonic() + timeout_s
         try:
             while True:

@@ -43,7 +43,9 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
+import signal
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -310,7 +312,8 @@ def run_generation(jobs: Sequence[PlanJob], config: GenerateConfig, workers: int
                 log.exception("plan %s failed", job.out.name)
                 on_done(job, None, f"{type(exc).__name__}: {exc}")
         return
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers)
+    try:
         futures = {pool.submit(generate_one, job, config): job for job in jobs}
         for future in concurrent.futures.as_completed(futures):
             job = futures[future]
@@ -318,6 +321,25 @@ def run_generation(jobs: Sequence[PlanJob], config: GenerateConfig, workers: int
                 on_done(job, future.result(), None)
             except Exception as exc:
                 on_done(job, None, f"{type(exc).__name__}: {exc}")
+    except BaseException:
+        # Ctrl-C / SIGTERM (see exit_on_sigterm): queued plans are dropped and the pool processes
+        # stopped; their engine subprocesses die with them (physics_worker's parent-death signal)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit in this process, so that ``finally`` blocks run: a running
+    generation then stops its pool and its engine subprocesses instead of orphaning them."""
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+
+
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def summarize_times(seconds: Sequence[float]) -> dict:

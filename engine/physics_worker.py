@@ -160,10 +160,26 @@ def run(job: Path) -> None:
     }))
 
 
+def _die_with_parent() -> None:
+    """Linux: be killed when the process that started this one dies (a stopped or killed
+    ``physics generate`` pool process must not leave engine runs behind). Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import os
+    import signal
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    expected = os.environ.get("DOSEPILOT_PHYSICS_PARENT")
+    if expected and os.getppid() != int(expected):  # the parent died before prctl took effect
+        sys.exit(1)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: physics_worker.py JOB_DIR", file=sys.stderr)
         return 2
+    _die_with_parent()
     run(Path(argv[1]))
     return 0
 

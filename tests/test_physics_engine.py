@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +171,52 @@ def test_verify_a_dicom_patient_writes_a_linked_rtdose(physics_env, phantom_dico
     reread = load_dicom_case(patient)
     ptv70 = reread.structure("PTV70").mask
     assert np.percentile(reread.dose.array[ptv70], 5) == pytest.approx(70.0, rel=0.02)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Live descendants of ``pid`` (from /proc; Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_stopping_generate_leaves_no_engine_process_behind(physics_env, tmp_path):
+    """SIGTERM to `physics generate --workers 2` mid-plan: the pool and both engine runs stop
+    (an engine run orphaned by a killed pool process kept computing and writing plans)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    make_openkbp_case(data / "pt_1.npz")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "physics", "generate", str(data),
+                             str(out), "--plans-per-case", "6", "--beams", "9..9",
+                             "--workers", "2", "--max-iter", "300"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    engines: set[int] = set()
+    while time.time() < deadline and len(engines) < 2 and proc.poll() is None:
+        engines = {p for p in _descendants(proc.pid)
+                   if "physics_worker" in Path(f"/proc/{p}/cmdline").read_bytes().decode(
+                       errors="replace")}
+        time.sleep(0.1)
+    assert len(engines) == 2, "two engine runs should be computing"
+    everything = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in everything):
+        time.sleep(0.1)
+    alive = [p for p in everything if Path(f"/proc/{p}").exists()]
+    assert not alive, f"left running: {alive}"
+    assert not list(out.glob(".*tmp*"))                   # no half-written plan either

@@ -124,6 +124,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError(f"no case .npz files in {args.dataset_dir}")
     if args.workers < 1:
         raise UserError("--workers must be >= 1")
+    pd.exit_on_sigterm()  # a stopped run leaves no engine process behind; written plans stay
     try:
         config = pd.GenerateConfig(args.plans_per_case, args.beams,
                                    1 / 3 if args.arcs else 0.0, args.seed, _settings(args))
