@@ -23,6 +23,8 @@
 #                                       model card scores all 33 with predict + evaluate)
 #   VAE_STEPS=800 DISTILL_STEPS=300 A_STEPS=300 B_STEPS=550
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
+#   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
+#                                       (tests run the whole recipe with test-tiny and "5, 16, 16")
 # Run from the repository root with the project's environment active.
 set -euo pipefail
 
@@ -39,7 +41,8 @@ A_STEPS=${A_STEPS:-300}
 B_STEPS=${B_STEPS:-550}
 NICE=${NICE:-10}
 THREADS=${THREADS:-2}
-PRESET="$REPO/resources/presets/default-cpu.toml"
+PRESET=${PRESET:-$REPO/resources/presets/default-cpu.toml}
+CROP=${CROP:-33, 64, 64}
 
 # The case subsets: symlinks to the first N files of a folder, in name order.
 link_first() {  # FROM_DIR TO_DIR N
@@ -64,7 +67,7 @@ train() {  # STAGE RUN_NAME DATA [--set K=V ...]
 VAE_W="$RUNS/vae/vae.safetensors"
 CODEC_W="$RUNS/distill/tiny_codec.safetensors"
 FITTED=(--set "model.vae_weights=\"$VAE_W\"")
-CROPS=(--set "data.crop=[33, 64, 64]" --set data.batch_size=4)
+CROPS=(--set "data.crop=[$CROP]" --set data.batch_size=4)
 
 [ -f "$VAE_W" ] || train vae vae "$RUNS/data-a" --set "run.max_steps=$VAE_STEPS" "${CROPS[@]}"
 train cache cache-a "$RUNS/data-a" "${FITTED[@]}"

@@ -1,0 +1,67 @@
+"""The recorded recipe of the shipped model (resources/models/default/train.sh) runs end to end:
+every stage, the physics plans joining Stage B, the bundle the engine loads, and a rerun that
+resumes instead of recomputing. Run on a tiny grid (test-tiny preset) with two steps per stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.dose_model import load_dose_model
+from trainer.caches import Cache
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "resources" / "models" / "default" / "train.sh"
+
+
+def _link(sources, folder: Path, names=None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, src in enumerate(sources):
+        (folder / (names[i] if names else src.name)).symlink_to(src)
+
+
+def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_dir, tmp_path):
+    train = sorted((openkbp_dir / "train").glob("pt_*.npz"))[:4]
+    openkbp = tmp_path / "openkbp"
+    _link(train, openkbp / "train")
+    _link(sorted((openkbp_dir / "validation").glob("pt_*.npz"))[:1], openkbp / "validation")
+    physics = tmp_path / "physics"        # a generated plan has the OpenKBP layout plus beams
+    _link(train[:1], physics, [f"{train[0].stem}_plan0.npz"])
+    runs = tmp_path / "runs"
+    env = dict(os.environ, OPENKBP=str(openkbp), PHYSICS=str(physics), N_TRAIN="4", N_VAL="1",
+               VAE_STEPS="2", DISTILL_STEPS="2", A_STEPS="2", B_STEPS="2", NICE="0",
+               THREADS="1", PRESET=str(REPO / "resources/presets/test-tiny.toml"),
+               CROP="5, 16, 16", PATH=f"{Path(sys.executable).parent}{os.pathsep}"
+               f"{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO))
+
+    out = subprocess.run(["bash", str(RECIPE), str(runs)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    bundle = runs / "stage-b" / "model"
+    assert f"model bundle: {bundle}" in out.stdout
+    model = load_dose_model(bundle, "cpu")
+    provenance = json.loads((bundle / "bundle.json").read_text())["provenance"]
+    assert provenance["stage"] == "dose" and provenance["init_from"] == str(runs / "stage-a/model")
+    assert "data.crop" not in provenance["preset"]           # crops only in the volume stages
+    assert model.codec is not None                           # the distilled preview codec
+    index = Cache(runs / "cache").read_index()
+    names = {c["name"] for c in index["cases"]}
+    assert f"train/physics/{train[0].stem}_plan0" in names and index["latents_complete"]
+    vae_start = json.loads((runs / "vae" / "events.jsonl").read_text().splitlines()[0])
+    assert vae_start["config"]["data"]["crop"] == [5, 16, 16]
+
+    again = subprocess.run(["bash", str(RECIPE), str(runs)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ("vae", "distill", "stage-a", "stage-b"):   # finished stages are not rerun
+        starts = [line for line in (runs / stage / "events.jsonl").read_text().splitlines()
+                  if '"type": "start"' in line]
+        assert len(starts) == 1, stage
+
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
