@@ -57,6 +57,14 @@ def test_generated_physics_plans_join_their_patient(tmp_path):
         ("train/physics/pt_1_plan1", "pt_1", "train"),
         ("train/pt_1", "pt_1", "train"), ("train/pt_2", "pt_2", "train"),
         ("validation/pt_201", "pt_201", "val")]
+    # a linked folder of generated plans is read too (and a link loop does not hang the scan)
+    linked = tmp_path / "linked"
+    (linked / "train").mkdir(parents=True)
+    (linked / "train" / "physics").symlink_to(tmp_path / "train" / "physics")
+    (linked / "train" / "loop").symlink_to(linked)
+    _touch(linked / "train" / "pt_1.npz")
+    assert [c.name for c in scan_dataset(linked, 0.5).cases] == [
+        "train/physics/pt_1_plan0", "train/physics/pt_1_plan1", "train/pt_1"]
     # without split folders the hash of the patient decides, so plans follow their patient
     flat = tmp_path / "flat"
     for pid in range(40):

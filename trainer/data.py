@@ -25,6 +25,7 @@ unchanged. Shifts translate every slot by whole voxels, filling with each slot's
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ def scan_dataset(root: Path, val_fraction: float) -> Manifest:
         raise UserError(f"dataset folder not found: {root}")
     if not root.is_dir():
         raise UserError(f"--data must be a folder of cases, got a file: {root}")
-    npz = sorted(root.rglob("*.npz"))
+    npz = _npz_files(root)
     openkbp = [p for p in npz if _OPENKBP_NAME.fullmatch(p.stem)]
     gdp = [p for p in npz if p.stem.count("+") >= 2]
     if openkbp:
@@ -111,6 +112,21 @@ def scan_dataset(root: Path, val_fraction: float) -> Manifest:
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise UserError(f"{root}: case names are not unique: {dupes[:5]}")
     return Manifest(root=root, format=fmt, cases=tuple(cases))
+
+
+def _npz_files(root: Path) -> list[Path]:
+    """Every ``*.npz`` below ``root``, following linked folders (a dataset is often assembled
+    from links, e.g. ``train/physics -> the generated plans``) but never a folder twice."""
+    seen: set[str] = set()
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(folder) / f for f in files if f.endswith(".npz")]
+    return sorted(found)
 
 
 def _ref(path: Path, root: Path, fmt: str, group: str) -> CaseRef:
