@@ -9,6 +9,8 @@
   PATH is a DICOM folder (the dose is written as an RTDOSE linked to the case's study and plan)
   or an OpenKBP case (``.npz`` or CSV folder; a generated plan file uses its stored beams, a
   clinical case the nine clinical fields; the dose is written as an ``.npz``, Gy, OpenKBP order).
+* ``physics pack GENERATED_DIR PACK_DIR`` / ``physics unpack PACK_DIR DATASET_DIR OUT_DIR``:
+  generated plans without the copy of their source patient (engine.physics_pack), and back.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engine import physics_dataset as pd
+from engine import physics_pack
 from engine.case import Case
 from engine.cli import UserError
 from engine.io.dicom import load_dicom_case
@@ -104,6 +107,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "for DICOM, <case>_physics.npz otherwise, in the current folder)")
     _settings_args(ver)
     ver.set_defaults(func=run_verify)
+
+    pack = sub.add_parser("pack", help="generated plans without their source patient's arrays")
+    pack.add_argument("generated_dir", type=Path, help="output folder of physics generate")
+    pack.add_argument("pack_dir", type=Path, help="folder for the packed plans (created)")
+    pack.set_defaults(func=run_pack)
+
+    unpack = sub.add_parser("unpack", help="packed plans back to full plan files")
+    unpack.add_argument("pack_dir", type=Path, help="folder of packed plans")
+    unpack.add_argument("dataset_dir", type=Path,
+                        help="the dataset the plans were generated from (their source cases)")
+    unpack.add_argument("out_dir", type=Path, help="folder for the full plan files (created)")
+    unpack.set_defaults(func=run_unpack)
 
 
 def _engine_version(python: Path) -> dict:
@@ -208,4 +223,27 @@ def run_verify(args: argparse.Namespace) -> int:
         report["comparison_vs_case_dose"] = dose_comparison(case, result.dose.array,
                                                             case.dose.array)
     print(json.dumps(report, indent=1))
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    if not args.generated_dir.is_dir():
+        raise UserError(f"folder {args.generated_dir} does not exist")
+    try:
+        n = physics_pack.pack_folder(args.generated_dir, args.pack_dir)
+    except physics_pack.PackError as exc:
+        raise UserError(str(exc)) from None
+    print(f"packed {n} new plan(s) into {args.pack_dir}", file=sys.stderr)
+    return 0
+
+
+def run_unpack(args: argparse.Namespace) -> int:
+    for folder in (args.pack_dir, args.dataset_dir):
+        if not folder.is_dir():
+            raise UserError(f"folder {folder} does not exist")
+    try:
+        n = physics_pack.unpack_folder(args.pack_dir, args.dataset_dir, args.out_dir)
+    except physics_pack.PackError as exc:
+        raise UserError(str(exc)) from None
+    print(f"restored {n} plan(s) into {args.out_dir}", file=sys.stderr)
     return 0

@@ -16,8 +16,11 @@
 #
 # Environment (defaults = the shipped model's run):
 #   OPENKBP=/work/shared/data/openkbp   the OpenKBP dataset (train/ and validation/ of pt_*.npz)
-#   PHYSICS=/work/physics-data          plans of `dosepilot physics generate` (pt_N_planK.npz);
-#                                       a missing folder means Stage B sees OpenKBP only
+#   PHYSICS=RUNS_DIR/physics            plans of `dosepilot physics generate` (pt_N_planK.npz);
+#                                       by default restored from the plans packed in the
+#                                       repository (datasets/openkbp-physics-plans, see its
+#                                       README) with `dosepilot physics unpack`; a missing
+#                                       folder means Stage B sees OpenKBP only
 #   N_TRAIN=169 N_VAL=2 N_PHYSICS=400   first N files (in name order) of each (the validation
 #                                       cases here only give the stages' loss curves; the
 #                                       model card scores all 33 with predict + evaluate)
@@ -31,7 +34,7 @@ set -euo pipefail
 RUNS=$(mkdir -p "${1:?usage: train.sh RUNS_DIR}" && cd "$1" && pwd)
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 OPENKBP=${OPENKBP:-/work/shared/data/openkbp}
-PHYSICS=${PHYSICS:-/work/physics-data}
+PACKED=$REPO/datasets/openkbp-physics-plans
 N_TRAIN=${N_TRAIN:-169}
 N_VAL=${N_VAL:-2}
 N_PHYSICS=${N_PHYSICS:-400}
@@ -75,6 +78,13 @@ train cache cache-a "$RUNS/data-a" "${FITTED[@]}"
     --set "run.max_steps=$DISTILL_STEPS" "${CROPS[@]}"
 [ -f "$RUNS/stage-a/model/bundle.json" ] || train any2any stage-a "$RUNS/data-a" "${FITTED[@]}" \
     --set "model.codec_weights=\"$CODEC_W\"" --set "run.max_steps=$A_STEPS"
+
+if [ -z "${PHYSICS:-}" ]; then
+    PHYSICS="$RUNS/physics"
+    if [ -d "$PACKED" ] && [ ! -d "$RUNS/data-b" ]; then
+        python -m engine.cli physics unpack "$PACKED" "$OPENKBP/train" "$PHYSICS"
+    fi
+fi
 
 # Stage B data: the OpenKBP cases plus the generated plans present when Stage B first starts
 # (fixed from then on, so that a resumed Stage B sees the same data).

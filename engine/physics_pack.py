@@ -1,0 +1,119 @@
+"""Compact copies of generated physics plans, small enough to keep in the repository.
+
+A plan file of ``dosepilot physics generate`` (:mod:`engine.physics_dataset`) repeats its
+source patient's CT and structures; a packed plan keeps only what the physics run produced
+(the dose, the beams, the isocentre, the engine record) plus a fingerprint of the source arrays,
+about half the size. ``unpack`` joins a packed plan with its source case from the dataset
+again and writes the full plan file, byte-for-byte the arrays the generator wrote, refusing a
+source whose arrays differ from the ones the plan was computed on.
+
+    dosepilot physics pack GENERATED_DIR PACK_DIR
+    dosepilot physics unpack PACK_DIR DATASET_DIR OUT_DIR
+
+Packed format (``<case>_plan<k>.npz``, compressed, no pickle): the generator's keys except
+``ct``, ``roi_bits``, ``roi_names``, ``present`` and ``voxel_mm``, plus ``source_sha256`` (str,
+:func:`source_fingerprint` of those arrays). The generator's ``manifest.json`` is copied along.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from engine.physics_dataset import list_cases, load_arrays, write_npz_atomic
+
+SOURCE_KEYS = ("ct", "roi_bits", "roi_names", "present", "voxel_mm")
+MANIFEST = "manifest.json"
+
+
+class PackError(ValueError):
+    """A packed plan that cannot be restored (missing or different source case, bad file)."""
+
+
+def source_fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the source-case arrays a plan copies (dtype, shape and bytes of each)."""
+    h = hashlib.sha256()
+    for key in SOURCE_KEYS:
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def pack_plan(plan: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The packed arrays of one full plan file's arrays."""
+    missing = [k for k in (*SOURCE_KEYS, "dose_cgy", "source_case") if k not in plan]
+    if missing:
+        raise PackError(f"not a generated plan file: no {', '.join(missing)}")
+    out = {k: v for k, v in plan.items() if k not in SOURCE_KEYS}
+    out["source_sha256"] = np.asarray(source_fingerprint(plan))
+    return out
+
+
+def unpack_plan(packed: dict[str, np.ndarray], source: dict[str, np.ndarray]
+                ) -> dict[str, np.ndarray]:
+    """The full plan arrays from a packed plan and its source case's arrays."""
+    name = str(packed["source_case"])
+    if source_fingerprint(source) != str(packed["source_sha256"]):
+        raise PackError(f"source case {name} differs from the one the plan was computed on "
+                        "(CT or structures changed)")
+    out = {k: source[k] for k in SOURCE_KEYS}
+    out.update((k, v) for k, v in packed.items() if k != "source_sha256")
+    return out
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_arrays(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise PackError(f"{path} cannot be read as an .npz: {exc}") from None
+
+
+def _plans(folder: Path) -> Iterator[Path]:
+    return (p for p in list_cases(folder) if "_plan" in p.stem)
+
+
+def pack_folder(generated_dir: Path, pack_dir: Path) -> int:
+    """Pack every plan of ``generated_dir`` not yet in ``pack_dir``; returns how many."""
+    pack_dir.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for path in _plans(generated_dir):
+        target = pack_dir / path.name
+        if target.exists():
+            continue
+        try:
+            packed = pack_plan(_read(path))
+        except PackError as exc:
+            raise PackError(f"{path}: {exc}") from None
+        write_npz_atomic(target, packed)
+        n += 1
+    if (generated_dir / MANIFEST).is_file():
+        shutil.copyfile(generated_dir / MANIFEST, pack_dir / MANIFEST)
+    return n
+
+
+def unpack_folder(pack_dir: Path, dataset_dir: Path, out_dir: Path) -> int:
+    """Restore every packed plan of ``pack_dir`` not yet in ``out_dir``, reading each source
+    case from ``dataset_dir/<source_case>.npz``; returns how many were written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for path in _plans(pack_dir):
+        target = out_dir / path.name
+        if target.exists():
+            continue
+        packed = _read(path)
+        if "source_sha256" not in packed:
+            raise PackError(f"{path} is not a packed plan (no source_sha256)")
+        source_path = dataset_dir / f"{packed['source_case']}.npz"
+        if not source_path.is_file():
+            raise PackError(f"{path.name}: its source case {source_path} is missing")
+        write_npz_atomic(target, unpack_plan(packed, _read(source_path)))
+        n += 1
+    if (pack_dir / MANIFEST).is_file():
+        shutil.copyfile(pack_dir / MANIFEST, out_dir / MANIFEST)
+    return n

@@ -1,0 +1,104 @@
+"""Packed physics plans: pack drops the source patient's arrays, unpack restores the exact plan
+file from the dataset and refuses a different or missing source (no physics environment
+needed: the plan files are written by the generator's own writer from a stand-in dose)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from engine import physics_dataset as pd
+from engine import physics_pack as pp
+from engine.case import Technique
+from engine.cli import main
+from engine.io.openkbp import load_openkbp_npz
+from tests.test_physics_dataset import _fake_result, make_openkbp_case
+
+
+def _generated(tmp_path, names=("pt_1", "pt_2")):
+    """A dataset folder with OpenKBP cases and a generated folder with one plan per case."""
+    data, gen = tmp_path / "data", tmp_path / "gen"
+    data.mkdir()
+    gen.mkdir()
+    for k, name in enumerate(names):
+        arrays = make_openkbp_case(data / f"{name}.npz")
+        case = load_openkbp_npz(data / f"{name}.npz")
+        dose = np.random.default_rng(k).uniform(0, 70, case.geometry.shape).astype(np.float32)
+        arrangement = pd.Arrangement((Technique.STATIC,) * 3, ((10.0,), (130.0,), (250.0,)))
+        pd.write_npz_atomic(gen / f"{name}_plan0.npz", pd.plan_arrays(
+            arrays, case, arrangement, case.plan.isocenter_mm, _fake_result(case, dose), name))
+    (gen / "manifest.json").write_text(json.dumps({"plans_written": len(names)}))
+    return data, gen
+
+
+def test_pack_then_unpack_restores_every_array(tmp_path):
+    data, gen = _generated(tmp_path)
+    assert pp.pack_folder(gen, tmp_path / "pack") == 2
+    packed = pd.load_arrays(tmp_path / "pack" / "pt_1_plan0.npz")
+    assert not set(pp.SOURCE_KEYS) & set(packed) and "dose_cgy" in packed
+    assert pp.unpack_folder(tmp_path / "pack", data, tmp_path / "out") == 2
+    for name in ("pt_1_plan0.npz", "pt_2_plan0.npz"):
+        original, restored = pd.load_arrays(gen / name), pd.load_arrays(tmp_path / "out" / name)
+        assert sorted(original) == sorted(restored)
+        for key in original:
+            np.testing.assert_array_equal(restored[key], original[key])
+            assert restored[key].dtype == original[key].dtype
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == {"plans_written": 2}
+    # the restored plan reads as a case with the generated beams
+    case = load_openkbp_npz(tmp_path / "out" / "pt_2_plan0.npz")
+    assert [b.gantry_deg for b in case.plan.beams] == [10.0, 130.0, 250.0]
+
+
+def test_pack_and_unpack_skip_what_is_already_there(tmp_path):
+    data, gen = _generated(tmp_path)
+    pp.pack_folder(gen, tmp_path / "pack")
+    assert pp.pack_folder(gen, tmp_path / "pack") == 0
+    pp.unpack_folder(tmp_path / "pack", data, tmp_path / "out")
+    assert pp.unpack_folder(tmp_path / "pack", data, tmp_path / "out") == 0
+
+
+def test_unpack_refuses_a_changed_source_case(tmp_path):
+    data, gen = _generated(tmp_path, names=("pt_1",))
+    pp.pack_folder(gen, tmp_path / "pack")
+    arrays = pd.load_arrays(data / "pt_1.npz")
+    arrays["ct"] = arrays["ct"].copy()
+    arrays["ct"][0, 0, 0] += 1
+    np.savez_compressed(data / "pt_1.npz", **arrays)
+    with pytest.raises(pp.PackError, match="pt_1 differs"):
+        pp.unpack_folder(tmp_path / "pack", data, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.npz"))
+
+
+def test_unpack_names_a_missing_source_case(tmp_path):
+    data, gen = _generated(tmp_path, names=("pt_1",))
+    pp.pack_folder(gen, tmp_path / "pack")
+    (data / "pt_1.npz").unlink()
+    with pytest.raises(pp.PackError, match="source case .*pt_1.npz is missing"):
+        pp.unpack_folder(tmp_path / "pack", data, tmp_path / "out")
+
+
+def test_pack_refuses_a_file_that_is_not_a_generated_plan(tmp_path):
+    (tmp_path / "gen").mkdir()
+    np.savez(tmp_path / "gen" / "pt_1_plan0.npz", dose_cgy=np.zeros(3, np.uint16))
+    with pytest.raises(pp.PackError, match="not a generated plan file: no ct"):
+        pp.pack_folder(tmp_path / "gen", tmp_path / "pack")
+    (tmp_path / "gen" / "pt_1_plan0.npz").write_bytes(b"truncated")
+    with pytest.raises(pp.PackError, match="cannot be read"):
+        pp.pack_folder(tmp_path / "gen", tmp_path / "pack")
+
+
+def test_cli_pack_and_unpack(tmp_path, capsys):
+    data, gen = _generated(tmp_path)
+    assert main(["physics", "pack", str(gen), str(tmp_path / "pack")]) == 0
+    assert "packed 2 new plan(s)" in capsys.readouterr().err
+    assert main(["physics", "unpack", str(tmp_path / "pack"), str(data),
+                 str(tmp_path / "out")]) == 0
+    assert "restored 2 plan(s)" in capsys.readouterr().err
+    (data / "pt_2.npz").unlink()
+    (tmp_path / "out" / "pt_2_plan0.npz").unlink()
+    assert main(["physics", "unpack", str(tmp_path / "pack"), str(data),
+                 str(tmp_path / "out")]) == 2
+    assert "is missing" in capsys.readouterr().err
+    assert main(["physics", "pack", str(tmp_path / "nope"), str(tmp_path / "p2")]) == 2
