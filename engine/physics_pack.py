@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,42 +78,45 @@ def _plans(folder: Path) -> Iterator[Path]:
     return (p for p in list_cases(folder) if "_plan" in p.stem)
 
 
+def _convert_folder(src: Path, dst: Path, convert: Callable[[Path], dict[str, np.ndarray]]
+                    ) -> int:
+    """Write ``convert(plan)`` for every plan of ``src`` not yet in ``dst`` and copy the
+    generator's manifest along; returns how many were written."""
+    dst.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for path in _plans(src):
+        target = dst / path.name
+        if not target.exists():
+            write_npz_atomic(target, convert(path))
+            n += 1
+    if (src / MANIFEST).is_file():
+        shutil.copyfile(src / MANIFEST, dst / MANIFEST)
+    return n
+
+
+def _packed_file(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return pack_plan(_read(path))
+    except PackError as exc:
+        raise PackError(f"{path}: {exc}") from None
+
+
+def _restored_file(path: Path, dataset_dir: Path) -> dict[str, np.ndarray]:
+    packed = _read(path)
+    if "source_sha256" not in packed:
+        raise PackError(f"{path} is not a packed plan (no source_sha256)")
+    source_path = dataset_dir / f"{packed['source_case']}.npz"
+    if not source_path.is_file():
+        raise PackError(f"{path.name}: its source case {source_path} is missing")
+    return unpack_plan(packed, _read(source_path))
+
+
 def pack_folder(generated_dir: Path, pack_dir: Path) -> int:
     """Pack every plan of ``generated_dir`` not yet in ``pack_dir``; returns how many."""
-    pack_dir.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for path in _plans(generated_dir):
-        target = pack_dir / path.name
-        if target.exists():
-            continue
-        try:
-            packed = pack_plan(_read(path))
-        except PackError as exc:
-            raise PackError(f"{path}: {exc}") from None
-        write_npz_atomic(target, packed)
-        n += 1
-    if (generated_dir / MANIFEST).is_file():
-        shutil.copyfile(generated_dir / MANIFEST, pack_dir / MANIFEST)
-    return n
+    return _convert_folder(generated_dir, pack_dir, _packed_file)
 
 
 def unpack_folder(pack_dir: Path, dataset_dir: Path, out_dir: Path) -> int:
     """Restore every packed plan of ``pack_dir`` not yet in ``out_dir``, reading each source
     case from ``dataset_dir/<source_case>.npz``; returns how many were written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for path in _plans(pack_dir):
-        target = out_dir / path.name
-        if target.exists():
-            continue
-        packed = _read(path)
-        if "source_sha256" not in packed:
-            raise PackError(f"{path} is not a packed plan (no source_sha256)")
-        source_path = dataset_dir / f"{packed['source_case']}.npz"
-        if not source_path.is_file():
-            raise PackError(f"{path.name}: its source case {source_path} is missing")
-        write_npz_atomic(target, unpack_plan(packed, _read(source_path)))
-        n += 1
-    if (pack_dir / MANIFEST).is_file():
-        shutil.copyfile(pack_dir / MANIFEST, out_dir / MANIFEST)
-    return n
+    return _convert_folder(pack_dir, out_dir, lambda path: _restored_file(path, dataset_dir))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engine.io.openkbp import load_openkbp_npz
-from engine.physics_dataset import list_cases, read_plan_beams
+from engine.physics_dataset import list_cases, load_arrays, read_plan_beams
 from engine.physics_pack import unpack_folder
 from tests.conftest import REPO
 from trainer.data import scan_dataset
@@ -33,14 +33,15 @@ def test_every_generated_plan_is_packed_with_its_settings_and_times():
     assert (physics["dose_grid_mm"], physics["bixel_width_mm"], physics["max_iter"]) == \
         (5.0, 7.0, 150)
     assert len(manifest["seconds_per_plan"]) >= len(plans) and manifest["median_s_per_plan"] > 0
-    counts = {len(read_plan_beams(dict(np.load(p))).techniques) for p in plans}
+    counts = {len(read_plan_beams(load_arrays(p)).techniques) for p in plans}
     assert min(counts) >= 5 and max(counts) <= 11 and len(counts) >= 5  # varied arrangements
 
 
 def test_plans_restore_and_join_their_patient_in_the_trainer(openkbp_dir, tmp_path):
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)
-    some = _packed()[:: max(1, len(_packed()) // 3)][:3]
+    plans = _packed()
+    some = plans[:: max(1, len(plans) // 3)][:3]
     pack = tmp_path / "pack"
     pack.mkdir()
     for p in some:
@@ -52,7 +53,7 @@ def test_plans_restore_and_join_their_patient_in_the_trainer(openkbp_dir, tmp_pa
         case = load_openkbp_npz(data / "train" / "physics" / p.name)
         assert 5 <= len(case.plan.beams) <= 11
         # normalised like the clinical plans: the primary target's D95 is its prescription
-        info = json.loads(str(np.load(p)["physics_json"]))
+        info = json.loads(str(load_arrays(p)["physics_json"]))
         target = case.structure(info["primary_target"])
         d95 = np.percentile(case.dose.array[target.mask], 5)
         assert d95 == pytest.approx(target.prescription_gy, abs=1.0)
