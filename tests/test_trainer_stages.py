@@ -70,6 +70,30 @@ def test_vae_and_cache(fitted):
     assert latents["identity"].shape == (7, 16, 3, 4, 4)
 
 
+
+def test_interrupted_cache_build_continues_where_it_stopped(fitted):
+    """A build stopped before it wrote the index keeps the latents it finished; a file of
+    another VAE is re-encoded."""
+    root, cfg = fitted
+    cache = Cache(root / "runs" / "cache")
+    index = cache.read_index()
+    names = [c["name"] for c in index["cases"]]
+    kept, lost, foreign = names[0], names[1], names[2]
+    stamps = {n: cache.latent_path(n).stat().st_mtime_ns for n in names}
+    cache.index_path.unlink()                                   # as if killed mid-build
+    cache.latent_path(lost).unlink()
+    stale = {"name": "another-vae"}
+    cache.write_latents(foreign, cache.read_latents(foreign), stale)
+    assert not cache.has_latents(foreign, build_vae(load_config(cfg)).config.to_dict(),
+                                 ("identity",))
+    assert _train("cache", cfg, root / "data", root / "runs" / "cache-resume") == 0
+    assert cache.latent_path(kept).stat().st_mtime_ns == stamps[kept]     # not re-encoded
+    assert cache.latent_path(lost).is_file()
+    assert cache.read_index()["latents_complete"]
+    vae_cfg = build_vae(load_config(cfg)).config.to_dict()
+    assert all(cache.has_latents(n, vae_cfg, ("identity",)) for n in names)
+
+
 def test_diffusion_stages_chain_and_export(fitted):
     root, cfg = fitted
     runs, data = root / "runs", root / "data"

@@ -31,6 +31,10 @@ from engine.cli import UserError
 VARIANTS = ("identity", "flip_lr", "flip_si", "flip_lr_si")
 
 
+def _config_key(config: dict) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
 def case_key(name: str) -> str:
     """A file-name-safe key for a case name."""
     return re.sub(r"[^A-Za-z0-9._+-]", "_", name.replace("/", "__"))
@@ -124,13 +128,31 @@ class Cache:
     def latent_path(self, name: str) -> Path:
         return self.folder / "latents" / f"{case_key(name)}.safetensors"
 
-    def write_latents(self, name: str, latents: dict[str, torch.Tensor]) -> None:
+    def write_latents(self, name: str, latents: dict[str, torch.Tensor],
+                      vae_config: dict) -> None:
+        """Writes one case's latents, recording the VAE they belong to (see ``has_latents``)."""
         path = self.latent_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         save_file({k: v.detach().float().contiguous().cpu() for k, v in latents.items()},
-                  str(tmp), metadata={"case": name})
+                  str(tmp), metadata={"case": name, "vae": _config_key(vae_config)})
         os.replace(tmp, path)
+
+    def has_latents(self, name: str, vae_config: dict, variants: tuple[str, ...]) -> bool:
+        """Whether the case's latents are on disk for exactly this VAE and these variants.
+
+        Read from the file's own metadata, not the index, so that a build interrupted before
+        it wrote the index continues where it stopped."""
+        from safetensors import SafetensorError, safe_open
+        path = self.latent_path(name)
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), "pt") as f:
+                return ((f.metadata() or {}).get("vae") == _config_key(vae_config)
+                        and set(f.keys()) == set(variants))
+        except (OSError, SafetensorError):  # a damaged file is rebuilt
+            return False
 
     def read_latents(self, name: str) -> dict[str, torch.Tensor]:
         path = self.latent_path(name)

@@ -49,20 +49,17 @@ def build_latent_cache(manifest: Manifest, cache: Cache, vae, cfg: TrainConfig,
     volume_meta = build_volume_cache(manifest, cache, cfg, ctx)
     variants = variants_for(cfg.data.flip_lr, cfg.data.flip_si)
     vae_cfg = vae.config.to_dict()
-    old = cache.read_index()
-    reusable = old.get("vae") == vae_cfg and old.get("variants") == list(variants)
-    done = set(old.get("latent_cases", [])) if reusable else set()
     for i, ref in enumerate(manifest.cases):
         if i % ctx.world_size != ctx.rank:
             continue
-        if ref.name not in done or not cache.latent_path(ref.name).is_file():
+        if not cache.has_latents(ref.name, vae_cfg, variants):
             stack = cache.read_volumes(ref.name).volumes.to(ctx.device)
             latents = {}
             with torch.no_grad():
                 for variant in variants:
                     x = apply_variant(stack, variant)[:, None]          # [7, 1, D, H, W]
                     latents[variant] = vae.encode(x)                    # [7, 16, d, h, w]
-            cache.write_latents(ref.name, latents)
+            cache.write_latents(ref.name, latents, vae_cfg)
         events.emit("train", i + 1, total_steps=n, case=ref.name,
                     samples_per_s=(i + 1) / max(time.time() - t0, 1e-9))
     barrier(ctx)
