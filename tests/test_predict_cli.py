@@ -272,7 +272,7 @@ def test_gdp_hmm_case_gets_dose_npy_on_its_own_grid(tiny_dose_bundle, tmp_path, 
     data = {"img": np.where(body, 0.0, -1000.0).astype(np.float32),
             "Body": body.astype(np.uint8), "PTV70": ptv.astype(np.uint8),
             "isocenter": np.array([20, 48, 56]), "angle_list": np.array([0.0, 120.0, 240.0]),
-            "isVMAT": False}
+            "isVMAT": False, "dose": np.where(ptv, 70.0, 20.0).astype(np.float32)}
     np.savez_compressed(tmp_path / "HN1+A+MOS_1.npz", data)
     (tmp_path / "PTV_DICT.json").write_text(json.dumps(
         {"HN1": {"PTV_High": {"OPTName": "PTV70", "PDose": 70.0}}}))
@@ -286,6 +286,14 @@ def test_gdp_hmm_case_gets_dose_npy_on_its_own_grid(tiny_dose_bundle, tmp_path, 
     ds = pydicom.dcmread(folder / "dose.dcm")
     np.testing.assert_allclose(pred, ds.pixel_array * float(ds.DoseGridScaling),
                                atol=float(ds.DoseGridScaling))
+    # and `dosepilot evaluate --format gdp-hmm` scores predict's output folder as it is
+    from engine.metrics.scores import gdp_hmm_mae
+
+    code, out, err = run_cli(capsys, "evaluate", tmp_path / "out", tmp_path, "--format",
+                             "gdp-hmm", "--json")
+    assert code == 0, err
+    expected = gdp_hmm_mae(pred, data["dose"], data["Body"], data["PTV70"], 70.0)
+    assert json.loads(out)["dose_score"] == pytest.approx(expected)
 
 
 def test_find_cases_tells_a_patient_from_a_cohort(phantom_dicom, tmp_path):

@@ -8,9 +8,10 @@ dataset's ``pt_N/`` folders (read by :mod:`engine.io.openkbp`). Prints one CSV r
 the patients scored, and the mean GDP-HMM leaderboard MAE computed on the OpenKBP patients (the
 highest-prescription PTV as the high PTV, the possible-dose mask as the body).
 
-GDP-HMM: ``PRED_DIR`` holds ``{plan}_pred.npy`` (Gy, the npz grid), ``REF_DIR`` the plans'
-``{plan}.npz`` files; the prescriptions come from ``PTV_DICT.json`` (``--ptv-dict``, else found in
-``REF_DIR`` or its parent). Prints one row per plan (MAE) and the mean MAE.
+GDP-HMM: ``PRED_DIR`` holds ``{plan}_pred.npy`` files (Gy, the npz grid) or the
+``{plan}/dose.npy`` folders ``dosepilot predict`` writes, ``REF_DIR`` the plans' ``{plan}.npz``
+files; the prescriptions come from ``PTV_DICT.json`` (``--ptv-dict``, else found in ``REF_DIR``
+or its parent). Prints one row per plan (MAE) and the mean MAE.
 
 ``--scorecard SITE_OR_TOML`` (OpenKBP) adds each patient's clinical scorecard total for the
 prediction and the reference. ``--json`` prints one JSON object instead of CSV and summary.
@@ -32,6 +33,7 @@ from engine.cli import UserError
 from engine.io.openkbp import PRESCRIPTIONS_GY, to_case_axes
 from engine.metrics.benchmark_io import (
     BenchmarkFileError,
+    gdp_hmm_predictions,
     openkbp_predictions,
     openkbp_references,
     patient_sort_key,
@@ -151,8 +153,7 @@ def _evaluate_gdp_hmm(args: argparse.Namespace, warnings: list[str]) -> Benchmar
     refs = {p.stem: p for p in sorted(args.ref_dir.glob("*.npz"))}
     if not refs:
         raise UserError(f"{args.ref_dir}: no GDP-HMM plan files (*.npz)")
-    preds = {p.name.removesuffix("_pred.npy"): p
-             for p in sorted(args.pred_dir.glob("*_pred.npy"))}
+    preds = gdp_hmm_predictions(args.pred_dir)
     ptv = _ptv_dict(args)
     rows = []
     for plan in _match(preds, refs, warnings):

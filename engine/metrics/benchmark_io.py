@@ -132,6 +132,23 @@ def openkbp_predictions(pred_dir: Path) -> dict[str, Path]:
     return out
 
 
+def gdp_hmm_predictions(pred_dir: Path) -> dict[str, Path]:
+    """Plan name -> prediction file in ``pred_dir``: ``{plan}_pred.npy`` (the challenge's
+    layout) or ``{plan}/dose.npy`` (what ``dosepilot predict`` writes)."""
+    out: dict[str, Path] = {}
+    for p in sorted(Path(pred_dir).iterdir()):
+        if p.is_dir() and (p / "dose.npy").is_file():
+            name, p = p.name, p / "dose.npy"
+        elif p.is_file() and p.name.endswith("_pred.npy"):
+            name = p.name.removesuffix("_pred.npy")
+        else:
+            continue
+        if name in out:
+            raise BenchmarkFileError(f"{pred_dir}: both {out[name]} and {p} predict {name}")
+        out[name] = p
+    return out
+
+
 def read_prediction_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """A dense ``.npy`` prediction in Gy (no pickles), checked against the reference shape."""
     try:
