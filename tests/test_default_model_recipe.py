@@ -1,5 +1,5 @@
 """The recorded recipe of the shipped model (resources/models/default/train.sh) runs end to end:
-every stage, the physics plans joining Stage B, the bundle the engine loads, and a rerun that
+every stage, the physics plans joining Stages B and C, the bundle the engine loads, and a rerun that
 resumes instead of recomputing. Run on a tiny grid (test-tiny preset) with two steps per stage."""
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     _link(train[:1], physics, [f"{train[0].stem}_plan0.npz"])
     runs = tmp_path / "runs"
     env = dict(os.environ, OPENKBP=str(openkbp), PHYSICS=str(physics), N_TRAIN="4", N_VAL="1",
-               VAE_STEPS="2", DISTILL_STEPS="2", A_STEPS="2", B_STEPS="2", NICE="0",
+               VAE_STEPS="2", DISTILL_STEPS="2", A_STEPS="2", B_STEPS="2", C_STEPS="2",
+               N_C="2", NICE="0",
                THREADS="1", PRESET=str(REPO / "resources/presets/test-tiny.toml"),
                CROP="5, 16, 16", PATH=f"{Path(sys.executable).parent}{os.pathsep}"
                f"{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO))
@@ -42,23 +43,27 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     out = subprocess.run(["bash", str(RECIPE), str(runs)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    bundle = runs / "stage-b" / "model"
+    bundle = runs / "stage-c" / "model"
     assert f"model bundle: {bundle}" in out.stdout
     model = load_dose_model(bundle, "cpu")
     provenance = json.loads((bundle / "bundle.json").read_text())["provenance"]
-    assert provenance["stage"] == "dose" and provenance["init_from"] == str(runs / "stage-a/model")
+    assert provenance["stage"] == "dose" and provenance["init_from"] == str(runs / "stage-b/model")
+    stage_b = json.loads((runs / "stage-b/model/bundle.json").read_text())["provenance"]
+    assert stage_b["init_from"] == str(runs / "stage-a/model")
     assert "data.crop" not in provenance["preset"]           # crops only in the volume stages
     assert model.codec is not None                           # the distilled preview codec
     index = Cache(runs / "cache").read_index()
-    names = {c["name"] for c in index["cases"]}
-    assert f"train/physics/{train[0].stem}_plan0" in names and index["latents_complete"]
+    trained = {c["name"] for c in index["cases"] if c["split"] == "train"}   # Stage C's last
+    assert trained == {f"train/{train[0].stem}", f"train/{train[1].stem}",
+                       f"train/physics/{train[0].stem}_plan0"}
+    assert index["latents_complete"]
     vae_start = json.loads((runs / "vae" / "events.jsonl").read_text().splitlines()[0])
     assert vae_start["config"]["data"]["crop"] == [5, 16, 16]
 
     again = subprocess.run(["bash", str(RECIPE), str(runs)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    for stage in ("vae", "distill", "stage-a", "stage-b"):   # finished stages are not rerun
+    for stage in ("vae", "distill", "stage-a", "stage-b", "stage-c"):   # finished: not rerun
         starts = [line for line in (runs / stage / "events.jsonl").read_text().splitlines()
                   if '"type": "start"' in line]
         assert len(starts) == 1, stage

@@ -7,6 +7,10 @@
 #   vae -> cache -> distill -> any2any (Stage A)         on the OpenKBP cases   (RUNS_DIR/data-a)
 #   cache -> dose (Stage B, from Stage A)                 on the OpenKBP cases plus the
 #                                                         physics-generated plans (RUNS_DIR/data-b)
+#   cache -> dose (Stage C, from Stage B)                 the physics plans weighted up: all of
+#                                                         them plus the first N_C OpenKBP cases
+#                                                         (RUNS_DIR/data-c), so that moving a
+#                                                         beam moves the dose; C_STEPS=0 skips it
 # Resumable: run the same command again after an interruption; a stage with checkpoints is
 # continued with --resume, a finished stage (its export exists) is skipped, and the latent
 # cache (RUNS_DIR/cache) skips the cases it already holds. To stop a stage early and still
@@ -24,7 +28,8 @@
 #   N_TRAIN=169 N_VAL=2 N_PHYSICS=400   first N files (in name order) of each (the validation
 #                                       cases here only give the stages' loss curves; the
 #                                       model card scores all 33 with predict + evaluate)
-#   VAE_STEPS=800 DISTILL_STEPS=300 A_STEPS=300 B_STEPS=550
+#   N_C=100                             OpenKBP cases in Stage C (with all the physics plans)
+#   VAE_STEPS=800 DISTILL_STEPS=300 A_STEPS=300 B_STEPS=550 C_STEPS=600
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
 #                                       (tests run the whole recipe with test-tiny and "5, 16, 16")
@@ -42,6 +47,8 @@ VAE_STEPS=${VAE_STEPS:-800}
 DISTILL_STEPS=${DISTILL_STEPS:-300}
 A_STEPS=${A_STEPS:-300}
 B_STEPS=${B_STEPS:-550}
+C_STEPS=${C_STEPS:-600}
+N_C=${N_C:-100}
 NICE=${NICE:-10}
 THREADS=${THREADS:-2}
 PRESET=${PRESET:-$REPO/resources/presets/default-cpu.toml}
@@ -97,4 +104,18 @@ train cache cache-b "$RUNS/data-b" "${FITTED[@]}"
 [ -f "$RUNS/stage-b/model/bundle.json" ] || train dose stage-b "$RUNS/data-b" "${FITTED[@]}" \
     --set "model.codec_weights=\"$CODEC_W\"" --set "model.init_from=\"$RUNS/stage-a/model\"" \
     --set "run.max_steps=$B_STEPS"
-echo "model bundle: $RUNS/stage-b/model"
+if [ "$C_STEPS" -eq 0 ]; then echo "model bundle: $RUNS/stage-b/model"; exit 0; fi
+
+# Stage C data: the same latents as Stage B's (one shared cache), fewer OpenKBP cases.
+if [ ! -d "$RUNS/data-c" ]; then
+    link_first "$OPENKBP/train" "$RUNS/data-c/train" "$N_C"
+    cp -a "$RUNS/data-a/validation" "$RUNS/data-c/"
+    if [ -d "$RUNS/data-b/train/physics" ]; then
+        cp -a "$RUNS/data-b/train/physics" "$RUNS/data-c/train/"
+    fi
+fi
+train cache cache-c "$RUNS/data-c" "${FITTED[@]}"
+[ -f "$RUNS/stage-c/model/bundle.json" ] || train dose stage-c "$RUNS/data-c" "${FITTED[@]}" \
+    --set "model.codec_weights=\"$CODEC_W\"" --set "model.init_from=\"$RUNS/stage-b/model\"" \
+    --set "run.max_steps=$C_STEPS"
+echo "model bundle: $RUNS/stage-c/model"
