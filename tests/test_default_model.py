@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
+
 from engine.features.model_grid import MODEL_SHAPE
 from engine.models.dit import PRESETS as DIT_PRESETS
 from engine.runtime import DoseEngine, default_model_path
@@ -25,3 +31,17 @@ def test_shipped_model_loads_with_its_card_and_provenance():
     assert model.dit.config == DIT_PRESETS["cpu-small"]
     assert model.vae.config.name == "cpu8" and model.codec is not None
     assert model.provenance["stage"] == "dose" and model.provenance["steps"] > 0
+
+
+def test_demo_command_opens_the_window_with_the_shipped_model(tmp_path):
+    """What `make run` starts: `dosepilot demo` on the bundled patient with the default model,
+    quitting after its first full prediction (--screenshot). Needs a display (Xvfb in CI)."""
+    if not os.environ.get("DISPLAY"):
+        pytest.skip("no X display: run the suite under xvfb-run (README)")
+    png = tmp_path / "demo.png"
+    env = dict(os.environ, QT_QPA_PLATFORM="xcb")
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "demo", "--screenshot", str(png)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "window ready" in out.stderr and "Traceback" not in out.stderr
+    assert png.stat().st_size > 10_000
