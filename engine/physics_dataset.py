@@ -314,7 +314,7 @@ def run_generation(jobs: Sequence[PlanJob], config: GenerateConfig, workers: int
         return
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers)
     try:
-        futures = {pool.submit(generate_one, job, config): job for job in jobs}
+        futures = {pool.submit(_generate_in_pool, job, config): job for job in jobs}
         for future in concurrent.futures.as_completed(futures):
             job = futures[future]
             try:
@@ -330,6 +330,19 @@ def run_generation(jobs: Sequence[PlanJob], config: GenerateConfig, workers: int
         raise
     finally:
         pool.shutdown(wait=True)
+
+
+def _generate_in_pool(job: PlanJob, config: GenerateConfig) -> float:
+    """``generate_one`` in a pool process, which leaves the pool when the parent stops it.
+
+    The pool process inherits ``exit_on_sigterm``, so the parent's ``terminate()`` raises
+    SystemExit in the running plan and its cleanup runs (engine subprocess killed, partial file
+    removed); the executor's worker loop would catch that and start the next queued plan, so
+    the process exits here instead."""
+    try:
+        return generate_one(job, config)
+    except SystemExit as exc:
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
 
 
 def exit_on_sigterm() -> None:
