@@ -336,13 +336,15 @@ def _generate_in_pool(job: PlanJob, config: GenerateConfig) -> float:
     """``generate_one`` in a pool process, which leaves the pool when the parent stops it.
 
     The pool process inherits ``exit_on_sigterm``, so the parent's ``terminate()`` raises
-    SystemExit in the running plan and its cleanup runs (engine subprocess killed, partial file
-    removed); the executor's worker loop would catch that and start the next queued plan, so
-    the process exits here instead."""
+    SystemExit in the running plan (Ctrl-C: KeyboardInterrupt) and its cleanup runs (engine
+    subprocess killed, partial file removed); the executor's worker loop would catch that and
+    start the next queued plan, so the process exits here instead."""
     try:
         return generate_one(job, config)
     except SystemExit as exc:
         os._exit(exc.code if isinstance(exc.code, int) else 1)
+    except KeyboardInterrupt:
+        os._exit(128 + signal.SIGINT)
 
 
 def exit_on_sigterm() -> None:
