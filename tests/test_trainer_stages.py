@@ -120,7 +120,14 @@ def test_diffusion_stages_chain_and_export(fitted):
     with_codec = _preset(root, "e", init_from=runs / "c" / "model",
                          codec_weights=runs / "d" / "tiny_codec.safetensors")
     assert _train("dose", with_codec, data, runs / "e") == 0   # the VAE comes from the bundle
-    assert load_dose_model(runs / "e" / "model").codec is not None
+    codec = load_dose_model(runs / "e" / "model").codec
+    assert codec is not None
+    continued = _preset(root, "f", init_from=runs / "e" / "model")   # ... and so does the codec
+    assert _train("dose", continued, data, runs / "f") == 0
+    kept = load_dose_model(runs / "f" / "model").codec
+    assert kept is not None and kept.config == codec.config
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(),
+                                                  codec.state_dict().values()))
 
 
 def test_refusals_come_before_any_compute(fitted, capsys):

@@ -163,9 +163,18 @@ def build_dit(cfg: TrainConfig) -> DiffKT3D:
 
 
 def build_codec(cfg: TrainConfig) -> TinyCodec | None:
-    """The distilled preview codec of ``codec_weights`` (None when not given)."""
+    """The distilled preview codec: ``codec_weights``, else the ``init_from`` bundle's, else
+    None (a bundle without one)."""
     if not cfg.model.codec_weights:
-        return None
+        bundle = _init_bundle(cfg)
+        if bundle is None:
+            return None
+        comp = bundles.read_bundle_config(bundle)["components"].get("tiny_codec")
+        if comp is None:
+            return None
+        codec = TinyCodec(TinyCodecConfig.from_dict(comp["config"]))
+        codec.load_state_dict(_read_bundle(bundle)[1]["tiny_codec"], strict=True)
+        return codec
     path = Path(cfg.model.codec_weights)
     try:
         with safe_open(str(path), "pt") as f:
