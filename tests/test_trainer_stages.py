@@ -13,7 +13,7 @@ from engine.dose_model import load_dose_model  # noqa: E402
 from trainer.caches import Cache  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.events import read_events  # noqa: E402
-from trainer.stages.common import build_vae  # noqa: E402
+from trainer.stages.common import build_vae, vae_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 TINY = load_config("test-tiny").source
@@ -100,6 +100,11 @@ def test_diffusion_stages_chain_and_export(fitted):
     assert _train("any2any", cfg, data, runs / "a") == 0
     model_a = load_dose_model(runs / "a" / "model")            # what the runtime loads
     assert model_a.provenance["stage"] == "any2any" and model_a.codec is None
+    # a bundle's vae.safetensors as vae_weights: its configuration (latent statistics included)
+    # comes from the bundle.json beside it, not the preset's defaults
+    bundled_vae = _preset(root, "a-vae", vae_weights=runs / "a" / "model" / "vae.safetensors")
+    assert vae_config(load_config(bundled_vae)) == model_a.vae.config
+    assert model_a.vae.config.latents_std != (1.0,) * 16
     stage_b = _preset(root, "b", init_from=runs / "a" / "model", vae_adapt="decoder_lora")
     assert _train("dose", stage_b, data, runs / "b") == 0
     evals = [e for e in read_events(runs / "b") if e["type"] == "eval"]

@@ -79,10 +79,28 @@ def vae_config(cfg: TrainConfig) -> VAEConfig:
                             ) from None
         if "vae_config" in meta:
             return VAEConfig.from_json(meta["vae_config"])
+        bundled = _bundle_vae_config(path)
+        if bundled is not None:
+            return bundled
     try:
         return VAEConfig.preset(cfg.model.vae)
     except ValueError as exc:
         raise UserError(f"{cfg.source}: [model] vae: {exc}") from None
+
+
+def _bundle_vae_config(weights: Path) -> VAEConfig | None:
+    """The VAE configuration of the bundle ``weights`` belongs to (a bundle's
+    ``vae.safetensors`` carries no metadata: its configuration, latent statistics included,
+    is in the ``bundle.json`` beside it); None for a file outside a bundle (e.g. Wan weights)."""
+    if not (weights.parent / bundles.BUNDLE_JSON).is_file():
+        return None
+    try:
+        comp = bundles.read_bundle_config(weights.parent)["components"].get("vae")
+    except bundles.CheckpointError:
+        return None
+    if comp is None or comp["weights"] != weights.name:
+        return None
+    return VAEConfig.from_dict(comp["config"])
 
 
 def vae_is_fitted(cfg: TrainConfig) -> bool:
