@@ -83,6 +83,31 @@ def test_config_json_round_trip_and_presets():
         TinyCodecConfig.preset("nope")
 
 
+
+def test_latent_affine_maps_the_distilled_space_to_the_served_one():
+    """latent_scale/shift: encode serves z * scale + shift, decode undoes it first, so the
+    same weights give the same volumes in another latent normalisation."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    base = TinyCodec(TINY).eval()
+    scale = tuple(0.5 + 0.1 * i for i in range(16))
+    shift = tuple(-1.0 + 0.2 * i for i in range(16))
+    mapped = TinyCodec(dataclasses.replace(TINY, latent_scale=scale, latent_shift=shift)).eval()
+    mapped.load_state_dict(base.state_dict())
+    x = torch.rand(1, 1, 9, 16, 16) * 2 - 1
+    with torch.inference_mode():
+        z, z_mapped = base.encode(x), mapped.encode(x)
+        torch.testing.assert_close(z_mapped, z * torch.tensor(scale).view(1, -1, 1, 1, 1)
+                                   + torch.tensor(shift).view(1, -1, 1, 1, 1))
+        torch.testing.assert_close(mapped.decode(z_mapped), base.decode(z), atol=1e-5, rtol=0)
+    assert TinyCodecConfig.from_json(mapped.config.to_json()) == mapped.config
+    with pytest.raises(ValueError, match="latent_scale"):
+        dataclasses.replace(TINY, latent_scale=(1.0,) * 3, latent_shift=(0.0,) * 3)
+    with pytest.raises(ValueError, match="latent_scale"):
+        dataclasses.replace(TINY, latent_scale=(0.0,) * 16, latent_shift=(0.0,) * 16)
+
+
 @pytest.fixture(scope="module")
 def frozen_vae():
     torch.manual_seed(0)

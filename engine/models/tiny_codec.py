@@ -50,11 +50,23 @@ class TinyCodecConfig:
     encoder_blocks: int = 2
     decoder_blocks: int = 2
     mid: int = 16
+    # Per-channel map from the latent space the weights were distilled in to the one the codec
+    # serves, ``z_served = z_distilled * latent_scale + latent_shift`` (empty = identity): lets a
+    # distilled codec serve a DiT trained on the same VAE with other latent statistics.
+    latent_scale: tuple[float, ...] = ()
+    latent_shift: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "latent_scale", tuple(float(v) for v in self.latent_scale))
+        object.__setattr__(self, "latent_shift", tuple(float(v) for v in self.latent_shift))
         if min(self.z_dim, self.hidden, self.mid) < 1 or min(self.encoder_blocks,
                                                              self.decoder_blocks) < 0:
             raise ValueError(f"TinyCodecConfig {self.name!r}: sizes must be positive")
+        if len(self.latent_scale) != len(self.latent_shift) or (
+                self.latent_scale and (len(self.latent_scale) != self.z_dim
+                                       or min(self.latent_scale) <= 0)):
+            raise ValueError(f"TinyCodecConfig {self.name!r}: latent_scale and latent_shift "
+                             f"must both be empty or hold {self.z_dim} values (scales > 0)")
 
     @staticmethod
     def preset(name: str) -> TinyCodecConfig:
@@ -181,15 +193,28 @@ class TinyCodec(nn.Module):
         if (depth - 1) % TEMPORAL_FACTOR or height % SPATIAL_FACTOR or width % SPATIAL_FACTOR:
             raise ValueError(f"volume {depth}x{height}x{width}: the tiny codec needs depth 1 + 4k "
                              f"and height, width multiples of {SPATIAL_FACTOR}")
-        return self.encoder(x.float())
+        z = self.encoder(x.float())
+        if self.config.latent_scale:
+            scale, shift = self._affine(z)
+            z = z * scale + shift
+        return z
 
     def decode(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Normalised latent ``[B, z, d, h, w]`` -> ``[B, 1, 1 + 4 (d - 1), 8 h, 8 w]``."""
         if not isinstance(z, torch.Tensor) or z.ndim != 5 or z.shape[1] != self.config.z_dim:
             raise ValueError(f"expected a [B, {self.config.z_dim}, d, h, w] latent, got "
                              f"{_describe(z)}")
-        out = self.decoder(z.float().contiguous(memory_format=CL3D))
+        z = z.float()
+        if self.config.latent_scale:
+            scale, shift = self._affine(z)
+            z = (z - shift) / scale
+        out = self.decoder(z.contiguous(memory_format=CL3D))
         return out.clamp(-1.0, 1.0) if clamp else out
+
+    def _affine(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, -1, 1, 1, 1)
+        return (torch.tensor(self.config.latent_scale, device=z.device).view(shape),
+                torch.tensor(self.config.latent_shift, device=z.device).view(shape))
 
 
 class DistillationTargets(NamedTuple):
