@@ -64,9 +64,9 @@ def vae_config(cfg: TrainConfig) -> VAEConfig:
     bundle's VAE, else the preset."""
     bundle = _init_bundle(cfg)
     if not cfg.model.vae_weights and bundle is not None:
-        comp = bundles.read_bundle_config(bundle)["components"].get("vae")
-        if comp is not None:
-            return VAEConfig.from_dict(comp["config"])
+        bundled = _bundle_vae_config(bundle)
+        if bundled is not None:
+            return bundled
     if cfg.model.vae_weights:
         path = Path(cfg.model.vae_weights)
         if not path.is_file():
@@ -79,26 +79,23 @@ def vae_config(cfg: TrainConfig) -> VAEConfig:
                             ) from None
         if "vae_config" in meta:
             return VAEConfig.from_json(meta["vae_config"])
-        bundled = _bundle_vae_config(path)
-        if bundled is not None:
-            return bundled
+        if (path.parent / bundles.BUNDLE_JSON).is_file():
+            # a bundle's vae.safetensors carries no metadata: its configuration, latent
+            # statistics included, is in the bundle.json beside it
+            bundled = _bundle_vae_config(path.parent, weights=path.name)
+            if bundled is not None:
+                return bundled
     try:
         return VAEConfig.preset(cfg.model.vae)
     except ValueError as exc:
         raise UserError(f"{cfg.source}: [model] vae: {exc}") from None
 
 
-def _bundle_vae_config(weights: Path) -> VAEConfig | None:
-    """The VAE configuration of the bundle ``weights`` belongs to (a bundle's
-    ``vae.safetensors`` carries no metadata: its configuration, latent statistics included,
-    is in the ``bundle.json`` beside it); None for a file outside a bundle (e.g. Wan weights)."""
-    if not (weights.parent / bundles.BUNDLE_JSON).is_file():
-        return None
-    try:
-        comp = bundles.read_bundle_config(weights.parent)["components"].get("vae")
-    except bundles.CheckpointError:
-        return None
-    if comp is None or comp["weights"] != weights.name:
+def _bundle_vae_config(bundle: Path, weights: str | None = None) -> VAEConfig | None:
+    """The VAE configuration in ``bundle``'s bundle.json (None without a VAE component, or when
+    ``weights`` is given and is not that component's file)."""
+    comp = bundles.read_bundle_config(bundle)["components"].get("vae")
+    if comp is None or (weights is not None and comp["weights"] != weights):
         return None
     return VAEConfig.from_dict(comp["config"])
 
@@ -187,12 +184,10 @@ def build_codec(cfg: TrainConfig) -> TinyCodec | None:
         bundle = _init_bundle(cfg)
         if bundle is None:
             return None
-        comp = bundles.read_bundle_config(bundle)["components"].get("tiny_codec")
-        if comp is None:
+        document, states = _read_bundle(bundle)
+        if "tiny_codec" not in document["components"]:
             return None
-        codec = TinyCodec(TinyCodecConfig.from_dict(comp["config"]))
-        codec.load_state_dict(_read_bundle(bundle)[1]["tiny_codec"], strict=True)
-        return codec
+        return bundles.build_component(document, states, "tiny_codec", ARCHITECTURES)
     path = Path(cfg.model.codec_weights)
     try:
         with safe_open(str(path), "pt") as f:
