@@ -77,6 +77,9 @@ class DataConfig:
     # the convolutional VAE and codec learn the same from crops at a fraction of the cost;
     # (0, 0, 0) = the whole grid. Validation always uses the whole grid.
     crop: tuple[int, int, int] = (0, 0, 0)
+    # hold each training case's latents in memory after its first read (one file read per case
+    # instead of per sample: on a GPU the per-sample read bounds the step rate)
+    latents_in_memory: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,14 @@ class DiffusionConfig:
     timesteps: int = 1000
     sample_steps: int = 10
     solver: str = "euler"           # euler | dpm++2m (2nd order)
+
+
+@dataclass(frozen=True)
+class BeamPairsConfig:
+    """Beam-aware training on pairs of plans of one patient (same anatomy, other beams)."""
+
+    enabled: bool = False           # each batch element is a pair of plans: two samples
+    weight: float = 0.0             # weight of the pair's dose-difference loss (0 = pairs only)
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     any2any: Any2AnyConfig = field(default_factory=Any2AnyConfig)
+    beam_pairs: BeamPairsConfig = field(default_factory=BeamPairsConfig)
     vae_adapt: VAEAdaptConfig = field(default_factory=VAEAdaptConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     scardnft: ScardNFTConfig = field(default_factory=ScardNFTConfig)
@@ -171,7 +183,7 @@ _NON_NEGATIVE = {("run", "seed"), ("run", "threads"), ("model", "dit_dim"), ("mo
                  ("optim", "warmup_steps"), ("optim", "grad_clip"), ("data", "val_cases"),
                  ("data", "shift_voxels"), ("data", "crop"), ("vae_adapt", "loss_weight"),
                  ("scardnft", "kl_weight"), ("scardnft", "scorecard_weight"),
-                 ("scardnft", "mae_weight")}
+                 ("scardnft", "mae_weight"), ("beam_pairs", "weight")}
 _FRACTIONS = {("data", "val_fraction"), ("any2any", "target_prob"),
               ("any2any", "dose_target_prob")}
 

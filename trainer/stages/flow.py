@@ -6,6 +6,12 @@ table, shifted by 3), noise ``e``; target slots get ``x_s = (1 - s) x0 + s e``, 
 clean; the loss is the MSE to the parameterisation's target (v = e - x0 by default) over the
 target slots only, averaged per sample, then over the batch.
 
+Beam pairs (``[beam_pairs]``): each batch element is two plans of one patient (the same
+anatomy under other beams) drawn with the same flip, flow time and noise, so that the difference
+of their targets is the difference of their doses (for v: ``v_a - v_b = x0_b - x0_a``); the loss
+adds ``weight`` times the MSE between the predicted and the true difference. Only the beams differ
+within a pair, so this term is about what a beam does to the dose.
+
 Validation: the same loss with dose as the only target at fixed flow times and fixed noises
 (``val_loss``, comparable across steps and runs), and, when the VAE is a fitted one, for the
 10-step sampled dose: the voxel MAE in Gy inside the body (``val_mae_gy``) and the GDP-HMM
@@ -14,6 +20,8 @@ leaderboard MAE (``val_gdp_hmm_mae``), both on the training grid.
 
 from __future__ import annotations
 
+import itertools
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +48,29 @@ TargetSampler = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 class LatentItem:
     name: str
     variants: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PairItem:
+    """Two plans of one patient, trained with the same flip, flow time and noise."""
+
+    first: LatentItem
+    second: LatentItem
+
+    @property
+    def name(self) -> str:
+        return f"{self.first.name}+{self.second.name}"
+
+
+def beam_pairs(items: list[LatentItem], groups: dict[str, str]) -> list[PairItem]:
+    """Every unordered pair of ``items`` of one patient (``groups``: case name -> patient),
+    in a fixed order (patients, then names, sorted)."""
+    by_patient: dict[str, list[LatentItem]] = defaultdict(list)
+    for item in items:
+        by_patient[groups.get(item.name, item.name)].append(item)
+    return [PairItem(a, b) for patient in sorted(by_patient)
+            for a, b in itertools.combinations(sorted(by_patient[patient],
+                                                      key=lambda i: i.name), 2)]
 
 
 def any2any_targets(cfg: TrainConfig) -> TargetSampler:
@@ -77,46 +108,78 @@ def flow_task(stage: str, model: nn.Module, cache: Cache, index: dict, cfg: Trai
               ctx: DistContext, targets: TargetSampler,
               decode_dose: Callable[[torch.Tensor], torch.Tensor] | None = None,
               export: Callable[[Path], Path] | None = None,
-              decoder_loss: Callable | None = None) -> Task:
+              decoder_loss: Callable | None = None,
+              groups: dict[str, str] | None = None) -> Task:
     """The Any2Any / dose task over the latent cache ``index`` (see the module docstring).
 
-    ``decode_dose(latent [B, 16, d, h, w]) -> Gy [B, D, H, W]`` enables ``val_mae_gy``.
+    ``decode_dose(latent [B, 16, d, h, w]) -> Gy [B, D, H, W]`` enables ``val_mae_gy``;
+    ``groups`` (case name -> patient) joins the plans of a patient into beam pairs.
     """
     variants = tuple(index["variants"])
     train = [LatentItem(c["name"], variants) for c in index["cases"] if c["split"] == "train"]
     val = [LatentItem(c["name"], ("identity",)) for c in index["cases"] if c["split"] == "val"]
     prediction = cfg.diffusion.prediction
+    pairs = cfg.beam_pairs.enabled
+    if pairs:
+        if decoder_loss is not None:
+            raise UserError("[beam_pairs] cannot be combined with [vae_adapt]; use one of them")
+        train = beam_pairs(train, groups or {})
+        if not train:
+            raise UserError("[beam_pairs] enabled, but no training patient has two plans: add "
+                            "angle-varied plans (`dosepilot physics generate`) to the dataset")
+    in_memory: dict[str, dict[str, torch.Tensor]] = {}
+
+    def read(name: str) -> dict[str, torch.Tensor]:
+        if not cfg.data.latents_in_memory:
+            return cache.read_latents(name)
+        if name not in in_memory:
+            in_memory[name] = cache.read_latents(name)
+        return in_memory[name]
 
     def load(item: LatentItem, g: torch.Generator | None) -> tuple[torch.Tensor, str]:
-        latents = cache.read_latents(item.name)
         pick = 0 if g is None else int(torch.randint(len(item.variants), (1,), generator=g))
-        return latents[item.variants[pick]], item.variants[pick]
+        return read(item.name)[item.variants[pick]], item.variants[pick]
 
-    def loss(m: nn.Module, items: list[LatentItem], gens: list[torch.Generator]):
-        x0s, noises, sigmas, masks, picked = [], [], [], [], []
-        present = torch.ones(7, dtype=torch.bool)
-        for item, g in zip(items, gens):
-            x0, variant = load(item, g)
-            picked.append(variant)
-            masks.append(targets(present, g))
-            sigmas.append(diffusion.sample_training_sigmas(1, g, cfg.diffusion.shift,
-                                                           cfg.diffusion.timesteps))
-            noises.append(torch.randn(x0.shape, generator=g))
-            x0s.append(x0)
+    def draw(item: LatentItem | PairItem, g: torch.Generator) -> list[tuple]:
+        """(x0, noise, sigma, target mask, variant) of each sample of a batch element."""
+        x0, variant = load(item.first if pairs else item, g)
+        mask = targets(torch.ones(7, dtype=torch.bool), g)
+        sigma = diffusion.sample_training_sigmas(1, g, cfg.diffusion.shift,
+                                                 cfg.diffusion.timesteps)
+        noise = torch.randn(x0.shape, generator=g)
+        out = [(x0, noise, sigma, mask, variant)]
+        if pairs:
+            out.append((read(item.second.name)[variant], noise, sigma, mask, variant))
+        return out
+
+    def loss(m: nn.Module, items: list, gens: list[torch.Generator]):
+        samples = [s for item, g in zip(items, gens) for s in draw(item, g)]
         dev = ctx.device
-        x0, noise = torch.stack(x0s).to(dev), torch.stack(noises).to(dev)
-        s, mask = torch.cat(sigmas).to(dev), torch.stack(masks).to(dev)
+        x0 = torch.stack([s[0] for s in samples]).to(dev)
+        noise = torch.stack([s[1] for s in samples]).to(dev)
+        s = torch.cat([s[2] for s in samples]).to(dev)
+        mask = torch.stack([s[3] for s in samples]).to(dev)
         x = noise_targets(x0, noise, s, mask)
         pred = m(x, s, mask)
+        slots = mask[:, :, None, None, None, None]
         # each sample weighs the same whatever its number of target slots, so that a global
         # batch gives the same loss however it is split over processes
         value = torch.stack([
             diffusion.flow_matching_loss(pred[i:i + 1].float(), x0[i:i + 1], noise[i:i + 1],
-                                         prediction, mask=mask[i:i + 1, :, None, None, None, None])
-            for i in range(len(items))]).mean()
+                                         prediction, mask=slots[i:i + 1])
+            for i in range(len(samples))]).mean()
         stats = {"flow_loss": value.item(),
                  "targets_per_sample": mask.float().sum(1).mean().item()}
+        if pairs:
+            target = diffusion.training_target(x0, noise, prediction)
+            diff = (pred[0::2].float() - pred[1::2].float()) - (target[0::2] - target[1::2])
+            weight = slots[0::2].to(diff.dtype).expand_as(diff)
+            pair_loss = ((diff.square() * weight).flatten(1).sum(1)
+                         / weight.flatten(1).sum(1)).mean()
+            stats["pair_loss"] = pair_loss.item()
+            value = value + cfg.beam_pairs.weight * pair_loss
         if decoder_loss is not None:
+            picked = [sample[4] for sample in samples]
             dec = decoder_loss(getattr(m, "module", m), pred, x, s, mask, items, picked)
             stats["decoder_l1"] = dec.item()
             value = value + dec
@@ -159,7 +222,7 @@ def flow_task(stage: str, model: nn.Module, cache: Cache, index: dict, cfg: Trai
                 train_items=train, val_items=val, loss=loss, evaluate=evaluate, export=export,
                 data_signature=data_signature([t.name for t in train]),
                 use_ddp=decoder_loss is None, find_unused=True,
-                info={"variants": list(variants)})
+                info={"variants": list(variants), "beam_pairs": pairs})
 
 
 def dose_to_gy(unit: torch.Tensor, normalisation: dict) -> torch.Tensor:
@@ -275,5 +338,6 @@ def run_stage(stage: str, targets: TargetSampler, cfg: TrainConfig, data_dir: Pa
     task = flow_task(stage, model, cache, index, cfg, ctx, targets, decode_dose=decode,
                      export=export,
                      decoder_loss=decoder_loss_fn(cache, cfg, cfg.diffusion.prediction)
-                     if adapting else None)
+                     if adapting else None,
+                     groups={c.name: c.group for c in manifest.cases})
     return loop.run(task, cfg, run_dir, ctx, resume=resume)
