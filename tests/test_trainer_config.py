@@ -8,7 +8,7 @@ from engine.cli import main
 from trainer.config import ConfigError, config_from_dict, load_config, presets_dir
 
 
-@pytest.mark.parametrize("name", ["paper", "cpu-small", "test-tiny"])
+@pytest.mark.parametrize("name", ["paper", "cpu-small", "default-cpu", "default-gpu", "test-tiny"])
 def test_shipped_presets_load(name):
     cfg = load_config(name)
     assert cfg.source.endswith(f"{name}.toml")
@@ -85,3 +85,11 @@ def test_cli_accepts_the_gui_spelling(tmp_path, capsys):
                  str(tmp_path / "run"), "--config", "test-tiny", "--set", "run.max_steps=2"])
     assert code == 2
     assert "dataset folder not found" in capsys.readouterr().err
+
+
+def test_gpu_recipe_is_the_cpu_recipe_architecture():
+    """The GPU preset trains the same model as the CPU one (its bundle meets the CPU budgets),
+    with a GPU-sized batch and latents held in memory."""
+    cpu, gpu = load_config("default-cpu"), load_config("default-gpu")
+    assert (gpu.model, gpu.data.grid) == (cpu.model, cpu.data.grid)
+    assert gpu.run.device == "auto" and gpu.data.latents_in_memory and gpu.data.batch_size >= 32
