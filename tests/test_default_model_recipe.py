@@ -35,7 +35,8 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     runs = tmp_path / "runs"
     env = dict(os.environ, OPENKBP=str(openkbp), PHYSICS=str(physics), N_TRAIN="4", N_VAL="1",
                VAE_STEPS="2", DISTILL_STEPS="2", A_STEPS="2", B_STEPS="2", C_STEPS="2",
-               N_C="2", NICE="0",
+               N_C="2", D_STEPS="2", D_DISTILL_STEPS="2", D_CROP="5, 16, 16", NICE="0",
+               GPU_PRESET=str(REPO / "resources/presets/test-tiny.toml"),
                THREADS="1", PRESET=str(REPO / "resources/presets/test-tiny.toml"),
                CROP="5, 16, 16", PATH=f"{Path(sys.executable).parent}{os.pathsep}"
                f"{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO))
@@ -43,15 +44,19 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     out = subprocess.run(["bash", str(RECIPE), str(runs)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    bundle = runs / "stage-c" / "model"
+    bundle = runs / "stage-d" / "model"
     assert f"model bundle: {bundle}" in out.stdout
     model = load_dose_model(bundle, "cpu")
-    provenance = json.loads((bundle / "bundle.json").read_text())["provenance"]
+    assert json.loads((bundle / "bundle.json").read_text())["provenance"]["init_from"] == str(
+        runs / "stage-c/model")
+    stage_c = runs / "stage-c" / "model"
+    provenance = json.loads((stage_c / "bundle.json").read_text())["provenance"]
     assert provenance["stage"] == "dose" and provenance["init_from"] == str(runs / "stage-b/model")
     stage_b = json.loads((runs / "stage-b/model/bundle.json").read_text())["provenance"]
     assert stage_b["init_from"] == str(runs / "stage-a/model")
     assert "data.crop" not in provenance["preset"]           # crops only in the volume stages
-    assert model.codec is not None                           # the distilled preview codec
+    assert model.codec is not None                           # Stage D's distilled codec
+    assert Cache(runs / "cache-gpu").read_index()["latents_complete"]
     index = Cache(runs / "cache").read_index()
     trained = {c["name"] for c in index["cases"] if c["split"] == "train"}   # Stage C's last
     assert trained == {f"train/{train[0].stem}", f"train/{train[1].stem}",
@@ -63,7 +68,7 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     again = subprocess.run(["bash", str(RECIPE), str(runs)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    for stage in ("vae", "distill", "stage-a", "stage-b", "stage-c"):   # finished: not rerun
+    for stage in ("vae", "distill", "stage-a", "stage-b", "stage-c", "distill-d", "stage-d"):
         starts = [line for line in (runs / stage / "events.jsonl").read_text().splitlines()
                   if '"type": "start"' in line]
         assert len(starts) == 1, stage

@@ -11,6 +11,12 @@
 #                                                         them plus the first N_C OpenKBP cases
 #                                                         (RUNS_DIR/data-c), so that moving a
 #                                                         beam moves the dose; C_STEPS=0 skips it
+#   cache -> distill + dose (Stage D, from Stage C)       on a GPU: the Stage B data mirrored
+#                                                         left/right, preset default-gpu (batch
+#                                                         32, latents in memory, its own cache
+#                                                         RUNS_DIR/cache-gpu) and a new preview
+#                                                         codec distilled on 33 x 128 x 128
+#                                                         crops; D_STEPS=0 (the default) skips it
 # Resumable: run the same command again after an interruption; a stage with checkpoints is
 # continued with --resume, a finished stage (its export exists) is skipped, and the latent
 # cache (RUNS_DIR/cache) skips the cases it already holds. To stop a stage early and still
@@ -30,6 +36,8 @@
 #                                       model card scores all 33 with predict + evaluate)
 #   N_C=100                             OpenKBP cases in Stage C (with all the physics plans)
 #   VAE_STEPS=800 DISTILL_STEPS=300 A_STEPS=300 B_STEPS=550 C_STEPS=600
+#   D_STEPS=0 D_DISTILL_STEPS=1000      Stage D (the shipped model: 2139 dose steps, see its card)
+#   GPU_PRESET=.../default-gpu.toml D_CROP="33, 128, 128"
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
 #                                       (tests run the whole recipe with test-tiny and "5, 16, 16")
@@ -53,6 +61,10 @@ NICE=${NICE:-10}
 THREADS=${THREADS:-2}
 PRESET=${PRESET:-$REPO/resources/presets/default-cpu.toml}
 CROP=${CROP:-33, 64, 64}
+D_STEPS=${D_STEPS:-0}
+D_DISTILL_STEPS=${D_DISTILL_STEPS:-1000}
+GPU_PRESET=${GPU_PRESET:-$REPO/resources/presets/default-gpu.toml}
+D_CROP=${D_CROP:-33, 128, 128}
 
 # The case subsets: symlinks to the first N files of a folder, in name order.
 link_first() {  # FROM_DIR TO_DIR N
@@ -65,13 +77,14 @@ if [ ! -d "$RUNS/data-a" ]; then
     link_first "$OPENKBP/validation" "$RUNS/data-a/validation" "$N_VAL"
 fi
 
-train() {  # STAGE RUN_NAME DATA [--set K=V ...]
-    local stage=$1 name=$2 data=$3 resume=()
+train() {  # STAGE RUN_NAME DATA [--set K=V ...]; USE_PRESET / CACHE override the CPU ones
+    local stage=$1 name=$2 data=$3 resume=() extra=(--set "run.threads=$THREADS")
     shift 3
     if compgen -G "$RUNS/$name/checkpoints/*.safetensors" > /dev/null; then resume=(--resume); fi
-    nice -n "$NICE" python -m engine.cli train "$stage" --config "$PRESET" --data "$data" \
-        --out "$RUNS/$name" --set "data.cache_dir=\"$RUNS/cache\"" --set "run.threads=$THREADS" \
-        "$@" "${resume[@]}"
+    if [ -n "${USE_PRESET:-}" ]; then extra=(); fi   # the GPU preset's own threads
+    nice -n "$NICE" python -m engine.cli train "$stage" --config "${USE_PRESET:-$PRESET}" \
+        --data "$data" --out "$RUNS/$name" --set "data.cache_dir=\"${CACHE:-$RUNS/cache}\"" \
+        "${extra[@]}" "$@" "${resume[@]}"
 }
 
 VAE_W="$RUNS/vae/vae.safetensors"
@@ -118,4 +131,16 @@ train cache cache-c "$RUNS/data-c" "${FITTED[@]}"
 [ -f "$RUNS/stage-c/model/bundle.json" ] || train dose stage-c "$RUNS/data-c" "${FITTED[@]}" \
     --set "model.codec_weights=\"$CODEC_W\"" --set "model.init_from=\"$RUNS/stage-b/model\"" \
     --set "run.max_steps=$C_STEPS"
-echo "model bundle: $RUNS/stage-c/model"
+if [ "$D_STEPS" -eq 0 ]; then echo "model bundle: $RUNS/stage-c/model"; exit 0; fi
+
+# Stage D (GPU): the Stage B data with flip_lr, in its own cache (other latent variants).
+CODEC_D="$RUNS/distill-d/tiny_codec.safetensors"
+gpu() { USE_PRESET=$GPU_PRESET CACHE=$RUNS/cache-gpu train "$@"; }
+gpu cache cache-d "$RUNS/data-b" "${FITTED[@]}"
+[ -f "$CODEC_D" ] || gpu distill distill-d "$RUNS/data-b" "${FITTED[@]}" \
+    --set "run.max_steps=$D_DISTILL_STEPS" --set "data.crop=[$D_CROP]" --set data.batch_size=8 \
+    --set optim.lr=5e-4
+[ -f "$RUNS/stage-d/model/bundle.json" ] || gpu dose stage-d "$RUNS/data-b" "${FITTED[@]}" \
+    --set "model.codec_weights=\"$CODEC_D\"" --set "model.init_from=\"$RUNS/stage-c/model\"" \
+    --set "run.max_steps=$D_STEPS"
+echo "model bundle: $RUNS/stage-d/model"
