@@ -42,7 +42,7 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
                f"{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO))
 
     out = subprocess.run(["bash", str(RECIPE), str(runs)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     bundle = runs / "stage-d" / "model"
     assert f"model bundle: {bundle}" in out.stdout
@@ -66,7 +66,7 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     assert vae_start["config"]["data"]["crop"] == [5, 16, 16]
 
     again = subprocess.run(["bash", str(RECIPE), str(runs)], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     for stage in ("vae", "distill", "stage-a", "stage-b", "stage-c", "distill-d", "stage-d"):
         starts = [line for line in (runs / stage / "events.jsonl").read_text().splitlines()
