@@ -249,3 +249,17 @@ def test_a_dose_grid_larger_than_the_ct_with_nothing_beyond_it_is_fine(patient):
     assert case.warnings == () and case.study_warnings == ()
     assert case.dose_grid.geometry.shape != case.geometry.shape
     assert case.dose.array.max() == pytest.approx(20.0, abs=0.01)
+
+
+def test_the_contours_own_image_references_count_without_the_series_list(patient):
+    def drop_series_list(ds):
+        series = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]\
+            .RTReferencedSeriesSequence[0]
+        del series.ContourImageSequence
+    _edit(patient / "RTSTRUCT.dcm", drop_series_list)
+    _keep_only(patient, set(range(N_SLICES - 2)))
+    case = load_dicom_case(patient)
+    assert len(case.study_warnings) == 1
+    assert case.study_warnings[0].startswith(
+        f"CT series incomplete: 2 of {N_SLICES} images referenced by the structure set are "
+        "missing.")
