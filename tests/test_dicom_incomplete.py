@@ -25,12 +25,13 @@ from engine.io.dicom_export import write_rtdose
 from engine.phantom import PhantomSpec, write_phantom
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-N_SLICES = 30
+N_SLICES = 98
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """A phantom with a synthetic dose: 30 slices of 3 mm, 11 ROIs, 7 beams."""
+    """A phantom with a synthetic dose: 98 slices of 3 mm (as the reported export), 11 ROIs,
+    7 beams."""
     out = tmp_path_factory.mktemp("incomplete_source")
     return write_phantom(out, PhantomSpec(shape=(N_SLICES, 40, 48), spacing=(3.0, 3.0, 3.0),
                                           with_dose=True))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -49,6 +50,23 @@ def rtstruct_images(ds: Dataset) -> tuple[set[str], set[str]]:
     return images, series
 
 
+def _sequences(item: Dataset) -> Iterator[Dataset]:
+    """The items of every sequence element of ``item``; other elements stay unconverted (a
+    malformed value elsewhere in a plan must not break this look-up)."""
+    for tag in list(item.keys()):
+        vr = getattr(item.get_item(tag), "VR", None)
+        if vr is None:  # implicit VR: the dictionary knows
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                continue
+        if vr == "SQ":
+            try:
+                yield from item[tag].value or []
+            except Exception:  # pydicom raises many types on corrupt input
+                continue
+
+
 def referenced_ct_images(ds: Dataset) -> set[str]:
     """CT image UIDs referred to anywhere in ``ds`` (an RTPLAN or RTDOSE): items of any
     sequence whose ReferencedSOPClassUID is CT Image Storage."""
@@ -58,9 +76,7 @@ def referenced_ct_images(ds: Dataset) -> set[str]:
         item = stack.pop()
         if str(item.get("ReferencedSOPClassUID", "") or "") == CT_IMAGE_STORAGE:
             found.update(_uids([item]))
-        for element in item:
-            if element.VR == "SQ":
-                stack.extend(element.value)
+        stack.extend(_sequences(item))
     return found
 
 
