@@ -167,6 +167,25 @@ class Structure:
         return float(np.count_nonzero(self.mask)) * geometry.voxel_volume_cc
 
 
+@dataclass(frozen=True)
+class StructureNotOnCt:
+    """A ROI of the structure set that has no mask on the CT: listed, never used as a mask.
+
+    Attributes:
+        name, role, number, color: as for :class:`Structure`.
+        reason: why it has no mask, for the user (e.g. "its contours lie outside the CT").
+    """
+
+    name: str
+    role: Role
+    number: int
+    reason: str
+    color: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", Role(self.role))
+
+
 class Technique(str, enum.Enum):
     STATIC = "static"
     ARC = "arc"
@@ -288,8 +307,15 @@ class DicomRefs:
 class Case:
     """One patient: CT (HU, float32), structures on the CT grid, plan and optional reference dose.
 
-    ``dose`` is the reference dose resampled onto the CT grid (Gy). ``warnings`` collects
-    everything the importer had to skip or guess, for the user to read.
+    ``dose`` is the reference dose resampled onto the CT grid (Gy); ``dose_grid`` the same dose
+    on its own grid as the RTDOSE holds it (None when the case did not come with one), which
+    still shows the whole dose when the dose reaches beyond the CT. ``structures_not_on_ct``
+    lists the structure set's ROIs that have no mask on the CT (their contours lie outside it,
+    they have none, ...), so that a listing can show every ROI; only ``structures`` are masks.
+    ``warnings`` collects everything the importer had to skip or guess, for the user to read;
+    ``study_warnings`` are those of them about the study as a whole (an incomplete CT series, a
+    structure set or dose that belongs to another CT), which a planner must see before trusting
+    anything shown.
     """
 
     name: str
@@ -299,10 +325,17 @@ class Case:
     dose: Volume | None = None
     refs: DicomRefs = field(default_factory=DicomRefs)
     warnings: tuple[str, ...] = ()
+    structures_not_on_ct: tuple[StructureNotOnCt, ...] = ()
+    dose_grid: Volume | None = None
+    study_warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "structures", tuple(self.structures))
         object.__setattr__(self, "warnings", tuple(self.warnings))
+        object.__setattr__(self, "structures_not_on_ct", tuple(self.structures_not_on_ct))
+        object.__setattr__(self, "study_warnings", tuple(self.study_warnings))
+        if not set(self.study_warnings) <= set(self.warnings):
+            raise ValueError("every study warning must also be one of the case's warnings")
         for s in self.structures:
             if s.mask.shape != self.ct.geometry.shape:
                 raise ValueError(f"structure {s.name!r} mask {s.mask.shape} is not on the CT grid "
@@ -342,7 +375,9 @@ class Case:
         return dataclasses.replace(self, plan=plan)
 
     def with_dose(self, dose: Volume | None) -> Case:
-        return dataclasses.replace(self, dose=dose)
+        """This case with another reference dose (on the CT grid); the RTDOSE's own grid,
+        which no longer matches it, is dropped."""
+        return dataclasses.replace(self, dose=dose, dose_grid=None)
 
 
 def content_hash(*parts: object) -> str:

@@ -32,18 +32,16 @@ import numpy as np
 import torch
 
 from engine import diffusion
-from engine.case import Case, Geometry, Plan, Volume
+from engine.case import Case, Plan, Volume
 from engine.cpu_tuning import tune_cpu
 from engine.dose_model import DoseModel, load_dose_model
 from engine.features import (
-    ModelGridTransform,
     ModelInputs,
     Normalization,
     Slot,
     build_modalities,
     plan_plates,
 )
-from engine.geometry import resample
 from engine.latest_wins import Cancelled, LatestWinsRunner, Outcome
 from engine.metrics.dvh import DVH, DoseMetrics, StructureSet, all_metrics, prepare
 from engine.metrics.scorecard import BoundScorecard, ScorecardResult, builtin_template
@@ -83,43 +81,6 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def model_box_on_patient(transform: ModelGridTransform) -> tuple[slice, slice, slice] | None:
-    """The part of the patient grid that the model grid covers (with a one-voxel margin).
-
-    The model grid's outer faces (half a voxel beyond its outer voxel centres, the reach of
-    :func:`engine.geometry.resample`) are mapped to patient indices; patient voxels outside the
-    returned box lie outside the model grid. ``None`` when the grids do not overlap.
-    """
-    shape = np.asarray(transform.model.shape, dtype=np.float64)
-    corners = np.array([[a, b, c] for a in (-0.5, shape[0] - 0.5) for b in (-0.5, shape[1] - 0.5)
-                        for c in (-0.5, shape[2] - 0.5)])
-    index = transform.patient.lps_to_index(transform.model.index_to_lps(corners))
-    lo = np.maximum(np.floor(index.min(axis=0)).astype(int) - 1, 0)
-    hi = np.minimum(np.ceil(index.max(axis=0)).astype(int) + 2, transform.patient.shape)
-    if np.any(hi <= lo):
-        return None
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-
-
-def to_patient_cropped(transform: ModelGridTransform, array: np.ndarray, order: int) -> Volume:
-    """``transform.to_patient(array, order, fill=0)``, resampling only the covered sub-box.
-
-    The same values as resampling onto the whole patient grid (the sub-box is a grid of the
-    same voxel positions), without interpolating the zeros of a large CT around the model grid.
-    """
-    patient = transform.patient
-    out = np.zeros(patient.shape, dtype=np.float32)
-    box = model_box_on_patient(transform)
-    if box is not None:
-        start = [b.start for b in box]
-        sub = Geometry(shape=tuple(b.stop - b.start for b in box),
-                       origin=tuple(patient.index_to_lps(np.asarray(start, dtype=np.float64))),
-                       spacing=patient.spacing, direction=patient.direction)
-        out[box] = resample(Volume(np.asarray(array, dtype=np.float32), transform.model), sub,
-                            order=order, fill=0.0).array
-    return Volume(out, patient)
 
 
 @dataclass(frozen=True)
@@ -338,11 +299,10 @@ class DoseEngine:
         order = 1 if fast else 3
         with timer("to_patient"):
             transform = grid.inputs.transform
-            mean = to_patient_cropped(transform, gy.mean(axis=0), order=order)
-            dose = Volume(np.maximum(mean.array, np.float32(0)), mean.geometry)
+            dose = transform.to_patient(gy.mean(axis=0), order=order, fill=0.0, floor=0.0)
             std = None
             if len(seeds) > 1:
-                std = to_patient_cropped(transform, gy.std(axis=0), order=1)
+                std = transform.to_patient(gy.std(axis=0), order=1, fill=0.0)
         with timer("dvh"):
             curves, metrics = all_metrics(dose.array, state.structures, case.geometry)
             scorecard = self._scorecard(state, dose.array)

@@ -49,6 +49,7 @@ class MainWindow(QtWidgets.QMainWindow):
     exported = QtCore.Signal(object)
     physics_ready = QtCore.Signal(object)
     error_shown = QtCore.Signal(str)
+    warning_shown = QtCore.Signal(str)
 
     def __init__(self, engine: DoseEngineLike | None = None, engine_message: str = "",
                  settings: QtCore.QSettings | None = None) -> None:
@@ -60,6 +61,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.session = Session()
         self.controller = DoseController(self.session, engine)
         self.last_error = ""
+        self.last_warning = ""
         self._physics_task: asyncio.Future | None = None
         self._physics_cancel: threading.Event | None = None
         self._load_task: asyncio.Future | None = None
@@ -282,6 +284,9 @@ class MainWindow(QtWidgets.QMainWindow):
         if case.warnings:
             self.statusBar().showMessage(
                 f"Opened {case.name} with {len(case.warnings)} warning(s): {case.warnings[0]}")
+        if case.study_warnings:
+            self.show_warning(f"Incomplete or inconsistent study: {case.name}",
+                              "\n\n".join(case.study_warnings))
         self._update_case_actions()
         self.case_loaded.emit(case)
         _freeze_long_lived_objects()
@@ -446,6 +451,15 @@ class MainWindow(QtWidgets.QMainWindow):
         box.setAttribute(QtCore.Qt.WidgetAttribute.WA_DeleteOnClose)
         box.open()
         self.error_shown.emit(message)
+
+    def show_warning(self, title: str, message: str) -> None:
+        """A non-blocking warning dialog (window-modal): the planner can read it and go on."""
+        self.last_warning = message
+        box = QtWidgets.QMessageBox(QtWidgets.QMessageBox.Icon.Warning, title, message,
+                                    QtWidgets.QMessageBox.StandardButton.Ok, self)
+        box.setAttribute(QtCore.Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.open()
+        self.warning_shown.emit(message)
 
     def closeEvent(self, event: QtGui.QCloseEvent) -> None:  # noqa: N802 - Qt API
         if self._physics_cancel is not None:

@@ -1,4 +1,7 @@
-"""Structure list with colour swatches and visibility check boxes (drives every view)."""
+"""Structure list with colour swatches and visibility check boxes (drives every view).
+
+ROIs of the structure set that have no mask on the CT (``Case.structures_not_on_ct``) are
+listed after the others, greyed out and without a check box, with the reason as tooltip."""
 
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ class StructuresPanel(QtWidgets.QListWidget):
             pixmap = QtGui.QPixmap(12, 12)
             pixmap.fill(QtGui.QColor(*structure_color(i, s.color)))
             item.setIcon(QtGui.QIcon(pixmap))
+            self.addItem(item)
+        for s in case.structures_not_on_ct:
+            item = QtWidgets.QListWidgetItem(f"{s.name}  [{s.role.value}]  not on the CT")
+            item.setFlags(QtCore.Qt.ItemFlag.NoItemFlags)
+            item.setToolTip(f"{s.name} is not on the CT: {s.reason}")
             self.addItem(item)
         self._updating = False
 

@@ -22,6 +22,7 @@ def test_inspect_json_reports_ct_structures_beams_dose(phantom_dicom, capsys):
     by_name = {s["name"]: s for s in report["structures"]}
     assert set(by_name) == {s.name for s in truth.structures}
     assert by_name["PTV70"] == {"name": "PTV70", "role": "target", "prescription_gy": 70.0,
+                                "on_ct": True,
                                 "volume_cc": pytest.approx(truth.structure("PTV70")
                                                            .volume_cc(g), abs=1e-3)}
     assert by_name["BODY"]["role"] == "external" and by_name["BODY"]["prescription_gy"] is None
@@ -32,6 +33,7 @@ def test_inspect_json_reports_ct_structures_beams_dose(phantom_dicom, capsys):
     assert b["gantry_deg"] == pytest.approx(51.4) and b["couch_deg"] == 0.0
     assert b["isocenter_mm"] == pytest.approx(list(truth.plan.isocenter_mm), abs=0.01)
     assert report["dose"]["max_gy"] == pytest.approx(float(truth.dose.array.max()), abs=1e-3)
+    assert report["dose"]["own_grid"]["shape"] == list(g.shape)  # written on the CT grid
     assert report["plan"]["fractions"] == 35
     assert report["warnings"] == []
 

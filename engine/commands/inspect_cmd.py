@@ -1,9 +1,11 @@
 """``dosepilot inspect PATH [--json]``: what a DICOM patient folder holds.
 
-Prints the CT grid, each structure (role, volume, prescription), each beam (gantry angle or arc
-range, couch, technique, isocentre), the dose if any, and every import warning. ``--json``
-prints one JSON object with the keys ``ct``, ``structures``, ``beams``, ``plan``, ``dose`` and
-``warnings``.
+Prints the CT grid, every structure of the structure set (role, volume, prescription; those
+without a mask on the CT marked "not on the CT" with the reason), each beam (gantry angle or arc
+range, couch, technique, isocentre), the dose if any (on the CT grid and, from an RTDOSE, on its
+own grid, which shows the whole dose when the CT misses part of it), and every import warning.
+``--json`` prints one JSON object with the keys ``ct``, ``structures`` (each with ``on_ct``),
+``beams``, ``plan``, ``dose`` (with ``own_grid``) and ``warnings``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.case import Beam, Case, Technique
+from engine.case import Beam, Case, Technique, Volume
 from engine.cli import UserError
 from engine.io.dicom import DicomImportError, load_dicom_case
 
@@ -37,6 +39,28 @@ def _beam(b: Beam) -> dict[str, Any]:
     return out
 
 
+def _structures(case: Case) -> list[dict[str, Any]]:
+    """Every ROI: those with a mask, then those without, merged by ROI number when the
+    listing holds ROIs not on the CT (ROI numbers come from the structure set then)."""
+    g = case.geometry
+    rows = [(s.number, {"name": s.name, "role": s.role.value, "on_ct": True,
+                        "volume_cc": round(s.volume_cc(g), 3),
+                        "prescription_gy": s.prescription_gy}) for s in case.structures]
+    rows += [(s.number, {"name": s.name, "role": s.role.value, "on_ct": False,
+                         "volume_cc": None, "prescription_gy": None, "reason": s.reason})
+             for s in case.structures_not_on_ct]
+    if case.structures_not_on_ct:
+        rows.sort(key=lambda row: row[0])
+    return [row for _, row in rows]
+
+
+def _dose(volume: Volume) -> dict[str, Any]:
+    g = volume.geometry
+    return {"shape": list(g.shape), "spacing_mm": _r(g.spacing), "origin_mm": _r(g.origin),
+            "max_gy": round(float(volume.array.max()), 3),
+            "mean_gy": round(float(np.mean(volume.array)), 3)}
+
+
 def summarize(case: Case) -> dict[str, Any]:
     """The inspect report as plain JSON-able data."""
     g = case.geometry
@@ -46,9 +70,7 @@ def summarize(case: Case) -> dict[str, Any]:
         "ct": {"shape": list(g.shape), "spacing_mm": _r(g.spacing), "origin_mm": _r(g.origin),
                "direction": [_r(row, 6) for row in g.direction],
                "hu_min": round(float(ct.min()), 1), "hu_max": round(float(ct.max()), 1)},
-        "structures": [{"name": s.name, "role": s.role.value,
-                        "volume_cc": round(s.volume_cc(g), 3),
-                        "prescription_gy": s.prescription_gy} for s in case.structures],
+        "structures": _structures(case),
         "beams": [_beam(b) for b in case.plan.beams] if case.plan else [],
         "plan": None, "dose": None, "warnings": list(case.warnings),
     }
@@ -58,12 +80,9 @@ def summarize(case: Case) -> dict[str, Any]:
                           "prescription_gy": p.prescription_gy,
                           "patient_position": p.patient_position.value}
     if case.dose is not None:
-        d = case.dose.array
-        report["dose"] = {"shape": list(case.dose.geometry.shape),
-                          "spacing_mm": _r(case.dose.geometry.spacing),
-                          "origin_mm": _r(case.dose.geometry.origin), "on_ct_grid": True,
-                          "max_gy": round(float(d.max()), 3),
-                          "mean_gy": round(float(np.mean(d)), 3)}
+        report["dose"] = {**_dose(case.dose), "on_ct_grid": True,
+                          "own_grid": _dose(case.dose_grid) if case.dose_grid is not None
+                          else None}
     return report
 
 
@@ -74,8 +93,13 @@ def _text(r: dict[str, Any]) -> str:
              f"{' x '.join(f'{v:g}' for v in ct['spacing_mm'])} mm, origin "
              f"({', '.join(f'{v:g}' for v in ct['origin_mm'])}) mm LPS, "
              f"HU {ct['hu_min']:g} .. {ct['hu_max']:g}"]
-    lines.append(f"Structures ({len(r['structures'])}):")
+    off = sum(not s["on_ct"] for s in r["structures"])
+    lines.append(f"Structures ({len(r['structures'])}"
+                 f"{f', {off} not on the CT' if off else ''}):")
     for s in r["structures"]:
+        if not s["on_ct"]:
+            lines.append(f"  {s['name']:<24} {s['role']:<9}  not on the CT: {s['reason']}")
+            continue
         rx = f"  Rx {s['prescription_gy']:g} Gy" if s["prescription_gy"] else ""
         lines.append(f"  {s['name']:<24} {s['role']:<9} {s['volume_cc']:10.2f} cc{rx}")
     if r["plan"]:
@@ -97,6 +121,11 @@ def _text(r: dict[str, Any]) -> str:
     if r["dose"]:
         d = r["dose"]
         lines.append(f"Dose on the CT grid: max {d['max_gy']:g} Gy, mean {d['mean_gy']:g} Gy")
+        own = d["own_grid"]
+        if own is not None:
+            lines.append(f"Dose on its own grid ({' x '.join(map(str, own['shape']))} voxels, "
+                         f"spacing {' x '.join(f'{v:g}' for v in own['spacing_mm'])} mm): "
+                         f"max {own['max_gy']:g} Gy, mean {own['mean_gy']:g} Gy")
     else:
         lines.append("Dose: none")
     lines.append(f"Warnings ({len(r['warnings'])}):")

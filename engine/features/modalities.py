@@ -68,21 +68,31 @@ class ModelInputs:
         return self.transform.dose_to_patient(self.normalization.dose_to_gy(dose_unit))
 
 
-def _prescription_map(case: Case) -> np.ndarray:
-    """Per CT voxel, the highest prescription (Gy) of the targets covering it (0 elsewhere)."""
-    out = np.zeros(case.geometry.shape, dtype=np.float32)
-    for t in case.targets:
-        rx = t.prescription_gy if t.prescription_gy is not None else 0.0
-        if rx > 0:
-            np.maximum(out, np.where(t.mask, np.float32(rx), np.float32(0)), out=out)
+Box = tuple[slice, slice, slice]
+
+
+def _label_map(masks: list[tuple[np.ndarray, float]], shape: tuple[int, ...],
+               box: Box | None) -> np.ndarray:
+    """Per voxel of ``box`` (the whole grid when None), the highest value of the masks covering
+    it (0 elsewhere)."""
+    out = np.zeros(shape, dtype=np.float32)
+    part = box if box is not None else (slice(None),) * 3
+    for mask, value in masks:
+        if value > 0:
+            np.maximum(out, np.float32(value), out=out, where=mask[part])
     return out
 
 
-def _oar_map(case: Case, site: str | None) -> np.ndarray:
-    out = np.zeros(case.geometry.shape, dtype=np.float32)
-    for structure, code in oar_codes(case, site):
-        np.maximum(out, np.where(structure.mask, np.float32(code), np.float32(0)), out=out)
-    return out
+def _prescription_map(case: Case, box: Box | None = None) -> np.ndarray:
+    """Per CT voxel (of ``box``), the highest prescription (Gy) of the targets covering it."""
+    shape = case.geometry.shape if box is None else tuple(b.stop - b.start for b in box)
+    return _label_map([(t.mask, t.prescription_gy or 0.0) for t in case.targets], shape, box)
+
+
+def _oar_map(case: Case, site: str | None, box: Box | None = None) -> np.ndarray:
+    """Per CT voxel (of ``box``), the highest OAR code of the organs covering it."""
+    shape = case.geometry.shape if box is None else tuple(b.stop - b.start for b in box)
+    return _label_map([(s.mask, code) for s, code in oar_codes(case, site)], shape, box)
 
 
 def build_modalities(case: Case, plan: Plan | None = None,
@@ -97,21 +107,27 @@ def build_modalities(case: Case, plan: Plan | None = None,
     if plan is None or not plan.beams:
         raise ValueError(f"case {case.name!r} has no plan with beams: the beam plate needs one")
     norm = normalization or Normalization()
-    rx = _prescription_map(case)
-    if not rx.any():
+    if not any((t.prescription_gy or 0.0) > 0 and t.mask.any() for t in case.targets):
         raise ValueError(f"case {case.name!r} has no target with a prescription (PTV channel "
                          f"and beam plate need one); structures: "
                          f"{', '.join(s.name for s in case.structures) or 'none'}")
     tf = ModelGridTransform.around(case.geometry, plan.isocenter_mm)
     shape = tf.model.shape
+    # label maps are composed on the part of the CT the model grid covers only: a large CT
+    # would otherwise need several full-size float32 maps (GBs) for a 2 M-voxel result
+    box = tf.patient_box()
+    whole = (slice(None),) * 3
     volumes = np.full((N_SLOTS, *shape), -1.0, dtype=np.float32)
-    volumes[Slot.CT] = norm.ct(tf.to_model(case.ct.array, order=1, fill=norm.ct_min_hu))
-    rx_model = tf.to_model(rx, order=0, fill=0.0)
+    volumes[Slot.CT] = norm.ct(tf.box_to_model(case.ct.array[box or whole], box, order=1,
+                                               fill=norm.ct_min_hu))
+    rx_model = tf.box_to_model(_prescription_map(case, box), box, order=0, fill=0.0)
     volumes[Slot.PTV] = norm.ptv(rx_model)
-    volumes[Slot.OAR] = norm.oar(tf.to_model(_oar_map(case, site), order=0, fill=0.0))
+    volumes[Slot.OAR] = norm.oar(tf.box_to_model(_oar_map(case, site, box), box, order=0,
+                                                 fill=0.0))
     body = case.external
     if body is not None:
-        volumes[Slot.BODY] = norm.binary(tf.to_model(body.mask, order=0, fill=0))
+        volumes[Slot.BODY] = norm.binary(tf.box_to_model(body.mask[box or whole], box, order=0,
+                                                         fill=0))
     if case.dose is not None:
         volumes[Slot.DOSE] = norm.dose(tf.dose_to_model(case.dose.array))
     beam, angle, n_angles = plan_plates(rx_model > 0, tf.model, plan, arc_step_deg)

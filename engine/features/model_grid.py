@@ -6,6 +6,14 @@ patient position. As in GDP-HMM's crop (start index ``c - size // 2``), the isoc
 centre of voxel ``(48, 64, 80)``. Volumes move between the patient's CT grid and the model grid by
 physical resampling (:func:`engine.geometry.resample`), never by index arithmetic, and the
 :class:`ModelGridTransform` keeps both geometries so a prediction goes back exactly.
+
+A planning CT is often far larger than the model grid (a 400 x 512 x 512 CT has 100 M voxels,
+the model grid 2 M), so only the part of the patient grid the model grid covers
+(:meth:`ModelGridTransform.patient_box`) is ever resampled, in both directions. Towards the
+model grid, nearest-neighbour values are exactly those of the whole grid, trilinear ones equal
+to float32 rounding (the box's origin changes the last bit of a continuous index), cubic
+B-splines (a global prefilter) too, thanks to a wider margin. Back to the patient grid only
+the target grid is cut, with the same float32-rounding agreement.
 """
 
 from __future__ import annotations
@@ -16,11 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.case import AXIAL_DIRECTION, Geometry, Volume
-from engine.geometry import resample
+from engine.geometry import readonly, resample
 
 MODEL_SHAPE: tuple[int, int, int] = (97, 128, 160)
 MODEL_SPACING: tuple[float, float, float] = (2.0, 2.5, 2.5)
 ISOCENTER_VOXEL: tuple[int, int, int] = tuple(n // 2 for n in MODEL_SHAPE)
+# patient voxels kept around the model grid per interpolation order: nearest and trilinear need
+# their direct neighbours; the cubic B-spline prefilter's influence decays by 0.268 per voxel,
+# so 16 voxels leave under 1e-9 of a value's size
+BOX_MARGIN = {0: 1, 1: 1, 3: 16}
 
 
 def model_geometry(isocenter_mm: Sequence[float], shape: tuple[int, int, int] = MODEL_SHAPE,
@@ -46,17 +58,56 @@ class ModelGridTransform:
         iso = tuple(float(v) for v in isocenter_mm)
         return cls(patient=patient, model=model_geometry(iso), isocenter_mm=iso)
 
-    @property
-    def isocenter_index(self) -> np.ndarray:
-        """The isocentre in model-grid indices ``(z, y, x)``."""
-        return self.model.lps_to_index(self.isocenter_mm)
+    def patient_box(self, margin: int = 1) -> tuple[slice, slice, slice] | None:
+        """The part of the patient grid that the model grid covers, plus ``margin`` voxels.
+
+        The model grid's outer faces (half a voxel beyond its outer voxel centres, the reach of
+        :func:`engine.geometry.resample`) are mapped to patient indices; patient voxels outside
+        the box lie outside the model grid. ``None`` when the grids do not overlap.
+        """
+        shape = np.asarray(self.model.shape, dtype=np.float64)
+        corners = np.array([[a, b, c] for a in (-0.5, shape[0] - 0.5)
+                            for b in (-0.5, shape[1] - 0.5) for c in (-0.5, shape[2] - 0.5)])
+        index = self.patient.lps_to_index(self.model.index_to_lps(corners))
+        lo = np.maximum(np.floor(index.min(axis=0)).astype(int) - margin, 0)
+        hi = np.minimum(np.ceil(index.max(axis=0)).astype(int) + 1 + margin, self.patient.shape)
+        if np.any(hi <= lo):
+            return None
+        return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+    def box_geometry(self, box: tuple[slice, slice, slice]) -> Geometry:
+        """The geometry of ``patient_array[box]`` (the same voxel positions)."""
+        p = self.patient
+        start = np.asarray([b.start for b in box], dtype=np.float64)
+        return Geometry(shape=tuple(b.stop - b.start for b in box),
+                        origin=tuple(p.index_to_lps(start)), spacing=p.spacing,
+                        direction=p.direction)
+
+    def box_to_model(self, part: np.ndarray, box: tuple[slice, slice, slice] | None,
+                     order: int = 1, fill: float = 0.0) -> np.ndarray:
+        """``part`` = ``patient_array[box]`` (``box`` from :meth:`patient_box` with a margin of
+        at least ``BOX_MARGIN[order]``) resampled onto the model grid: what resampling the
+        whole array gives. ``box`` None: the grids do not overlap, all ``fill``."""
+        if box is None:
+            dtype = part.dtype if order == 0 else np.float32
+            return np.full(self.model.shape, fill, dtype=dtype)
+        return resample(Volume(part, self.box_geometry(box)), self.model, order=order,
+                        fill=fill).array
 
     def to_model(self, array: np.ndarray, order: int = 1, fill: float = 0.0) -> np.ndarray:
         """A patient-grid array resampled onto the model grid (``fill`` outside the patient grid).
 
-        ``order`` 0 (labels, masks) keeps the dtype; 1 gives float32.
+        ``order`` 0 (labels, masks) keeps the dtype; 1 gives float32. Only the patient box
+        around the model grid is resampled.
         """
-        return resample(Volume(array, self.patient), self.model, order=order, fill=fill).array
+        box = self.patient_box(BOX_MARGIN[order])
+        part = np.asarray(array)[box] if box is not None else np.asarray(array)
+        return self.box_to_model(part, box, order, fill)
+
+    @property
+    def isocenter_index(self) -> np.ndarray:
+        """The isocentre in model-grid indices ``(z, y, x)``."""
+        return self.model.lps_to_index(self.isocenter_mm)
 
     def dose_to_model(self, dose_gy: np.ndarray) -> np.ndarray:
         """A patient-grid dose (Gy) on the model grid: cubic B-spline, clipped at 0."""
@@ -67,13 +118,21 @@ class ModelGridTransform:
 
         Patient voxels outside the model grid get 0 Gy: the model sees nothing there.
         """
-        back = self.to_patient(dose_gy, order=3, fill=0.0)
-        return Volume(np.maximum(back.array, np.float32(0.0)), back.geometry)
+        return self.to_patient(dose_gy, order=3, fill=0.0, floor=0.0)
 
-    def to_patient(self, array: np.ndarray, order: int = 1, fill: float = 0.0) -> Volume:
+    def to_patient(self, array: np.ndarray, order: int = 1, fill: float = 0.0,
+                   floor: float | None = None) -> Volume:
         """A model-grid array (e.g. a predicted dose, Gy) resampled back onto the patient grid.
 
-        Patient voxels outside the model grid get ``fill``.
+        Patient voxels outside the model grid get ``fill``; only the patient box around the
+        model grid is interpolated (the values of resampling the whole patient grid, to float32
+        rounding: the box is a grid of the same voxel positions). ``floor`` clips the
+        interpolated values from below (e.g. 0 Gy against B-spline overshoot).
         """
-        return resample(Volume(np.asarray(array, dtype=np.float32), self.model), self.patient,
-                        order=order, fill=fill)
+        out = np.full(self.patient.shape, fill, dtype=np.float32)
+        box = self.patient_box()
+        if box is not None:
+            part = resample(Volume(np.asarray(array, dtype=np.float32), self.model),
+                            self.box_geometry(box), order=order, fill=fill).array
+            out[box] = part if floor is None else np.maximum(part, np.float32(floor))
+        return Volume(readonly(out), self.patient)

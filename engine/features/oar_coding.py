@@ -61,8 +61,12 @@ def guess_site(names: Sequence[str]) -> str:
 
 
 def _centroid_x_mm(structure: Structure, case: Case) -> float:
-    idx = np.argwhere(structure.mask)
-    return float(case.geometry.index_to_lps(idx.mean(axis=0))[0])
+    """LPS x (mm) of the structure's centroid. The mean index comes from the voxel counts per
+    slice, row and column (np.argwhere of a large body would hold 24 bytes per voxel)."""
+    mask = structure.mask
+    mean_index = [float(np.arange(n) @ np.count_nonzero(mask, axis=other)) for n, other in
+                  zip(mask.shape, ((1, 2), (0, 2), (0, 1)))]
+    return float(case.geometry.index_to_lps(np.asarray(mean_index) / np.count_nonzero(mask))[0])
 
 
 def challenge_name(structure: Structure, case: Case, site: str) -> str | None:

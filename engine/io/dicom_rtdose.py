@@ -105,3 +105,40 @@ def dose_on_ct(dose: Volume, ct: Geometry, body: np.ndarray | None = None,
             notes.append(f"{where}: the dose grid does not cover the whole {label} "
                          f"({100 * frac:.1f}% of it lies outside; set to 0 Gy there)")
     return on_ct, tuple(notes)
+
+
+@dataclass(frozen=True)
+class DoseBeyondCt:
+    """How much of a dose lies outside the CT's extent (voxel centres beyond its edge voxels'
+    outer faces).
+
+    Attributes:
+        fraction_outside: share of the integral dose (sum over voxels) outside the CT, 0..1.
+        max_gy: the dose maximum on its own grid.
+        max_outside_gy: the largest dose outside the CT (0 when none lies there).
+    """
+
+    fraction_outside: float
+    max_gy: float
+    max_outside_gy: float
+
+
+def dose_beyond_ct(dose: Volume, ct: Geometry) -> DoseBeyondCt:
+    """Where ``dose`` (on its own axial grid) lies relative to the CT grid ``ct`` (axial)."""
+    bounds = []
+    for d_axis, c_axis, half in zip(dose.geometry.axis_coordinates(), ct.axis_coordinates(),
+                                    np.asarray(ct.spacing) / 2.0):
+        lo, hi = float(c_axis.min()) - half - 1e-6, float(c_axis.max()) + half + 1e-6
+        inside = np.flatnonzero((d_axis >= lo) & (d_axis <= hi))  # one run: the axes are sorted
+        bounds.append((int(inside[0]), int(inside[-1]) + 1) if inside.size else (0, 0))
+    a = dose.array
+    (k0, k1), (j0, j1), (i0, i1) = bounds
+    # the outside as six slabs around the inside block (views, no copies of a large grid)
+    slabs = [a[:k0], a[k1:], a[k0:k1, :j0], a[k0:k1, j1:], a[k0:k1, j0:j1, :i0],
+             a[k0:k1, j0:j1, i1:]]
+    total = float(a.sum(dtype=np.float64))
+    outside = sum(float(s.sum(dtype=np.float64)) for s in slabs)
+    return DoseBeyondCt(
+        fraction_outside=outside / total if total > 0 else 0.0,
+        max_gy=float(a.max()) if a.size else 0.0,
+        max_outside_gy=max((float(s.max()) for s in slabs if s.size), default=0.0))

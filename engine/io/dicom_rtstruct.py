@@ -11,6 +11,7 @@ row it crosses, and a running XOR along the row turns toggles into inside/outsid
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import contourpy
@@ -120,6 +121,26 @@ def read_rois(ds: Dataset) -> list[RoiContours]:
     return out
 
 
+def _zero_mask(shape: tuple[int, int, int]) -> np.ndarray:
+    """A writable all-False bool array whose memory pages exist only once written.
+
+    It lives in its own anonymous memory mapping, which the kernel fills with zeros page by page
+    on first use. A ROI's mask is mostly False outside its bounding box, so a 40-ROI structure
+    set on a 400 x 512 x 512 CT holds its boxes' pages (some 0.3 GB), not 40 x 105 MB: np.zeros
+    gives that only while glibc hands out fresh memory, not after the engine's allocator tuning
+    (engine.cpu_tuning keeps freed heap memory, which calloc must clear) nor with numpy's huge
+    pages, where one written row makes 2 MB resident.
+    """
+    size = int(np.prod(shape))
+    if size == 0:
+        return np.zeros(shape, dtype=bool)
+    # private: reading an unwritten page then maps the kernel's shared zero page (Python's
+    # default, a shared mapping, would allocate it); Windows has no flags and maps lazily too
+    private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_PRIVATE") \
+        else {}
+    return np.frombuffer(mmap.mmap(-1, size, **private), dtype=bool).reshape(shape)
+
+
 @dataclass(frozen=True)
 class Rasterized:
     """A ROI's mask, the indices of the contours that made it, and how many were left out."""
@@ -140,7 +161,7 @@ def rasterize(contours: tuple[np.ndarray, ...] | list[np.ndarray],
     in a slice plane are counted in ``outside`` / ``off_plane`` and left out.
     """
     nz, ny, nx = geometry.shape
-    mask = np.zeros(geometry.shape, dtype=bool)
+    mask = _zero_mask(geometry.shape)
     ks, ja, ia, jb, ib = [], [], [], [], []
     outside = off_plane = 0
     clipped = False
