@@ -27,6 +27,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from engine.case import Beam, Case, DicomRefs, PatientPosition, Plan, Role, Technique, Volume
+from engine.durable import fsync_path
 from engine.geometry import flip_axes
 from engine.io.dicom_modules import (
     CT_IMAGE_STORAGE,
@@ -97,7 +98,9 @@ def write_ct_series(ct: Volume, refs: DicomRefs, out_dir: str | Path,
         ds.RescaleSlope = "1"
         ds.RescaleType = "HU"
         ds.PixelData = stored[k].tobytes()
-        paths.append(save(ds, out / f"CT_{k + 1:04d}.dcm"))
+        paths.append(save(ds, out / f"CT_{k + 1:04d}.dcm", sync_folder=False))
+    if paths:
+        fsync_path(out)
     return paths
 
 

@@ -25,8 +25,9 @@ the module of one component (e.g. ``build_component(config, states, "dit")``).
 
 Writes are atomic: the bundle is written to a temporary sibling folder, every file and the folder
 are fsynced, then it is renamed into place (an existing bundle is moved aside first and deleted
-after). Weights are never unpickled; official ``.pth`` files are read only through
-``torch.load(weights_only=True)`` in :func:`read_pth_weights_only`.
+after; a full disk raises :class:`engine.durable.NoSpaceError`). Weights are never unpickled;
+official ``.pth`` files are read only through ``torch.load(weights_only=True)`` in
+:func:`read_pth_weights_only`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from engine.durable import fsync_path
+from engine.durable import NoSpaceError, fsync_path, no_space, replacing
 
 BUNDLE_FORMAT = "dosepilot-model-bundle"
 BUNDLE_VERSION = 1
@@ -187,12 +188,15 @@ def save_bundle(
             os.rename(path, old / path.name)
         os.rename(tmp, path)
         fsync_path(path.parent)
-    except BaseException:
+    except BaseException as exc:
+        full = no_space(exc, path.parent)
         if old is not None and not path.exists():
             os.rename(old / path.name, path)  # put the previous bundle back
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        if full:
+            raise NoSpaceError(path, exc) from exc
         raise
     if old is not None:
         shutil.rmtree(old)
@@ -323,13 +327,6 @@ def pth_to_safetensors(src: str | Path, dst: str | Path) -> Path:
     tensors = {k: v.contiguous().clone() for k, v in read_pth_weights_only(src).items()}
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        fsync_path(Path(tmp))
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(dst) as tmp:
+        save_file(tensors, str(tmp))
     return dst
