@@ -211,3 +211,52 @@ def stop_and_inspect(proc: subprocess.Popen, root: Path, reference: dict[str, ob
     inspect_folder(root, reference, {}, report, "after the end")
     report.complete_files = len(visible_files(root))
     return report
+
+
+class SmallDevice:
+    """A small tmpfs mounted at ``path`` (needs root), to be filled up: the real "no space left
+    on device" of a full disk, not a simulation. Use as a context manager; it unmounts."""
+
+    def __init__(self, path: Path, size_mib: int = 64) -> None:
+        self.path = Path(path)
+        self.size_mib = size_mib
+        self.filler = self.path / "filler.bin"
+
+    @staticmethod
+    def unavailable() -> str:
+        """Why no tmpfs can be mounted here ("" when it can)."""
+        if os.geteuid() != 0:
+            return "mounting a small tmpfs to fill up needs root"
+        return ""
+
+    def __enter__(self) -> SmallDevice:
+        self.path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size_mib}m", "tmpfs",
+                               str(self.path)], capture_output=True, text=True)
+        if done.returncode:
+            raise OSError(f"cannot mount a tmpfs at {self.path}: {done.stderr.strip()}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if subprocess.run(["umount", str(self.path)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+    def fill(self, leave_bytes: int = 0) -> None:
+        """Write a filler file until only ``leave_bytes`` (rounded to pages) are free."""
+        st = os.statvfs(self.path)
+        todo = st.f_bavail * st.f_frsize - leave_bytes
+        chunk = b"\0" * (1 << 20)
+        with open(self.filler, "ab", buffering=0) as f:
+            try:
+                while todo > 0:
+                    todo -= f.write(chunk[:min(len(chunk), todo)])
+            except OSError:  # full: what leave_bytes == 0 asks for
+                pass
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def empty(self) -> None:
+        """Make room again (remove the filler)."""
+        self.filler.unlink(missing_ok=True)
