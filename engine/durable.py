@@ -72,16 +72,18 @@ def temporary_path(path: Path) -> Path:
 
 
 @contextmanager
-def replacing(path: str | Path, sync_folder: bool = True) -> Iterator[Path]:
+def replacing(path: str | Path, batch: bool = False) -> Iterator[Path]:
     """Write ``path`` all-or-nothing: yields the temporary path to write (see module docstring).
 
     The caller may also make a folder there (and fsync what it writes into it): the folder then
     appears at ``path`` complete, and a folder already at ``path`` is never replaced.
-    ``sync_folder=False`` leaves the fsync of ``path``'s parent to the caller (one
-    :func:`fsync_path` after writing many files into it, e.g. a CT series).
+    ``batch=True``: one of many files written into the same folder (a CT series); the caller
+    removes the stale temporaries there before (:func:`remove_stale_temporaries`) and fsyncs
+    the folder once after (:func:`fsync_path`).
     """
     path = Path(path)
-    remove_stale_temporaries(path.parent, path.name)
+    if not batch:
+        remove_stale_temporaries(path.parent, path.name)
     tmp = temporary_path(path)
     try:
         yield tmp
@@ -89,7 +91,7 @@ def replacing(path: str | Path, sync_folder: bool = True) -> Iterator[Path]:
         if tmp.is_dir() and path.exists():
             raise FileExistsError(errno.EEXIST, "refusing to replace a folder", str(path))
         os.replace(tmp, path)
-        if sync_folder:
+        if not batch:
             fsync_path(path.parent)
     except BaseException as exc:
         full = no_space(exc, path.parent)

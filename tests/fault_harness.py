@@ -79,6 +79,35 @@ def kill_when(proc: subprocess.Popen, condition: Callable[[], bool],
     return False
 
 
+def checkpoint_files(run_dir: Path) -> tuple[list[int], list[str]]:
+    """The steps of a training run's complete checkpoints, and what is wrong with any other
+    file there: every manifest must verify (size and SHA-256 of its tensors) and every tensor
+    file must load; only temporaries (never read) may be partial."""
+    from safetensors.torch import load_file
+
+    from trainer import checkpointing
+
+    steps, problems = [], []
+    folder = checkpointing.checkpoint_dir(run_dir)
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if is_temporary(path.name):
+            continue
+        if path.suffix == ".json":
+            problem, found = checkpointing._verify(path)
+            if found is None:
+                problems.append(f"{path.name}: {problem}")
+            else:
+                steps.append(found.step)
+        elif path.suffix == ".safetensors":
+            try:
+                load_file(str(path))
+            except Exception as exc:  # noqa: BLE001 - any failure to load is a broken file
+                problems.append(f"{path.name}: {exc}")
+        else:
+            problems.append(f"{path.name}: not a checkpoint file")
+    return steps, problems
+
+
 def dicom_signature(path: Path) -> tuple:
     """What a complete DICOM file of this writer holds, independent of UIDs and times: every
     element's tag (nested ones too) and the pixel data length. Raises on an unreadable file."""

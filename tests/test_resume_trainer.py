@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_harness import checkpoint_files
 from test_trainer_loop import build_toy_task, make_toy_data, toy_config, train_losses
 
 from trainer import checkpointing, loop
@@ -45,24 +46,8 @@ def _vae_data(openkbp_dir, root):
 
 
 def _assert_every_checkpoint_file_is_complete(run) -> list[int]:
-    """Every manifest verifies (size and SHA-256 of its tensors), every tensor file loads; only
-    hidden temporaries (never read) may be partial. Returns the complete steps."""
-    from safetensors.torch import load_file
-
-    from engine.durable import is_temporary
-
-    folder = checkpointing.checkpoint_dir(run)
-    steps = []
-    for path in sorted(folder.iterdir()):
-        if is_temporary(path.name):
-            continue
-        if path.suffix == ".json":
-            problem, found = checkpointing._verify(path)
-            assert found is not None, f"{path.name}: {problem}"
-            steps.append(found.step)
-        else:
-            assert path.suffix == ".safetensors", path.name
-            load_file(str(path))  # raises on a truncated file
+    steps, problems = checkpoint_files(run)
+    assert problems == []
     return steps
 
 
@@ -117,6 +102,18 @@ def test_incompatible_checkpoint_is_refused_before_any_compute(toy_data, tmp_pat
     events = read_events(tmp_path / "run")
     assert not any(e["type"] == "train" for e in events[n_events:])
     assert events[-1]["type"] == "error" and "cannot resume" in events[-1]["message"]
+
+
+def test_a_run_killed_while_writing_its_first_checkpoint_can_start_again(toy_data, tmp_path):
+    """Only the tensors of step 3 made it to disk (killed before the manifest): neither a dead
+    end ("pass --resume", then "no complete checkpoint") nor a refusal to start afresh."""
+    folder = checkpointing.checkpoint_dir(tmp_path / "run")
+    folder.mkdir(parents=True)
+    (folder / "step_00000003.safetensors").write_bytes(b"tensors without a manifest")
+    raw = toy_config(run={"max_steps": 3, "checkpoint_every": 3})
+    loop.run(build_toy_task(toy_data, 3), config_from_dict(raw), tmp_path / "run", CPU,
+             progress=False)
+    assert checkpointing.find_latest(tmp_path / "run").step == 3
 
 
 def test_checkpoint_holds_optimizer_rng_and_data_order(toy_data, tmp_path):

@@ -102,7 +102,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
     hint = ("the newest complete checkpoint is kept: free some space and continue with "
             "--resume")
     try:
-        with replacing(data_path, sync_folder=False) as tmp:
+        with replacing(data_path, batch=True) as tmp:  # stale temporaries removed above
             save_file(tensors, str(tmp))
         size, digest = data_path.stat().st_size, _sha256(data_path)
     except NoSpaceError as exc:
@@ -137,8 +137,10 @@ def find_latest(run_dir: Path) -> Checkpoint | None:
 
 
 def has_any_checkpoint(run_dir: Path) -> bool:
+    """Whether the run has written a checkpoint manifest (tensors without one, left by a run
+    killed while writing its first checkpoint, are no checkpoint: the run may start afresh)."""
     folder = checkpoint_dir(run_dir)
-    return folder.is_dir() and any(folder.glob("step_*"))
+    return folder.is_dir() and any(folder.glob("step_*.json"))
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, manifest: dict,

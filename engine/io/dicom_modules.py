@@ -109,15 +109,14 @@ def referenced(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
     return item
 
 
-def save(ds: Dataset, path: str | Path, sync_folder: bool = True) -> Path:
+def save(ds: Dataset, path: str | Path, batch: bool = False) -> Path:
     """Write ``ds`` as a DICOM Part 10 file (preamble + file meta); parent folders are created.
 
-    All-or-nothing (:func:`engine.durable.replacing`): ``path`` is never left half written, a
-    full disk raises :class:`engine.durable.NoSpaceError`. ``sync_folder=False``: the caller
-    fsyncs the folder once after writing many files into it.
+    All-or-nothing (:func:`engine.durable.replacing`, see there for ``batch``): ``path`` is
+    never left half written, a full disk raises :class:`engine.durable.NoSpaceError`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(path, sync_folder) as tmp:
+    with replacing(path, batch) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
     return path
