@@ -48,6 +48,9 @@ class NoSpaceError(UserError, OSError):
     def __str__(self) -> str:
         return f"cannot write {self.path}: {self.strerror} ({self.kept}); {self.hint}"
 
+    def __reduce__(self) -> tuple:  # OSError's would pass (errno, strerror, path) to __init__
+        return type(self), (self.path, OSError(self.errno, self.strerror), self.hint)
+
 
 def fsync_path(path: str | Path) -> None:
     """``fsync`` a file, or a directory (so that a rename inside it survives a crash)."""

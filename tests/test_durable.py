@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import pickle
 
 import pytest
 
@@ -94,6 +95,7 @@ def test_no_space_errors_name_the_file_and_keep_the_errno(tmp_path):
     assert isinstance(err, OSError) and err.errno == errno.ENOSPC
     assert str(err).startswith(f"cannot write {target}: no space left on the device")
     assert "dose.npy keeps its previous content" in str(err)
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)   # crosses process boundaries
     quota = NoSpaceError(tmp_path / "new.dcm", OSError(errno.EDQUOT, "Disk quota exceeded"))
     assert "disk quota exceeded (nothing was written there)" in str(quota)
     # safetensors (Rust) reports the errno only in its message

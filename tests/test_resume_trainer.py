@@ -4,7 +4,6 @@ checkpoints are never loaded; bad resumes refused; SIGTERM stops with a checkpoi
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -14,26 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_harness import checkpoint_files
+from fault_harness import checkpoint_files, dosepilot, kill_when, subprocess_env
 from test_trainer_loop import build_toy_task, make_toy_data, toy_config, train_losses
 
+from engine.cli import main
+from engine.durable import is_temporary
 from trainer import checkpointing, loop
 from trainer.config import config_from_dict
 from trainer.distributed import DistContext
 from trainer.events import read_events
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-REPO = Path(__file__).resolve().parents[1]
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
 def toy_data(openkbp_dir, tmp_path_factory) -> Path:
     return make_toy_data(openkbp_dir, tmp_path_factory.mktemp("toy"))
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
 
 
 def _vae_data(openkbp_dir, root):
@@ -137,7 +133,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(ope
     cmd = [sys.executable, "-m", "engine.cli", "train", "vae", "--config", "test-tiny",
            "--data", str(data), "--out", str(run), "--set", "run.checkpoint_every=1000",
            "--set", "run.eval_every=1000"]
-    proc = subprocess.Popen(cmd + ["--set", "run.max_steps=100000"], env=_env(),
+    proc = subprocess.Popen(cmd + ["--set", "run.max_steps=100000"], env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -156,7 +152,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(ope
     assert checkpointing.find_latest(run).step == stopped_at    # nothing trained is lost
 
     out = subprocess.run(cmd + ["--set", f"run.max_steps={stopped_at + 2}", "--resume"],
-                         env=_env(), capture_output=True, text=True, timeout=120)
+                         env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     events = read_events(run)
     assert [e["step"] for e in events if e["type"] == "start"] == [0, stopped_at]
@@ -170,11 +166,6 @@ def test_sigkill_of_dosepilot_train_mid_step_and_mid_checkpoint_then_resume_is_b
     once while it writes a checkpoint (frozen first, to be sure of where), then --resume: every
     checkpoint file on disk is complete after each kill, and the loss of every step equals the
     uninterrupted run's bit for bit."""
-    from fault_harness import dosepilot, kill_when
-
-    from engine.cli import main
-    from engine.durable import is_temporary
-
     data = _vae_data(openkbp_dir, tmp_path / "data")
     args = ["train", "vae", "--config", "test-tiny", "--data", data, "--set",
             "run.max_steps=8", "--set", "run.checkpoint_every=2", "--set",
@@ -187,7 +178,7 @@ def test_sigkill_of_dosepilot_train_mid_step_and_mid_checkpoint_then_resume_is_b
         return max((e["step"] for e in read_events(run) if e["type"] == "train"), default=0)
 
     # 1: mid-step, between two checkpoints (step 3 logged, step 4 not finished)
-    proc = subprocess.Popen(dosepilot(*args, "--out", run), env=_env(),
+    proc = subprocess.Popen(dosepilot(*args, "--out", run), env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert kill_when(proc, lambda: last_step() == 3 and not any(
         p.name.startswith(("step_00000004", ".step_00000004")) for p in folder.iterdir()))
@@ -195,7 +186,7 @@ def test_sigkill_of_dosepilot_train_mid_step_and_mid_checkpoint_then_resume_is_b
     assert _assert_every_checkpoint_file_is_complete(run) == [2]
 
     # 2: while it writes a checkpoint (files of a step it has not reported saving yet)
-    proc = subprocess.Popen(dosepilot(*args, "--out", run, "--resume"), env=_env(),
+    proc = subprocess.Popen(dosepilot(*args, "--out", run, "--resume"), env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     writing = []
 
