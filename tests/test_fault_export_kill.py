@@ -72,7 +72,7 @@ def test_sigkill_while_predict_writes_leaves_only_complete_outputs(case_file, ti
 
     proc = _popen(dosepilot(*args, "--out", out))
     report = stop_and_inspect(proc, out, reference, lambda: (out / "pt_1").exists(),
-                              random.Random(2), interval_s=(0.0, 0.004),
+                              random.Random(2), interval_s=(0.0, 0.002),
                               kill_if=writing_the_last_file)
     assert report.killed, proc.stderr.read().decode()[-2000:]
     assert report.partial == [], report.partial[:5]
