@@ -30,7 +30,7 @@ PREDICT_OUTPUTS = {"plan.dcm", "dose.dcm", "dvh.csv", "metrics.json", "report.pn
 
 def _popen(cmd):
     return subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")
@@ -57,26 +57,30 @@ def test_sigkill_while_converting_a_study_leaves_only_complete_dicom_files(case_
 def test_sigkill_while_predict_writes_leaves_only_complete_outputs(case_file, tiny_dose_bundle,
                                                                    tmp_path):
     """Frozen every few milliseconds while it writes (so also while it writes its RTDOSE),
-    then killed while it writes its last file, the dose array."""
+    then killed while it writes its last file, the dose array. The stops are only as frequent
+    as a loaded machine schedules this test: a run in which none fell inside the RTDOSE or the
+    dose array write is repeated (up to 3 runs), every run's stops checked all the same."""
     args = ["predict", case_file, "--model", tiny_dose_bundle, "--steps", "1", "--threads", "1"]
     assert main([str(a) for a in args] + ["--out", str(tmp_path / "ref")]) == 0
     reference = reference_of(tmp_path / "ref" / "pt_1")
 
-    out = tmp_path / "out"
-    caught_writing: set[str] = set()
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        caught_writing: set[str] = set()
 
-    def writing_the_last_file(_report) -> bool:
-        names = [p.name for p in (out / "pt_1").iterdir() if is_temporary(p.name)]
-        caught_writing.update(n[1:n.index(".tmp-")] for n in names)
-        return "dose.npy" in caught_writing
+        def writing_the_last_file(_report, out=out, caught=caught_writing) -> bool:
+            names = [p.name for p in (out / "pt_1").iterdir() if is_temporary(p.name)]
+            caught.update(n[1:n.index(".tmp-")] for n in names)
+            return "dose.npy" in caught
 
-    proc = _popen(dosepilot(*args, "--out", out))
-    report = stop_and_inspect(proc, out, reference, lambda: (out / "pt_1").exists(),
-                              random.Random(2), interval_s=(0.0, 0.002),
-                              kill_if=writing_the_last_file)
-    assert report.killed, proc.stderr.read().decode()[-2000:]
-    assert report.partial == [], report.partial[:5]
-    assert {"dose.dcm", "dose.npy"} <= caught_writing, caught_writing
+        proc = _popen(dosepilot(*args, "--out", out))
+        report = stop_and_inspect(proc, out, reference, lambda o=out: (o / "pt_1").exists(),
+                                  random.Random(attempt), interval_s=(0.0, 0.002),
+                                  kill_if=writing_the_last_file)
+        assert report.partial == [], report.partial[:5]
+        if report.killed and "dose.dcm" in caught_writing:
+            break
+    assert report.killed and "dose.dcm" in caught_writing, caught_writing
     assert {p.name for p in visible_files(out)} == PREDICT_OUTPUTS - {"dose.npy"}
     # the next run into the same folder completes and clears what the killed one left
     assert main([str(a) for a in args] + ["--out", str(out)]) == 0
