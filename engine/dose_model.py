@@ -94,13 +94,13 @@ def load_dose_model(path: str | Path, device: torch.device | str = "cpu") -> Dos
     comps = document["components"]
     missing = [name for name in REQUIRED if name not in comps]
     if missing:
-        raise CheckpointError(f"bundle {path}: not a dose model, it lacks {missing} "
-                              f"(has {sorted(comps)})")
+        raise CheckpointError(f"bundle {path}: {checkpoint.BUNDLE_JSON}: not a dose model, it "
+                              f"lacks {missing} (has {sorted(comps)})")
     expected = {"dit": "DiffKT3D", "vae": "WanVAE", "tiny_codec": "TinyCodec"}
     for name, kind in expected.items():
         if name in comps and comps[name]["kind"] != kind:
-            raise CheckpointError(f"bundle {path}: component {name!r} is a {comps[name]['kind']},"
-                                  f" expected {kind}")
+            raise CheckpointError(f"bundle {path}: {checkpoint.BUNDLE_JSON}: component {name!r} "
+                                  f"is a {comps[name]['kind']}, expected {kind}")
     dit = _load(DiffKT3D(DiTConfig.from_dict(comps["dit"]["config"])), states["dit"])
     vae = _load(_build_vae(comps["vae"]["config"]), states["vae"])
     codec = None

@@ -7,6 +7,8 @@
 * :func:`write_report_figure`: a PNG with axial, coronal and sagittal dose slices through the
   isocentre (dose colour wash over the CT, structure contours) and the DVH plot. Rendered with
   matplotlib's Agg canvas directly, so no GUI backend is touched.
+
+Files are written all-or-nothing (:mod:`engine.durable`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine.case import Case, Role
+from engine.durable import replacing
 from engine.runtime import DoseResult
 
 DVH_COLUMNS = ("structure", "dose_gy", "volume_cc", "volume_pct")
@@ -41,7 +44,7 @@ def _clean(value: Any) -> Any:
 def write_dvh_csv(result: DoseResult, path: str | Path) -> Path:
     """The cumulative DVHs of ``result`` as a CSV table (see the module docstring)."""
     path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(DVH_COLUMNS)
         for name, curve in result.dvhs.items():
@@ -166,5 +169,6 @@ def write_report_figure(case: Case, result: DoseResult, path: str | Path,
     seeds = f", {len(result.seeds)} seeds" if len(result.seeds) > 1 else ""
     fig.suptitle(f"{case.name}: predicted dose ({result.kind}, {result.steps} steps{seeds}), "
                  f"max {float(dose.max()):.1f} Gy")
-    fig.savefig(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path

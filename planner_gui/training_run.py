@@ -18,6 +18,7 @@ from typing import Any
 
 import tomllib
 
+from engine.durable import write_text
 from engine.resources import resources_dir
 
 # the stages of ``dosepilot train STAGE`` (trainer/cli.py), in the order a model is built
@@ -107,8 +108,8 @@ def write_run_preset(request: TrainRequest) -> Path:
     tables = merged_preset(request.preset, request.overrides)
     path = request.run_dir.with_name(request.run_dir.name + ".toml")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# written by the DosePilot training panel from preset "
-                    f"{request.preset or '(defaults)'!r}\n" + to_toml(tables), encoding="utf-8")
+    write_text(path, f"# written by the DosePilot training panel from preset "
+                     f"{request.preset or '(defaults)'!r}\n" + to_toml(tables))
     return path
 
 

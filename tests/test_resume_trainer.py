@@ -1,9 +1,10 @@
-"""Exact resume after SIGKILL; half-written checkpoints are never loaded; bad resumes refused."""
+"""Exact resume after SIGKILL of `dosepilot train` (mid-step and mid-checkpoint); half-written
+checkpoints are never loaded; bad resumes refused; SIGTERM stops with a checkpoint."""
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,16 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer_loop import build_toy_task, make_toy_data, toy_config, train_losses, write_toml
+from fault_harness import checkpoint_files, dosepilot, kill_when, subprocess_env
+from test_trainer_loop import build_toy_task, make_toy_data, toy_config, train_losses
 
+from engine.cli import main
+from engine.durable import is_temporary
 from trainer import checkpointing, loop
 from trainer.config import config_from_dict
 from trainer.distributed import DistContext
 from trainer.events import read_events
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "test_trainer_loop.py"
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 
 
@@ -30,52 +32,19 @@ def toy_data(openkbp_dir, tmp_path_factory) -> Path:
     return make_toy_data(openkbp_dir, tmp_path_factory.mktemp("toy"))
 
 
-def _cmd(data, out, cfg, *extra):
-    return [sys.executable, str(SCRIPT), "--data", str(data), "--out", str(out),
-            "--config", str(cfg), *extra]
+def _vae_data(openkbp_dir, root):
+    """Two training cases and one validation case of the shared OpenKBP data (symlinks)."""
+    for split, count in (("train", 2), ("validation", 1)):
+        (root / split).mkdir(parents=True)
+        for src in sorted((openkbp_dir / split).glob("pt_*.npz"))[:count]:
+            (root / split / src.name).symlink_to(src)
+    return root
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-
-
-def test_sigkill_mid_training_then_resume_repeats_the_losses(toy_data, tmp_path):
-    raw = toy_config(run={"max_steps": 12, "checkpoint_every": 4, "eval_every": 100})
-    cfg = write_toml(raw, tmp_path / "toy.toml")
-    loop.run(build_toy_task(toy_data, 3), config_from_dict(raw), tmp_path / "full", CPU,
-             progress=False)
-
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(toy_data, run, cfg, "--step-delay", "0.25"), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    killed_at = None
-    while time.time() < deadline and proc.poll() is None:
-        events = read_events(run)
-        ckpts = [e["step"] for e in events if e["type"] == "checkpoint"]
-        steps = [e["step"] for e in events if e["type"] == "train"]
-        if ckpts and steps and steps[-1] >= ckpts[-1] + 2:  # between two checkpoints
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_at = steps[-1]
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=30)
-    assert killed_at is not None, "the run ended before it could be killed"
-    assert proc.returncode == -signal.SIGKILL
-    assert not any(e["type"] == "end" for e in read_events(run))
-    resumed_from = checkpointing.find_latest(run).step
-    assert 4 <= resumed_from < killed_at < 12
-
-    out = subprocess.run(_cmd(toy_data, run, cfg, "--resume"), env=_env(), capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    starts = [e for e in read_events(run) if e["type"] == "start"]
-    assert [s["resumed"] for s in starts] == [False, True] and starts[1]["step"] == resumed_from
-    full, resumed = train_losses(tmp_path / "full"), train_losses(run)  # later lines win
-    assert sorted(resumed) == list(range(1, 13))
-    for step in range(1, 13):
-        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-9), step
-    assert read_events(run)[-1]["type"] == "end"
+def _assert_every_checkpoint_file_is_complete(run) -> list[int]:
+    steps, problems = checkpoint_files(run)
+    assert problems == []
+    return steps
 
 
 def _two_checkpoints(toy_data, run_dir):
@@ -131,6 +100,18 @@ def test_incompatible_checkpoint_is_refused_before_any_compute(toy_data, tmp_pat
     assert events[-1]["type"] == "error" and "cannot resume" in events[-1]["message"]
 
 
+def test_a_run_killed_while_writing_its_first_checkpoint_can_start_again(toy_data, tmp_path):
+    """Only the tensors of step 3 made it to disk (killed before the manifest): neither a dead
+    end ("pass --resume", then "no complete checkpoint") nor a refusal to start afresh."""
+    folder = checkpointing.checkpoint_dir(tmp_path / "run")
+    folder.mkdir(parents=True)
+    (folder / "step_00000003.safetensors").write_bytes(b"tensors without a manifest")
+    raw = toy_config(run={"max_steps": 3, "checkpoint_every": 3})
+    loop.run(build_toy_task(toy_data, 3), config_from_dict(raw), tmp_path / "run", CPU,
+             progress=False)
+    assert checkpointing.find_latest(tmp_path / "run").step == 3
+
+
 def test_checkpoint_holds_optimizer_rng_and_data_order(toy_data, tmp_path):
     _two_checkpoints(toy_data, tmp_path / "run")
     found = checkpointing.find_latest(tmp_path / "run")
@@ -147,16 +128,12 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(ope
                                                                             tmp_path):
     """`dosepilot train` on SIGTERM (the GUI's Cancel): checkpoint at the step it stopped at,
     an `end` event with status "stopped", exit status 128 + 15; --resume carries on from there."""
-    data = tmp_path / "data"
-    for split, count in (("train", 2), ("validation", 1)):
-        (data / split).mkdir(parents=True)
-        for src in sorted((openkbp_dir / split).glob("pt_*.npz"))[:count]:
-            (data / split / src.name).symlink_to(src)
+    data = _vae_data(openkbp_dir, tmp_path / "data")
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "engine.cli", "train", "vae", "--config", "test-tiny",
            "--data", str(data), "--out", str(run), "--set", "run.checkpoint_every=1000",
            "--set", "run.eval_every=1000"]
-    proc = subprocess.Popen(cmd + ["--set", "run.max_steps=100000"], env=_env(),
+    proc = subprocess.Popen(cmd + ["--set", "run.max_steps=100000"], env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -175,9 +152,81 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(ope
     assert checkpointing.find_latest(run).step == stopped_at    # nothing trained is lost
 
     out = subprocess.run(cmd + ["--set", f"run.max_steps={stopped_at + 2}", "--resume"],
-                         env=_env(), capture_output=True, text=True, timeout=120)
+                         env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     events = read_events(run)
     assert [e["step"] for e in events if e["type"] == "start"] == [0, stopped_at]
     assert events[-1]["type"] == "end" and events[-1]["status"] == "completed"
     assert (run / "vae.safetensors").is_file()
+
+
+def test_sigkill_of_dosepilot_train_mid_step_and_mid_checkpoint_then_resume_is_bit_exact(
+        openkbp_dir, tmp_path):
+    """A real `dosepilot train vae` killed with SIGKILL twice, once in the middle of a step and
+    once while it writes a checkpoint (frozen first, to be sure of where), then --resume: every
+    checkpoint file on disk is complete after each kill, and the loss of every step equals the
+    uninterrupted run's bit for bit."""
+    data = _vae_data(openkbp_dir, tmp_path / "data")
+    args = ["train", "vae", "--config", "test-tiny", "--data", data, "--set",
+            "run.max_steps=8", "--set", "run.checkpoint_every=2", "--set",
+            "run.eval_every=1000"]
+    assert main([str(a) for a in args] + ["--out", str(tmp_path / "full")]) == 0
+    run = tmp_path / "killed"
+    folder = checkpointing.checkpoint_dir(run)
+
+    def last_step() -> int:
+        return max((e["step"] for e in read_events(run) if e["type"] == "train"), default=0)
+
+    # 1: mid-step, between two checkpoints (step 3 logged, step 4 not finished)
+    proc = subprocess.Popen(dosepilot(*args, "--out", run), env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert kill_when(proc, lambda: last_step() == 3 and not any(
+        p.name.startswith(("step_00000004", ".step_00000004")) for p in folder.iterdir()))
+    assert proc.returncode == -signal.SIGKILL
+    assert _assert_every_checkpoint_file_is_complete(run) == [2]
+
+    # 2: while it writes a checkpoint (files of a step it has not reported saving yet)
+    proc = subprocess.Popen(dosepilot(*args, "--out", run, "--resume"), env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    writing = []
+
+    def saving() -> bool:
+        saved = max((e["step"] for e in read_events(run) if e["type"] == "checkpoint"),
+                    default=0)
+        writing[:] = [p.name for p in folder.iterdir() if is_temporary(p.name)
+                      or int(re.search(r"step_(\d+)", p.name).group(1)) > saved]
+        return bool(writing)
+
+    assert kill_when(proc, saving), "never caught the run writing a checkpoint"
+    assert any(is_temporary(n) or n.endswith(".safetensors") for n in writing), writing
+    steps = _assert_every_checkpoint_file_is_complete(run)
+    assert steps[0] == 2 and all(s % 2 == 0 for s in steps)
+
+    assert main([str(a) for a in args] + ["--out", str(run), "--resume"]) == 0
+    full, resumed = train_losses(tmp_path / "full"), train_losses(run)  # later lines win
+    assert sorted(resumed) == list(range(1, 9))
+    assert [resumed[s] for s in range(1, 9)] == [full[s] for s in range(1, 9)]  # bit-exact
+    starts = [e for e in read_events(run) if e["type"] == "start"]
+    assert [s["resumed"] for s in starts] == [False, True, True]
+    assert read_events(run)[-1]["type"] == "end"
+    # the finished run holds only complete checkpoints: no temporaries, no orphaned tensors
+    assert _assert_every_checkpoint_file_is_complete(run) == [4, 6, 8]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        f"step_{s:08d}.{ext}" for s in (4, 6, 8) for ext in ("json", "safetensors")]
+
+
+def test_a_line_torn_by_a_kill_does_not_swallow_the_resumed_runs_events(tmp_path):
+    """A run killed (or out of disk) in the middle of an event line: the next run's first
+    event starts on a line of its own, so the GUI still sees that it resumed."""
+    from trainer.events import EventLog
+
+    first = EventLog(tmp_path, tensorboard=False)
+    first.emit("train", 3, loss=0.5)
+    first.close()
+    with open(tmp_path / "events.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"type": "train", "step": 4, "lo')            # what the kill left
+    resumed = EventLog(tmp_path, tensorboard=False)
+    resumed.emit("start", 3, resumed=True)
+    resumed.close()
+    assert [(e["type"], e["step"]) for e in read_events(tmp_path)] == [("train", 3),
+                                                                        ("start", 3)]

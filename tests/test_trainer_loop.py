@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +59,7 @@ class ToyDoseNet(nn.Module):
         return self.net(x)
 
 
-def build_toy_task(data_file: Path, seed: int = 0, step_delay: float = 0.0) -> loop.Task:
+def build_toy_task(data_file: Path, seed: int = 0) -> loop.Task:
     data = load_file(str(data_file))
     n = data["ct"].shape[0]
     items = [{"ct": data["ct"][i], "ptv": data["ptv"][i], "dose": data["dose"][i]}
@@ -76,8 +75,6 @@ def build_toy_task(data_file: Path, seed: int = 0, step_delay: float = 0.0) -> l
         return torch.stack(xs), torch.stack([it["dose"] for it in items])[:, None]
 
     def loss(m, items, gens):
-        if step_delay:
-            time.sleep(step_delay)
         x, y = batch_inputs(items, gens)
         pred = m(x)
         return ((pred - y) ** 2).mean(), {"mae": (pred - y).abs().mean().item()}
@@ -199,12 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--config", required=True)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--step-delay", type=float, default=0.0)
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     ctx = setup("cpu", threads=1)
     try:
-        task = build_toy_task(args.data, cfg.run.seed, args.step_delay)
+        task = build_toy_task(args.data, cfg.run.seed)
         loop.run(task, cfg, args.out, ctx, resume=args.resume, progress=False)
     finally:
         teardown()

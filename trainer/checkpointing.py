@@ -14,10 +14,12 @@ data order a pure function of seed and step (:func:`trainer.loop.global_batch_in
 step is their whole state; the manifest records the data position anyway (epoch, position).
 
 Both files are written to a temporary name, fsync'ed and renamed (``os.replace`` is atomic on
-POSIX), tensors first, manifest last, then the folder is fsync'ed. A checkpoint counts only when
-its manifest parses and the tensor file matches the recorded size and hash: a file left half
-written by a crash, a disk filling up or a copy in progress is skipped (with a warning) and the
-newest complete checkpoint is used instead.
+POSIX; :func:`engine.durable.replacing`), tensors first, manifest last, then the folder is
+fsync'ed. A checkpoint counts only when its manifest parses and the tensor file matches the
+recorded size and hash: a file left half written by a crash, a disk filling up or a copy in
+progress is skipped (with a warning) and the newest complete checkpoint is used instead. A full
+disk stops the run with :class:`engine.durable.NoSpaceError` naming the file; the checkpoints
+written before stay complete.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.cli import UserError
-from engine.durable import fsync_path
+from engine.durable import NoSpaceError, is_temporary, replacing, write_text
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
     """
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.tmp-*"):
-        stale.unlink(missing_ok=True)
+    for stale in folder.iterdir():  # the temporaries of a killed run
+        if is_temporary(stale.name) or ".tmp-" in stale.name:
+            stale.unlink(missing_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         tensors[f"model.{name}"] = t
@@ -97,11 +99,14 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
 
     stem = f"step_{step:08d}"
     data_path = folder / f"{stem}.safetensors"
-    tmp = folder / f"{stem}.safetensors.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp))
-    fsync_path(tmp)
-    size, digest = tmp.stat().st_size, _sha256(tmp)
-    os.replace(tmp, data_path)
+    hint = ("the newest complete checkpoint is kept: free some space and continue with "
+            "--resume")
+    try:
+        with replacing(data_path, batch=True) as tmp:  # stale temporaries removed above
+            save_file(tensors, str(tmp))
+        size, digest = data_path.stat().st_size, _sha256(data_path)
+    except NoSpaceError as exc:
+        raise NoSpaceError(data_path, exc, hint) from exc
 
     manifest = {
         "format": FORMAT, "step": step, "tensors": data_path.name, "size": size,
@@ -110,8 +115,10 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
                 "python": _python_rng_state()},
         **meta,
     }
-    _atomic_write_text(folder / f"{stem}.json", json.dumps(manifest, indent=1))
-    fsync_path(folder)
+    try:
+        write_text(folder / f"{stem}.json", json.dumps(manifest, indent=1))
+    except NoSpaceError as exc:
+        raise NoSpaceError(exc.path, exc, hint) from exc
     _prune(folder, keep)
     return data_path
 
@@ -130,8 +137,10 @@ def find_latest(run_dir: Path) -> Checkpoint | None:
 
 
 def has_any_checkpoint(run_dir: Path) -> bool:
+    """Whether the run has written a checkpoint manifest (tensors without one, left by a run
+    killed while writing its first checkpoint, are no checkpoint: the run may start afresh)."""
     folder = checkpoint_dir(run_dir)
-    return folder.is_dir() and any(folder.glob("step_*"))
+    return folder.is_dir() and any(folder.glob("step_*.json"))
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, manifest: dict,
@@ -210,6 +219,13 @@ def _prune(folder: Path, keep: int) -> None:
     for old in manifests[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)        # the manifest first: a checkpoint is never half there
         old.with_suffix(".safetensors").unlink(missing_ok=True)
+    # tensors whose manifest a killed run never wrote (or had pruned already), older than the
+    # newest checkpoint: nothing refers to them any more
+    kept = {m.stem for m in manifests[-keep:]} if keep > 0 else {m.stem for m in manifests}
+    newest = manifests[-1].stem if manifests else ""
+    for data in folder.glob("step_*.safetensors"):
+        if data.stem not in kept and data.stem < newest:
+            data.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:
@@ -219,11 +235,3 @@ def _sha256(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -85,6 +85,9 @@ def _log_refusal(run_dir: Path, exc: UserError) -> None:
 
     if getattr(exc, "logged", False) or int(os.environ.get("RANK", 0)) != 0:
         return
-    log = EventLog(run_dir, tensorboard=False)
-    log.emit("error", 0, message=str(exc), error_type=type(exc).__name__)
-    log.close()
+    try:
+        log = EventLog(run_dir, tensorboard=False)
+        log.emit("error", 0, message=str(exc), error_type=type(exc).__name__)
+        log.close()
+    except OSError:  # e.g. a full disk: the refusal itself is what the user must see
+        pass

@@ -25,16 +25,24 @@ Types and their extra fields:
 
 Only rank 0 writes. Lines are flushed as they are written, so a reader sees complete lines; a
 reader should still ignore a trailing partial line if it reads while a line is being written.
+A line left unfinished (a killed process, a full disk) is ended before the next run appends, so
+the resumed run's events are never glued to it. A full disk raises
+:class:`engine.durable.NoSpaceError` naming ``events.jsonl``.
 Numeric fields are also written as TensorBoard scalars ``<type>/<field>`` in ``RUN_DIR/tb``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
+
+from engine.durable import NoSpaceError, no_space
+
+log = logging.getLogger(__name__)
 
 EVENT_TYPES = ("start", "train", "eval", "checkpoint", "end", "error")
 
@@ -55,7 +63,10 @@ class EventLog:
         self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            torn = _ends_mid_line(self.path)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            if torn:  # a process killed (or a disk filled) while writing a line: end it there
+                self._write("\n")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
@@ -68,8 +79,7 @@ class EventLog:
         event.update({k: _jsonable(v) for k, v in fields.items()})
         if not self.enabled:
             return event
-        self._file.write(json.dumps(event, allow_nan=False) + "\n")
-        self._file.flush()
+        self._write(json.dumps(event, allow_nan=False) + "\n")
         if self._tb is not None and type in ("train", "eval"):
             for key, value in event.items():
                 if key not in ("step", "time", "total_steps") and isinstance(value, float):
@@ -77,10 +87,22 @@ class EventLog:
             self._tb.flush()
         return event
 
+    def _write(self, text: str) -> None:
+        try:
+            self._file.write(text)
+            self._file.flush()
+        except OSError as exc:
+            if no_space(exc, self.path.parent):
+                raise NoSpaceError(self.path, exc) from exc
+            raise
+
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as exc:  # only a line that could not be written is lost
+                log.warning("closing %s: %s", self.path, exc)
         if self._tb is not None:
             self._tb.close()
             self._tb = None
@@ -98,6 +120,18 @@ def read_events(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def _ends_mid_line(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, 2)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def _jsonable(value: Any) -> Any:

@@ -222,8 +222,11 @@ def run(task: Task, cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume: b
     except TrainingStopped:
         raise
     except BaseException as exc:
-        events.emit("error", _last_step(run_dir), message=str(exc) or type(exc).__name__,
-                    error_type=type(exc).__name__)
+        try:
+            events.emit("error", _last_step(run_dir), message=str(exc) or type(exc).__name__,
+                        error_type=type(exc).__name__)
+        except OSError as log_exc:  # e.g. the same full disk: the run's own error comes first
+            log.warning("could not record the error in the event log: %s", log_exc)
         exc.logged = True  # the CLI must not log it twice
         raise
     finally:

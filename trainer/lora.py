@@ -14,12 +14,15 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from engine.cli import UserError
+
+if TYPE_CHECKING:  # peft (and the transformers it loads) takes seconds to import: only on use
+    from peft import PeftModel
 
 
 def matching_modules(model: nn.Module, pattern: str, kinds: tuple[type, ...]) -> list[str]:
@@ -39,6 +42,8 @@ def attach_lora(model: nn.Module, target_modules: list[str], rank: int, alpha: f
     """
     if not target_modules:
         raise UserError("LoRA: no target modules matched in the model")
+    from peft import LoraConfig, get_peft_model
+
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=True,
                      target_modules="(" + "|".join(re.escape(n) for n in target_modules) + ")",
                      modules_to_save=list(trainable_modules) or None)
@@ -62,6 +67,8 @@ def load_adapter(base: nn.Module, folder: Path, trainable: bool = False) -> Peft
     if not (folder / "adapter_config.json").is_file():
         raise UserError(f"{folder} holds no LoRA adapter (adapter_config.json missing)")
     try:
+        from peft import PeftModel
+
         return PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise UserError(f"LoRA adapter {folder} does not fit this model: {exc}") from None

@@ -20,6 +20,7 @@ import numpy as np
 
 from engine.case import AXIAL_DIRECTION, Geometry, Role, Structure
 from engine.cli import UserError
+from engine.durable import replacing
 from engine.geometry import resample
 from engine.io.dicom_errors import DicomImportError
 from engine.io.dicom_rtdose import read_rtdose
@@ -118,7 +119,8 @@ def _plot(curves: list[DVH], path: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=120)
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
     except OSError as exc:
         raise UserError(f"{path}: cannot write the plot ({exc})") from exc
     finally:

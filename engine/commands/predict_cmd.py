@@ -167,7 +167,8 @@ def dataset_array(source: CaseInput, case: Case, dose_gy: np.ndarray) -> np.ndar
 
 
 def write_outputs(source: CaseInput, case: Case, result, out: Path, model: str) -> list[str]:
-    """Write the case's files into ``out``; returns their names."""
+    """Write the case's files into ``out`` (each all-or-nothing); returns their names."""
+    from engine.durable import replacing, write_text
     from engine.io.dicom_export import write_rtdose, write_rtplan
     from engine.io.dicom_modules import ensure_refs
     from engine.reports import metrics_document, write_dvh_csv, write_report_figure
@@ -184,13 +185,13 @@ def write_outputs(source: CaseInput, case: Case, result, out: Path, model: str) 
     write_rtdose(result.dose, case, out / "dose.dcm", plan_sop_instance_uid=plan_uid,
                  description=f"DosePilot prediction ({result.steps} steps)")
     write_dvh_csv(result, out / "dvh.csv")
-    (out / "metrics.json").write_text(
-        json.dumps(metrics_document(case, result, model), indent=2), encoding="utf-8")
+    write_text(out / "metrics.json", json.dumps(metrics_document(case, result, model), indent=2))
     write_report_figure(case, result, out / "report.png")
     written += ["dose.dcm", "dvh.csv", "metrics.json", "report.png"]
     array = dataset_array(source, case, result.dose.array)
     if array is not None:
-        np.save(out / "dose.npy", array)
+        with replacing(out / "dose.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, array)
         written.append("dose.npy")
     return written
 

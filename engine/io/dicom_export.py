@@ -27,6 +27,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from engine.case import Beam, Case, DicomRefs, PatientPosition, Plan, Role, Technique, Volume
+from engine.durable import fsync_path, remove_stale_temporaries
 from engine.geometry import flip_axes
 from engine.io.dicom_modules import (
     CT_IMAGE_STORAGE,
@@ -72,6 +73,7 @@ def write_ct_series(ct: Volume, refs: DicomRefs, out_dir: str | Path,
     stored = (hu + 1024).astype("<u2")
     series_number = 1
     paths = []
+    remove_stale_temporaries(out)
     for k in range(g.shape[0]):
         ds = new_dataset(CT_IMAGE_STORAGE, refs.ct_sop_instance_uids[k])
         add_common_modules(ds, refs, "CT", refs.ct_series_instance_uid, series_number,
@@ -97,7 +99,9 @@ def write_ct_series(ct: Volume, refs: DicomRefs, out_dir: str | Path,
         ds.RescaleSlope = "1"
         ds.RescaleType = "HU"
         ds.PixelData = stored[k].tobytes()
-        paths.append(save(ds, out / f"CT_{k + 1:04d}.dcm"))
+        paths.append(save(ds, out / f"CT_{k + 1:04d}.dcm", batch=True))
+    if paths:
+        fsync_path(out)
     return paths
 
 

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from engine.case import Case, DicomRefs
+from engine.durable import replacing
 
 MANUFACTURER = "DosePilot"
 SOFTWARE_VERSION = "0.1.0"
@@ -108,9 +109,14 @@ def referenced(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
     return item
 
 
-def save(ds: Dataset, path: str | Path) -> Path:
-    """Write ``ds`` as a DICOM Part 10 file (preamble + file meta); parent folders are created."""
+def save(ds: Dataset, path: str | Path, batch: bool = False) -> Path:
+    """Write ``ds`` as a DICOM Part 10 file (preamble + file meta); parent folders are created.
+
+    All-or-nothing (:func:`engine.durable.replacing`, see there for ``batch``): ``path`` is
+    never left half written, a full disk raises :class:`engine.durable.NoSpaceError`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    with replacing(path, batch) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
     return path

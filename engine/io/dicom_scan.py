@@ -3,7 +3,8 @@
 Files are opened read-only and never written. Files that are not DICOM are skipped and counted,
 so the user can be told (documents such as README.md or notes.txt quietly); DICOM files that
 cannot be read (truncated, corrupt) are skipped with a note naming them. Files without the
-Part 10 preamble (older RT exports) are read when they start like a DICOM data set.
+Part 10 preamble (older RT exports) are read when they start like a DICOM data set. Temporary
+files of an interrupted DosePilot write (:func:`engine.durable.is_temporary`) are not read.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+
+from engine.durable import is_temporary
 
 _DICOMDIR = "1.2.840.10008.1.3.10"
 # documents that often sit next to DICOM files; when they are not DICOM they are skipped quietly
@@ -135,8 +138,8 @@ def scan_folder(root: Path) -> ScanResult:
     non_dicom = 0
     paths: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        paths.extend(Path(dirpath) / f for f in sorted(filenames))
+        dirnames[:] = sorted(d for d in dirnames if not is_temporary(d))
+        paths.extend(Path(dirpath) / f for f in sorted(filenames) if not is_temporary(f))
     for path in paths:
         if not path.is_file():
             continue

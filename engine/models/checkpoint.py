@@ -13,27 +13,33 @@ Layout of a bundle folder::
      "provenance": {...},               # data, stages, steps, commit, ... free JSON
      "components": {"dit": {"kind": "DiffKT3D", "config": {...},
                             "weights": "dit.safetensors",
+                            "sha256": "...",    # of the weight file; optional (older bundles)
                             "tensors": {"time_proj.bias": [[1536], "float32"], ...}}}}
 
 A component is generic: ``kind`` names an architecture in :data:`ARCHITECTURES` (``DiffKT3D``,
 ``WanVAE``, ``TinyCodec``; a frozen config dataclass with ``to_dict``/``from_dict`` and a module
 built from it), ``config`` is that architecture's ``to_dict()``. Loading checks the
 JSON, that every weight file exists and holds exactly the manifest's tensors, and that the tensors
-match what the architecture builds from the config (on the meta device: nothing is allocated), and
-fails with a :class:`CheckpointError` naming what is wrong. :func:`build_component` then makes
+match what the architecture builds from the config (on the meta device: nothing is allocated) and,
+when the bundle records one, that every weight file has its SHA-256 (a corrupt file with an
+intact header would otherwise load), and fails with a :class:`CheckpointError` naming the file
+and what is wrong. :func:`build_component` then makes
 the module of one component (e.g. ``build_component(config, states, "dit")``).
 
 Writes are atomic: the bundle is written to a temporary sibling folder, every file and the folder
 are fsynced, then it is renamed into place (an existing bundle is moved aside first and deleted
-after). Weights are never unpickled; official ``.pth`` files are read only through
-``torch.load(weights_only=True)`` in :func:`read_pth_weights_only`.
+after; a full disk raises :class:`engine.durable.NoSpaceError`). Weights are never unpickled;
+official ``.pth`` files are read only through ``torch.load(weights_only=True)`` in
+:func:`read_pth_weights_only`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -45,12 +51,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from engine.durable import fsync_path
+from engine.durable import NoSpaceError, fsync_path, no_space, replacing
 
 BUNDLE_FORMAT = "dosepilot-model-bundle"
 BUNDLE_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 PREDICTIONS = ("v", "epsilon", "x0")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # kind -> "module:ModelClass:ConfigClass" (built as ModelClass(ConfigClass.from_dict(config)))
 # or a callable taking the config dict and returning the nn.Module.
@@ -96,7 +103,7 @@ def _expected_shapes(
     try:
         with torch.device("meta"):
             module = factory(config)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to build from a config means "invalid"
         raise CheckpointError(f"invalid {kind} config: {exc}") from exc
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
@@ -164,7 +171,7 @@ def save_bundle(
         "provenance": provenance or {},
         "components": manifest,
     }
-    text = json.dumps(document, indent=1, sort_keys=True)  # fails early if not JSON-serialisable
+    json.dumps(document)  # fails early, before any file is written, if not JSON-serialisable
 
     if path.exists() and not (path.is_dir() and (path / BUNDLE_JSON).is_file()):
         raise CheckpointError(f"{path} exists and is not a model bundle; refusing to replace it")
@@ -178,7 +185,8 @@ def save_bundle(
                 k: v.detach().to("cpu").contiguous().clone() for k, v in comp.state_dict.items()
             }
             save_file(tensors, str(tmp / manifest[name]["weights"]))
-        (tmp / BUNDLE_JSON).write_text(text)
+            manifest[name]["sha256"] = _sha256(tmp / manifest[name]["weights"])
+        (tmp / BUNDLE_JSON).write_text(json.dumps(document, indent=1, sort_keys=True))
         for f in tmp.iterdir():
             fsync_path(f)
         fsync_path(tmp)
@@ -187,12 +195,15 @@ def save_bundle(
             os.rename(path, old / path.name)
         os.rename(tmp, path)
         fsync_path(path.parent)
-    except BaseException:
+    except BaseException as exc:
+        full = no_space(exc, path.parent)
         if old is not None and not path.exists():
             os.rename(old / path.name, path)  # put the previous bundle back
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        if full:
+            raise NoSpaceError(path, exc) from exc
         raise
     if old is not None:
         shutil.rmtree(old)
@@ -226,11 +237,41 @@ def read_bundle_config(path: str | Path) -> dict:
             raise CheckpointError(f"{json_path}: missing field {key!r}")
     if document["prediction"] not in PREDICTIONS:
         raise CheckpointError(f"{json_path}: unknown prediction {document['prediction']!r}")
+    for key in ("components", "normalisation", "provenance"):
+        if not isinstance(document[key], dict):
+            raise CheckpointError(f"{json_path}: {key!r} must be a JSON object")
+    if not document["components"]:
+        raise CheckpointError(f"{json_path}: the bundle has no components")
     for name, comp in document["components"].items():
+        if not isinstance(comp, dict):
+            raise CheckpointError(f"{json_path}: component {name!r} must be a JSON object")
         for key in ("kind", "config", "weights", "tensors"):
             if key not in comp:
                 raise CheckpointError(f"{json_path}: component {name!r} lacks {key!r}")
+        problem = _component_problem(comp)
+        if problem:
+            raise CheckpointError(f"{json_path}: component {name!r}: {problem}")
     return document
+
+
+def _component_problem(comp: dict) -> str:
+    """What is malformed in a component entry of ``bundle.json`` ("" when nothing is)."""
+    if not isinstance(comp["kind"], str):
+        return "'kind' must be a string"
+    if not isinstance(comp["config"], dict):
+        return "'config' must be a JSON object"
+    if not isinstance(comp["weights"], str):
+        return "'weights' must be a file name"
+    tensors = comp["tensors"]
+    if not isinstance(tensors, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], list)
+            and all(isinstance(d, int) and d >= 0 for d in v[0]) and isinstance(v[1], str)
+            for v in tensors.values()):
+        return "'tensors' must map each tensor name to [shape, dtype]"
+    digest = comp.get("sha256")
+    if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+        return "'sha256' must be 64 hexadecimal digits"
+    return ""
 
 
 def load_bundle(
@@ -266,8 +307,17 @@ def load_bundle(
             raise CheckpointError(
                 f"bundle {path}: {weights.name} dtypes differ from {BUNDLE_JSON}: {dtypes[:3]}"
             )
-        _compare(f"bundle {path}: component {name!r} ({comp['kind']}) vs its config",
-                 manifest, _expected_shapes(comp["kind"], comp["config"], architectures))
+        where = f"bundle {path}: {BUNDLE_JSON}: component {name!r}"
+        try:
+            expected = _expected_shapes(comp["kind"], comp["config"], architectures)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+        _compare(f"{where} ({comp['kind']}) vs its config", manifest, expected)
+        if "sha256" in comp and _sha256(weights) != comp["sha256"]:
+            raise CheckpointError(
+                f"bundle {path}: {weights.name} does not match the SHA-256 recorded in "
+                f"{BUNDLE_JSON}: the file is corrupt (or was replaced)"
+            )
         state_dicts[name] = state
     return document, state_dicts
 
@@ -289,6 +339,14 @@ def build_component(
     module = _factory(comp["kind"], architectures)(comp["config"])
     module.load_state_dict(state_dicts[name], strict=True)
     return module
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_pth_weights_only(path: str | Path) -> dict[str, Tensor]:
@@ -323,13 +381,6 @@ def pth_to_safetensors(src: str | Path, dst: str | Path) -> Path:
     tensors = {k: v.contiguous().clone() for k, v in read_pth_weights_only(src).items()}
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        fsync_path(Path(tmp))
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(dst) as tmp:
+        save_file(tensors, str(tmp))
     return dst

@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.cli import UserError
 from engine.dose_model import ARCHITECTURES, save_dose_model
+from engine.durable import replacing
 from engine.models import checkpoint as bundles
 from engine.models.dit import SLOT_NAMES, DiffKT3D, DiTConfig
 from engine.models.dit import preset as dit_preset
@@ -126,10 +127,9 @@ def build_vae(cfg: TrainConfig) -> WanVAE:
 
 def save_vae(vae: WanVAE, path: Path) -> Path:
     """The VAE's weights (diffusers keys) with its config in the metadata: ``vae_weights``."""
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
-    save_file(state, str(tmp), metadata={"vae_config": vae.config.to_json()})
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        save_file(state, str(tmp), metadata={"vae_config": vae.config.to_json()})
     return path
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from engine.durable import replacing
 from engine.models.tiny_codec import TinyCodec, TinyCodecConfig, distillation_loss
 
 from .. import loop
@@ -51,8 +52,9 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     def export(out_dir: Path) -> Path:
         path = Path(out_dir) / "tiny_codec.safetensors"
         state = {k: v.detach().cpu().contiguous() for k, v in codec.state_dict().items()}
-        save_file(state, str(path), metadata={"codec_config": codec.config.to_json(),
-                                              "vae_config": vae.config.to_json()})
+        with replacing(path) as tmp:
+            save_file(state, str(tmp), metadata={"codec_config": codec.config.to_json(),
+                                                 "vae_config": vae.config.to_json()})
         return path
 
     task = loop.Task(stage="distill", model=codec, params=list(codec.parameters()),
