@@ -2,22 +2,32 @@
 
 A plan file of ``dosepilot physics generate`` (:mod:`engine.physics_dataset`) repeats its
 source patient's CT and structures; a packed plan keeps only what the physics run produced
-(the dose, the beams, the isocentre, the engine record) plus a fingerprint of the source arrays,
-about half the size. ``unpack`` joins a packed plan with its source case from the dataset
-again and writes the full plan file, byte-for-byte the arrays the generator wrote, refusing a
-source whose arrays differ from the ones the plan was computed on.
+plus a fingerprint of the source arrays. For a format-2 plan that is the engine's coarse dose
+grid on the voxels the body's dose is read from, in cGy (``dose_grid_cgy``, about 4x fewer
+voxels than the CT grid at 5 mm), the beams, the isocentre and the engine record: the CT-grid
+``dose_cgy`` is left out too, because ``unpack`` recreates it bit for bit with the generator's
+own :func:`engine.physics_dataset.dose_cgy_from_grid`. A format-1 plan (no dose grid) keeps its
+``dose_cgy``. ``unpack`` joins a packed plan with its source case from the dataset again and
+writes the full plan file, the arrays the generator wrote, refusing a source whose arrays differ
+from the ones the plan was computed on.
+
+Plans that fail the acceptance rule (their manifest record's ``rejected`` is not empty, see
+:mod:`engine.physics_quality`) are neither packed nor unpacked: they stay out of every training
+set made from the packed folder, while the manifest keeps their figures.
 
     dosepilot physics pack GENERATED_DIR PACK_DIR
     dosepilot physics unpack PACK_DIR DATASET_DIR OUT_DIR
 
 Packed format (``<case>_plan<k>.npz``, compressed, no pickle): the generator's keys except
-``ct``, ``roi_bits``, ``roi_names``, ``present`` and ``voxel_mm``, plus ``source_sha256`` (str,
-:func:`source_fingerprint` of those arrays). The generator's ``manifest.json`` is copied along.
+``ct``, ``roi_bits``, ``roi_names``, ``present``, ``voxel_mm`` (and ``dose_cgy`` when
+``dose_grid_cgy`` is there), plus ``source_sha256`` (str, :func:`source_fingerprint` of those
+arrays). The generator's ``manifest.json`` is copied along.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import zipfile
 from collections.abc import Callable, Iterator
@@ -25,7 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.physics_dataset import list_cases, load_arrays, write_npz_atomic
+from engine.physics_dataset import (
+    dose_cgy_from_grid,
+    list_cases,
+    load_arrays,
+    read_dose_grid,
+    write_npz_atomic,
+)
 
 SOURCE_KEYS = ("ct", "roi_bits", "roi_names", "present", "voxel_mm")
 MANIFEST = "manifest.json"
@@ -50,7 +66,8 @@ def pack_plan(plan: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     missing = [k for k in (*SOURCE_KEYS, "dose_cgy", "source_case") if k not in plan]
     if missing:
         raise PackError(f"not a generated plan file: no {', '.join(missing)}")
-    out = {k: v for k, v in plan.items() if k not in SOURCE_KEYS}
+    derived = ("dose_cgy",) if "dose_grid_cgy" in plan else ()
+    out = {k: v for k, v in plan.items() if k not in SOURCE_KEYS + derived}
     out["source_sha256"] = np.asarray(source_fingerprint(plan))
     return out
 
@@ -64,6 +81,8 @@ def unpack_plan(packed: dict[str, np.ndarray], source: dict[str, np.ndarray]
                         "(CT or structures changed)")
     out = {k: source[k] for k in SOURCE_KEYS}
     out.update((k, v) for k, v in packed.items() if k != "source_sha256")
+    if "dose_cgy" not in out:
+        out["dose_cgy"] = dose_cgy_from_grid(source, read_dose_grid(packed))
     return out
 
 
@@ -80,18 +99,32 @@ def _plans(folder: Path) -> Iterator[Path]:
 
 def _convert_folder(src: Path, dst: Path, convert: Callable[[Path], dict[str, np.ndarray]]
                     ) -> int:
-    """Write ``convert(plan)`` for every plan of ``src`` not yet in ``dst`` and copy the
-    generator's manifest along; returns how many were written."""
+    """Write ``convert(plan)`` for every plan of ``src`` not yet in ``dst`` and not rejected by
+    ``src``'s manifest, and copy the manifest along; returns how many were written."""
     dst.mkdir(parents=True, exist_ok=True)
+    rejected = rejected_plans(src)
     n = 0
     for path in _plans(src):
         target = dst / path.name
-        if not target.exists():
+        if path.stem not in rejected and not target.exists():
             write_npz_atomic(target, convert(path))
             n += 1
     if (src / MANIFEST).is_file():
         shutil.copyfile(src / MANIFEST, dst / MANIFEST)
     return n
+
+
+def rejected_plans(folder: Path) -> set[str]:
+    """Names (file stems) of the plans ``folder``'s manifest records as failing the acceptance
+    rule."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return set()
+    try:
+        plans = json.loads(path.read_text()).get("plans", {})
+    except (OSError, ValueError) as exc:
+        raise PackError(f"{path} cannot be read: {exc}") from None
+    return {name for name, record in plans.items() if record.get("rejected")}
 
 
 def _packed_file(path: Path) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ import pytest
 from engine import physics_dataset as pd
 from engine.case import Beam, Case, Geometry, Plan, Role, Structure, Technique, Volume
 from engine.cli import main
+from engine.dose_grid import to_case_grid
 from engine.io.dicom import load_dicom_case
 from engine.io.openkbp import load_openkbp_npz
 from engine.physics import PhysicsSettings, compute_physics_dose
@@ -115,9 +116,14 @@ def test_an_organ_hidden_inside_the_target_loses_its_objectives_not_the_plan(phy
     case = Case("hidden", Volume(ct, g), (Structure("PTV", Role.TARGET, ptv, 60.0),
                                           Structure("RightParotid", Role.OAR, hidden)))
     beams = tuple(Beam(f"B{a}", float(a), (0.0, 0.0, 0.0)) for a in (0, 120, 240))
-    result = compute_physics_dose(case, Plan(beams), PhysicsSettings(max_iter=30))
+    result = compute_physics_dose(case, Plan(beams), PhysicsSettings(max_iter=30,
+                                                                     dose_grid_mm=7.0))
     assert result.info["skipped_objectives"] == ["RightParotid"]
     assert np.percentile(result.dose.array[ptv], 5) == pytest.approx(60.0, rel=1e-4)
+    # the coarse dose grid that packed plans keep gives the engine's own CT-grid dose
+    body = ct > -500.0
+    np.testing.assert_allclose(to_case_grid(result.dose_grid, g)[body],
+                               result.dose.array[body], atol=1e-3)
 
 
 def test_generate_and_resume(physics_env, tmp_path, capsys):
@@ -149,6 +155,11 @@ def test_generate_and_resume(physics_env, tmp_path, capsys):
     ptv70 = case.structure("PTV70").mask
     assert np.percentile(case.dose.array[ptv70], 5) == pytest.approx(70.0, abs=0.02)
     assert case.dose.array[~case.external.mask].max() == 0.0  # dose only inside the body
+    records = json.loads((out / "manifest.json").read_text())["plans"]
+    assert sorted(records) == ["pt_1_plan0", "pt_1_plan1"]
+    assert records["pt_1_plan1"]["arrangement"] == "static" and records["pt_1_plan1"][
+        "targets"]["PTV70"]["d95_gy"] == pytest.approx(70.0, abs=0.02)
+    assert isinstance(records["pt_1_plan1"]["rejected"], list)
     assert main(argv[:3] + [str(tmp_path / "other"), "--plans-per-case", "1",
                             "--beams", "5..5", "--max-iter", "40", "--limit", "0"]) == 0
     assert main(argv[:4] + ["--plans-per-case", "3"]) == 2  # other settings, same folder
