@@ -171,12 +171,14 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     jobs = pd.plan_jobs(cases, args.out_dir, config.plans_per_case, args.per_patient)
-    missing = [j for j in jobs if not j.out.exists()]
-    todo = missing if args.limit is None else missing[:args.limit]
-    print(f"{len(jobs) - len(missing)} of {len(jobs)} plans present; computing {len(todo)} with "
-          f"{args.workers} worker(s) into {args.out_dir}", file=sys.stderr)
-    times: list[float] = list(manifest.get("seconds_per_plan", []))
     plans: dict[str, dict] = manifest.setdefault("plans", {})
+    # a rejected plan is not packed, so a run resumed from a pack would compute it again
+    rejected = {name for name, record in plans.items() if record.get("rejected")}
+    missing = [j for j in jobs if not j.out.exists() and j.out.stem not in rejected]
+    todo = missing if args.limit is None else missing[:args.limit]
+    print(f"{len(jobs) - len(missing)} of {len(jobs)} plans present or rejected; computing "
+          f"{len(todo)} with {args.workers} worker(s) into {args.out_dir}", file=sys.stderr)
+    times: list[float] = list(manifest.get("seconds_per_plan", []))
     failures: dict[str, str] = {}
     bar = tqdm(total=len(todo), unit="plan", dynamic_ncols=True)
 
