@@ -38,9 +38,10 @@ def test_pack_then_unpack_restores_every_array(tmp_path):
     data, gen = _generated(tmp_path)
     assert pp.pack_folder(gen, tmp_path / "pack") == 2
     packed = pd.load_arrays(tmp_path / "pack" / "pt_1_plan0.npz")
-    # the CT-grid dose is recreated from the stored dose grid, so it is not packed
-    assert not set(pp.SOURCE_KEYS) & set(packed) and "dose_cgy" not in packed
-    assert "dose_grid_cgy" in packed
+    # the CT-grid dose is recreated from the stored dose grid, which is packed in its code
+    assert not set(pp.SOURCE_KEYS) & set(packed)
+    assert not {"dose_cgy", "dose_grid_cgy"} & set(packed)
+    assert {"dose_grid_mask_lzma", "dose_grid_values_lzma"} <= set(packed)
     assert pp.unpack_folder(tmp_path / "pack", data, tmp_path / "out") == 2
     for name in ("pt_1_plan0.npz", "pt_2_plan0.npz"):
         original, restored = pd.load_arrays(gen / name), pd.load_arrays(tmp_path / "out" / name)
@@ -52,6 +53,29 @@ def test_pack_then_unpack_restores_every_array(tmp_path):
     # the restored plan reads as a case with the generated beams
     case = load_openkbp_npz(tmp_path / "out" / "pt_2_plan0.npz")
     assert [b.gantry_deg for b in case.plan.beams] == [10.0, 130.0, 250.0]
+
+
+def test_the_dose_grid_code_is_lossless_and_checked():
+    rng = np.random.default_rng(5)
+    grid = np.zeros((9, 14, 11), np.uint16)
+    grid[2:7, 3:12, 1:10] = rng.integers(0, 65536, (5, 9, 9))  # extremes and big jumps too
+    grid[4, 5, 5], grid[4, 5, 6] = 65535, 1
+    code = pp.encode_dose_grid(grid)
+    back = pp.decode_dose_grid(code)
+    assert back.dtype == np.uint16
+    np.testing.assert_array_equal(back, grid)
+    # a smooth dose codes to far fewer bytes than its raw 2 bytes per voxel
+    z, y, x = np.meshgrid(*(np.arange(n) for n in (30, 40, 40)), indexing="ij")
+    smooth = (3000 + 40 * x + 25 * y - 10 * z).astype(np.uint16)
+    small = pp.encode_dose_grid(smooth)
+    assert small["dose_grid_values_lzma"].size < 0.05 * smooth.nbytes
+    np.testing.assert_array_equal(pp.decode_dose_grid(small), smooth)
+    broken = dict(code, dose_grid_values_lzma=code["dose_grid_values_lzma"][:-20])
+    with pytest.raises(pp.PackError, match="corrupt packed dose grid"):
+        pp.decode_dose_grid(broken)
+    other = pp.encode_dose_grid(grid[:, :, :5])
+    with pytest.raises(pp.PackError, match="corrupt packed dose grid"):
+        pp.decode_dose_grid(dict(code, dose_grid_values_lzma=other["dose_grid_values_lzma"]))
 
 
 def test_a_format_1_plan_keeps_its_dose_when_packed(tmp_path):
