@@ -230,7 +230,7 @@ def test_optimization_structures_priorities_objectives_and_margins():
     assert [s.overlap_priority for s in structures] == [1, 2, 3, 3, 3, 4, 5]
     assert [s.kind for s in structures] == ["target", "target", "oar", "oar", "helper",
                                             "helper", "external"]
-    # the spinal cord's planning volume: the cord grown by 5 mm, outside the targets, max 50/70
+    # the spinal cord's planning volume: the cord grown by 5 mm, outside the targets, max 48/70
     prv = by_name["SerialPRV"]
     cord_mask = by_name["SpinalCord"].mask
     expected = grow_mask(cord_mask, case.geometry.spacing, 5.0) & body_mask(case) & ~(
@@ -238,16 +238,20 @@ def test_optimization_structures_priorities_objectives_and_margins():
     np.testing.assert_array_equal(prv.mask, expected)
     assert prv.mask.sum() > cord_mask.sum()
     assert [(o.kind, o.dose_gy) for o in prv.objectives] == [
-        ("squared_overdosing", pytest.approx(60.0 * 50 / 70))]
+        ("squared_overdosing", pytest.approx(60.0 * 48 / 70))]
     high = by_name["PTV_high"]
     assert [(o.kind, o.dose_gy) for o in high.objectives] == [
         ("squared_deviation", 60.0), ("squared_underdosing", 60.0),
-        ("squared_overdosing", pytest.approx(61.8)), ("squared_overdosing", pytest.approx(64.2))]
+        ("squared_overdosing", pytest.approx(61.8)), ("squared_overdosing", pytest.approx(63.0))]
+    # the lower-dose target is covered, held gently at its prescription, no tight maximum
+    assert [(o.kind, o.dose_gy, o.priority) for o in by_name["PTV_low"].objectives] == [
+        ("squared_deviation", 50.0, 100.0), ("squared_underdosing", 50.0, 10000.0),
+        ("squared_overdosing", pytest.approx(63.0), 30000.0)]
     # grown by 2 mm: one 2 mm voxel in y and x but not diagonally, none along z (3 mm slices)
     assert high.mask.sum() == 2 * (6 * 6 - 4) and case.structures[1].mask.sum() == 2 * 4 * 4
     cord = [(o.kind, o.dose_gy) for o in by_name["SpinalCord"].objectives]
     assert cord == [("squared_overdosing", pytest.approx(0.6 * 60.0)),
-                    ("squared_overdosing", pytest.approx(0.68 * 60.0)), ("mean_dose", 0.0),
+                    ("squared_overdosing", pytest.approx(0.65 * 60.0)), ("mean_dose", 0.0),
                     ("squared_overdosing", pytest.approx(1.05 * 60.0))]
     # every organ at risk, the ring and the body limit hot spots
     assert [(o.kind, o.dose_gy) for o in by_name["Lung_L"].objectives] == [
