@@ -11,8 +11,11 @@ environment does not have it) and it exchanges plain files only:
   (LPS); the grid's origin (centre of voxel [0, 0, 0], LPS mm) and spacing are in the request;
 
 and it writes ``JOB_DIR/result.npz`` (``dose`` float32 ``[z, y, x]``, Gy per unit fluence scale
-chosen by the optimiser, on the CT grid) plus ``JOB_DIR/result.json`` (engine version, timings,
-bixel count, optimiser iterations). On failure it exits non-zero with the reason on stderr.
+chosen by the optimiser, on the CT grid; ``dose_grid``, the same dose on the engine's dose grid
+before its linear interpolation onto the CT grid, with ``dose_grid_origin_lps_mm`` (x, y, z of
+voxel [0, 0, 0]) and ``dose_grid_spacing_xyz_mm``, axes along +z, +y, +x like the CT) plus
+``JOB_DIR/result.json`` (engine version, timings, bixel count, optimiser iterations). On
+failure it exits non-zero with the reason on stderr.
 
 The engine is pyRadPlan's photon SVD pencil beam (matRad's ``photons_Generic`` 6 MV machine) with
 pyRadPlan's fluence optimisation (SciPy L-BFGS-B). pyRadPlan's gantry geometry is IEC 61217 in
@@ -139,13 +142,17 @@ def run(job: Path) -> None:
     t = time.perf_counter()
     dose_image = dij.compute_result_ct_grid(fluence)["physical_dose"]
     dose = sitk.GetArrayFromImage(dose_image).astype(np.float32)
+    grid_image = dij.compute_result_dose_grid(fluence)["physical_dose"]
+    dose_grid = sitk.GetArrayFromImage(grid_image).astype(np.float32)
     t_fwd = time.perf_counter() - t
     if dose.shape != ct_hu.shape:
         raise RuntimeError(f"pyRadPlan returned a dose of shape {dose.shape} for a CT of shape "
                            f"{ct_hu.shape}")
 
     tmp = job / "result.tmp.npz"
-    np.savez(tmp, dose=dose, fluence=np.asarray(fluence, dtype=np.float32))
+    np.savez(tmp, dose=dose, fluence=np.asarray(fluence, dtype=np.float32), dose_grid=dose_grid,
+             dose_grid_origin_lps_mm=np.asarray(grid_image.GetOrigin(), dtype=np.float64),
+             dose_grid_spacing_xyz_mm=np.asarray(grid_image.GetSpacing(), dtype=np.float64))
     tmp.replace(job / "result.npz")
     (job / "result.json").write_text(json.dumps({
         "engine": "pyRadPlan",

@@ -226,22 +226,61 @@ def test_optimization_structures_priorities_objectives_and_margins():
     structures = optimization_structures(case, None, PhysicsSettings(target_margin_mm=2.0))
     by_name = {s.name: s for s in structures}
     assert [s.name for s in structures] == ["PTV_high", "PTV_low", "SpinalCord", "Lung_L",
-                                            "Ring", "Body"]
-    assert [s.overlap_priority for s in structures] == [1, 2, 3, 3, 4, 5]
+                                            "SerialPRV", "Ring", "Body"]
+    assert [s.overlap_priority for s in structures] == [1, 2, 3, 3, 3, 4, 5]
     assert [s.kind for s in structures] == ["target", "target", "oar", "oar", "helper",
-                                            "external"]
+                                            "helper", "external"]
+    # the spinal cord's planning volume: the cord grown by 5 mm, outside the targets, max 48/70
+    prv = by_name["SerialPRV"]
+    cord_mask = by_name["SpinalCord"].mask
+    expected = grow_mask(cord_mask, case.geometry.spacing, 5.0) & body_mask(case) & ~(
+        case.structures[0].mask | case.structures[1].mask)
+    np.testing.assert_array_equal(prv.mask, expected)
+    assert prv.mask.sum() > cord_mask.sum()
+    assert [(o.kind, o.dose_gy) for o in prv.objectives] == [
+        ("squared_overdosing", pytest.approx(60.0 * 48 / 70))]
     high = by_name["PTV_high"]
     assert [(o.kind, o.dose_gy) for o in high.objectives] == [
-        ("squared_deviation", 60.0), ("squared_overdosing", pytest.approx(61.8))]
+        ("squared_deviation", 60.0), ("squared_underdosing", 60.0),
+        ("squared_overdosing", pytest.approx(61.8)), ("squared_overdosing", pytest.approx(63.0))]
+    # the lower-dose target is covered, held gently at its prescription, no tight maximum
+    assert [(o.kind, o.dose_gy, o.priority) for o in by_name["PTV_low"].objectives] == [
+        ("squared_deviation", 50.0, 100.0), ("squared_underdosing", 50.0, 10000.0),
+        ("squared_overdosing", pytest.approx(63.0), 30000.0)]
     # grown by 2 mm: one 2 mm voxel in y and x but not diagonally, none along z (3 mm slices)
     assert high.mask.sum() == 2 * (6 * 6 - 4) and case.structures[1].mask.sum() == 2 * 4 * 4
-    cord = {o.kind: o.dose_gy for o in by_name["SpinalCord"].objectives}
-    assert cord == {"squared_overdosing": pytest.approx(0.6 * 60.0), "mean_dose": 0.0}
-    assert [o.kind for o in by_name["Lung_L"].objectives] == ["mean_dose"]
+    cord = [(o.kind, o.dose_gy) for o in by_name["SpinalCord"].objectives]
+    assert cord == [("squared_overdosing", pytest.approx(0.6 * 60.0)),
+                    ("squared_overdosing", pytest.approx(0.65 * 60.0)), ("mean_dose", 0.0),
+                    ("squared_overdosing", pytest.approx(1.05 * 60.0))]
+    # every organ at risk, the ring and the body limit hot spots
+    assert [(o.kind, o.dose_gy) for o in by_name["Lung_L"].objectives] == [
+        ("mean_dose", 0.0), ("squared_overdosing", pytest.approx(63.0))]
+    assert [(o.dose_gy, o.priority) for o in by_name["Ring"].objectives][-1] == (
+        pytest.approx(63.0), 3000.0)
+    assert [(o.dose_gy, o.priority) for o in by_name["Body"].objectives][-1] == (
+        pytest.approx(48.0), 3000.0)
     body = body_mask(case)
     for s in structures:
         assert not (s.mask & ~body).any()
     assert by_name["Ring"].mask.sum() > high.mask.sum()
+
+
+def test_the_target_margin_keeps_away_from_a_serial_organ():
+    """PTV_low (y 6..13, 2 mm voxels) grown by 4 mm would reach y 15, the spinal cord's first
+    row: the margin stops 4 mm short of the cord (its limit stays reachable), grows elsewhere
+    and never drops voxels of the target itself."""
+    case = _phantom()
+    settings = PhysicsSettings(target_margin_mm=4.0)
+    by_name = {s.name: s for s in optimization_structures(case, None, settings)}
+    low, cord = by_name["PTV_low"].mask, by_name["SpinalCord"].mask
+    margin = low & ~case.structures[0].mask
+    assert not (margin & grow_mask(cord, case.geometry.spacing, 4.0)).any()
+    assert low[case.structures[0].mask].all()
+    assert low[3:7, 4, 8:16].all() and low[3:7, 15, 8].all()  # grown away from the cord
+    assert not low[3:7, 15, 9:15].any()
+    grown = grow_mask(case.structures[0].mask, case.geometry.spacing, 4.0)
+    assert (grown & cord).any()  # without the exclusion the margin would take cord voxels
 
 
 def test_normalize_to_d95():

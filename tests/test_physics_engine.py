@@ -18,6 +18,7 @@ import pytest
 from engine import physics_dataset as pd
 from engine.case import Beam, Case, Geometry, Plan, Role, Structure, Technique, Volume
 from engine.cli import main
+from engine.dose_grid import to_case_grid
 from engine.io.dicom import load_dicom_case
 from engine.io.openkbp import load_openkbp_npz
 from engine.physics import PhysicsSettings, compute_physics_dose
@@ -115,9 +116,14 @@ def test_an_organ_hidden_inside_the_target_loses_its_objectives_not_the_plan(phy
     case = Case("hidden", Volume(ct, g), (Structure("PTV", Role.TARGET, ptv, 60.0),
                                           Structure("RightParotid", Role.OAR, hidden)))
     beams = tuple(Beam(f"B{a}", float(a), (0.0, 0.0, 0.0)) for a in (0, 120, 240))
-    result = compute_physics_dose(case, Plan(beams), PhysicsSettings(max_iter=30))
+    result = compute_physics_dose(case, Plan(beams), PhysicsSettings(max_iter=30,
+                                                                     dose_grid_mm=7.0))
     assert result.info["skipped_objectives"] == ["RightParotid"]
     assert np.percentile(result.dose.array[ptv], 5) == pytest.approx(60.0, rel=1e-4)
+    # the coarse dose grid that packed plans keep gives the engine's own CT-grid dose
+    body = ct > -500.0
+    np.testing.assert_allclose(to_case_grid(result.dose_grid, g)[body],
+                               result.dose.array[body], atol=1e-3)
 
 
 def test_generate_and_resume(physics_env, tmp_path, capsys):
@@ -129,7 +135,7 @@ def test_generate_and_resume(physics_env, tmp_path, capsys):
             "--beams", "5..5", "--max-iter", "40"]
     assert main(argv + ["--limit", "1"]) == 0
     assert sorted(p.name for p in out.glob("*.npz")) == ["pt_1_plan0.npz"]
-    assert "0 of 2 plans present; computing 1 with" in capsys.readouterr().err
+    assert "0 of 2 plans present or rejected; computing 1 with" in capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["engine"]["engine_version"] and manifest["plans_written"] == 1
     assert manifest["settings"]["physics"]["max_iter"] == 40
@@ -138,7 +144,7 @@ def test_generate_and_resume(physics_env, tmp_path, capsys):
     assert main(argv + ["--workers", "2"]) == 0  # resumes: computes only the missing plan
     assert (out / "pt_1_plan0.npz").stat().st_mtime_ns == mtime
     assert json.loads((out / "manifest.json").read_text())["plans_written"] == 2
-    assert "1 of 2 plans present" in capsys.readouterr().err
+    assert "1 of 2 plans present or rejected" in capsys.readouterr().err
 
     plan = pd.load_arrays(out / "pt_1_plan1.npz")
     beams = pd.read_plan_beams(plan)
@@ -149,6 +155,19 @@ def test_generate_and_resume(physics_env, tmp_path, capsys):
     ptv70 = case.structure("PTV70").mask
     assert np.percentile(case.dose.array[ptv70], 5) == pytest.approx(70.0, abs=0.02)
     assert case.dose.array[~case.external.mask].max() == 0.0  # dose only inside the body
+    records = json.loads((out / "manifest.json").read_text())["plans"]
+    assert sorted(records) == ["pt_1_plan0", "pt_1_plan1"]
+    assert records["pt_1_plan1"]["arrangement"] == "static" and records["pt_1_plan1"][
+        "targets"]["PTV70"]["d95_gy"] == pytest.approx(70.0, abs=0.02)
+    assert isinstance(records["pt_1_plan1"]["rejected"], list)
+    # a rejected plan is left out of packs; a run resumed from a pack does not compute it again
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["plans"]["pt_1_plan1"]["rejected"] = ["body Dmax 125.0% > 120%"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "pt_1_plan1.npz").unlink()
+    assert main(argv) == 0
+    assert "2 of 2 plans present or rejected; computing 0" in capsys.readouterr().err
+    assert not (out / "pt_1_plan1.npz").exists()
     assert main(argv[:3] + [str(tmp_path / "other"), "--plans-per-case", "1",
                             "--beams", "5..5", "--max-iter", "40", "--limit", "0"]) == 0
     assert main(argv[:4] + ["--plans-per-case", "3"]) == 2  # other settings, same folder

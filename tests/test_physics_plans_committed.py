@@ -1,6 +1,7 @@
 """The angle-varied physics training plans kept in the repository
-(``datasets/openkbp-physics-plans``, issue 9): all that the generator wrote, with its settings
-and times, restorable into plans the trainer reads with their patient."""
+(``datasets/openkbp-physics-plans``, issue 9): the generator's settings and times, every plan's
+quality figures, the plans a planner would accept (issue 15) packed and restorable into plans
+the trainer reads with their patient."""
 
 from __future__ import annotations
 
@@ -23,10 +24,20 @@ def _packed():
     return [p for p in list_cases(PACK) if "_plan" in p.stem]
 
 
-def test_every_generated_plan_is_packed_with_its_settings_and_times():
+def test_every_accepted_plan_is_packed_with_its_settings_times_and_figures():
     plans = _packed()
     manifest = json.loads((PACK / "manifest.json").read_text())
-    assert len(plans) == manifest["plans_written"] and not manifest["failures"]
+    assert manifest["plans_written"] == 200 and not manifest["failures"]
+    # every plan written has its quality figures; only those a planner would accept are packed
+    records = manifest["plans"]
+    assert len(records) == manifest["plans_written"] == manifest["plans_evaluated"]
+    accepted = sorted(name for name, r in records.items() if not r["rejected"])
+    assert sorted(p.stem for p in plans) == accepted
+    assert len(accepted) == manifest["plans_accepted"] == 73
+    for record in records.values():
+        assert record["targets"]["PTV70"]["d95_rel"] == pytest.approx(1.0, abs=0.01)
+        assert (record["body_dmax_rel"] > 1.2) == any(r.startswith("body Dmax")
+                                                      for r in record["rejected"])
     assert manifest["engine"]["engine"] == "pyRadPlan"
     assert manifest["settings"]["beams"] == [5, 11]
     physics = manifest["settings"]["physics"]

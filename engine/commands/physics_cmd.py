@@ -1,16 +1,21 @@
 """``dosepilot physics``: physics reference doses (pyRadPlan in its own environment).
 
-* ``physics generate DATASET_DIR OUT_DIR --plans-per-case N --beams 5..11 [--arcs]
-  [--workers K]``: random beam arrangements on every case of an OpenKBP-format dataset, each
-  optimised and computed with physics, written as dataset cases (format: engine.physics_dataset).
-  Resumable: plans already in OUT_DIR are skipped.
+* ``physics generate DATASET_DIR OUT_DIR --plans-per-case N --beams 5..11 [--arcs | --mix]
+  [--per-patient] [--workers K]``: varied beam arrangements on every case of an OpenKBP-format
+  dataset, each optimised and computed with physics, written as dataset cases (format:
+  engine.physics_dataset) with their quality figures in the manifest. Resumable: plans already
+  in OUT_DIR are skipped.
 * ``physics verify PATH [--out FILE]``: the physics dose of a case's plan, compared with the
   case's own dose (MAE in the body, target D95 and OAR mean-dose differences, printed as JSON).
   PATH is a DICOM folder (the dose is written as an RTDOSE linked to the case's study and plan)
   or an OpenKBP case (``.npz`` or CSV folder; a generated plan file uses its stored beams, a
   clinical case the nine clinical fields; the dose is written as an ``.npz``, Gy, OpenKBP order).
 * ``physics pack GENERATED_DIR PACK_DIR`` / ``physics unpack PACK_DIR DATASET_DIR OUT_DIR``:
-  generated plans without the copy of their source patient (engine.physics_pack), and back.
+  generated plans without the copy of their source patient (engine.physics_pack), and back;
+  plans the manifest marks as failing the acceptance rule are left out.
+* ``physics evaluate GENERATED_DIR``: each plan's quality figures (target D95/D2, body maximum,
+  OAR means and maxima) and the acceptance rule's verdict (engine.physics_quality), recorded in
+  the folder's manifest (plans generated now get them as they are written).
 """
 
 from __future__ import annotations
@@ -92,6 +97,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="static beams per plan (default 5..11)")
     gen.add_argument("--arcs", action="store_true",
                      help="make a third of the plans arc (VMAT-like) plans")
+    gen.add_argument("--mix", action="store_true",
+                     help="draw arrangements from the clinical mix: random static (--beams), "
+                          "equispaced 5/7/9-field class solutions, partial and full arcs")
+    gen.add_argument("--per-patient", action="store_true",
+                     help="compute all plans of a patient before the next patient (default: "
+                          "every patient's plan 0 first)")
     gen.add_argument("--workers", type=int, default=1, metavar="K",
                      help="plans computed in parallel (default 1)")
     gen.add_argument("--seed", type=int, default=0)
@@ -112,6 +123,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pack.add_argument("generated_dir", type=Path, help="output folder of physics generate")
     pack.add_argument("pack_dir", type=Path, help="folder for the packed plans (created)")
     pack.set_defaults(func=run_pack)
+
+    evaluate = sub.add_parser("evaluate", help="record each generated plan's quality figures "
+                              "and acceptance in its folder's manifest")
+    evaluate.add_argument("generated_dir", type=Path,
+                          help="folder of full plan files (physics generate / unpack output)")
+    evaluate.set_defaults(func=run_evaluate)
 
     unpack = sub.add_parser("unpack", help="packed plans back to full plan files")
     unpack.add_argument("pack_dir", type=Path, help="folder of packed plans")
@@ -142,7 +159,8 @@ def run_generate(args: argparse.Namespace) -> int:
     pd.exit_on_sigterm()  # a stopped run leaves no engine process behind; written plans stay
     try:
         config = pd.GenerateConfig(args.plans_per_case, args.beams,
-                                   1 / 3 if args.arcs else 0.0, args.seed, _settings(args))
+                                   1 / 3 if args.arcs else 0.0, args.seed, _settings(args),
+                                   mix=args.mix)
         python = physics_python()
     except (ValueError, PhysicsUnavailableError) as exc:
         raise UserError(str(exc)) from None
@@ -152,25 +170,29 @@ def run_generate(args: argparse.Namespace) -> int:
                                        _engine_version(python))
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    jobs = pd.plan_jobs(cases, args.out_dir, config.plans_per_case)
-    missing = [j for j in jobs if not j.out.exists()]
+    jobs = pd.plan_jobs(cases, args.out_dir, config.plans_per_case, args.per_patient)
+    plans: dict[str, dict] = manifest.setdefault("plans", {})
+    # a rejected plan is not packed, so a run resumed from a pack would compute it again
+    rejected = {name for name, record in plans.items() if record.get("rejected")}
+    missing = [j for j in jobs if not j.out.exists() and j.out.stem not in rejected]
     todo = missing if args.limit is None else missing[:args.limit]
-    print(f"{len(jobs) - len(missing)} of {len(jobs)} plans present; computing {len(todo)} with "
-          f"{args.workers} worker(s) into {args.out_dir}", file=sys.stderr)
+    print(f"{len(jobs) - len(missing)} of {len(jobs)} plans present or rejected; computing "
+          f"{len(todo)} with {args.workers} worker(s) into {args.out_dir}", file=sys.stderr)
     times: list[float] = list(manifest.get("seconds_per_plan", []))
     failures: dict[str, str] = {}
     bar = tqdm(total=len(todo), unit="plan", dynamic_ncols=True)
 
-    def done(job: pd.PlanJob, seconds: float | None, error: str | None) -> None:
-        if error is None:
-            times.append(round(float(seconds), 2))
+    def done(job: pd.PlanJob, outcome: pd.PlanOutcome | None, error: str | None) -> None:
+        if outcome is not None:
+            times.append(round(outcome.seconds, 2))
+            plans[job.out.stem] = {"seconds": round(outcome.seconds, 2), **outcome.record}
         else:
             failures[job.out.name] = error
         bar.update(1)
         bar.set_postfix(failed=len(failures))
         manifest.update(plans_written=sum(1 for j in jobs if j.out.exists()),
                         seconds_per_plan=times, failures=failures, updated_unix=time.time(),
-                        **pd.summarize_times(times))
+                        **pd.summarize_times(times), **pd.acceptance_summary(plans))
         pd.write_json_atomic(args.out_dir / "manifest.json", manifest)
 
     try:
@@ -234,6 +256,30 @@ def run_pack(args: argparse.Namespace) -> int:
     except physics_pack.PackError as exc:
         raise UserError(str(exc)) from None
     print(f"packed {n} new plan(s) into {args.pack_dir}", file=sys.stderr)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    if not args.generated_dir.is_dir():
+        raise UserError(f"folder {args.generated_dir} does not exist")
+    path = args.generated_dir / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    plans: dict[str, dict] = manifest.setdefault("plans", {})
+    files = [p for p in pd.list_cases(args.generated_dir) if "_plan" in p.stem]
+    if not files:
+        raise UserError(f"no generated plan files (*_planK.npz) in {args.generated_dir}")
+    for plan_path in tqdm(files, unit="plan", dynamic_ncols=True):
+        try:
+            case = load_openkbp(plan_path)
+            record = pd.quality_record(case, pd.load_arrays(plan_path))
+        except (OpenKBPFormatError, PhysicsError, KeyError) as exc:
+            raise UserError(f"{plan_path}: not a generated plan file ({exc})") from None
+        plans[plan_path.stem] = {**plans.get(plan_path.stem, {}), **record}
+    manifest.update(pd.acceptance_summary(plans))
+    pd.write_json_atomic(path, manifest)
+    summary = pd.acceptance_summary(plans)
+    print(f"{summary['plans_accepted']} of {summary['plans_evaluated']} plans accepted; "
+          f"failed limits: {summary['rejections_by_limit']}", file=sys.stderr)
     return 0
 
 
