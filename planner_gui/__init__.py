@@ -1,5 +1,5 @@
 """The PySide6 + VTK desktop application on top of engine."""
 
-from planner_gui._none_guard import protect_none_refcount
+from planner_gui._refcount_guard import protect_singletons
 
-protect_none_refcount()
+protect_singletons()

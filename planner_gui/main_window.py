@@ -15,7 +15,7 @@ from typing import Any
 from PySide6 import QtCore, QtGui, QtWidgets
 
 from engine.case import Case
-from planner_gui import loading
+from planner_gui import gui_gc, loading
 from planner_gui.beams_panel import BeamsPanel
 from planner_gui.dvh_panel import DvhPanel
 from planner_gui.engine_api import NO_ENGINE, DoseEngineLike, load_dose_engine
@@ -54,6 +54,8 @@ class MainWindow(QtWidgets.QMainWindow):
     def __init__(self, engine: DoseEngineLike | None = None, engine_message: str = "",
                  settings: QtCore.QSettings | None = None) -> None:
         super().__init__()
+        gui_gc.hold()  # released in closeEvent
+        self._holds_gc = True
         self.setWindowTitle("DosePilot")
         self.setAcceptDrops(True)
         self.resize(1500, 950)
@@ -467,4 +469,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.controller.shutdown()
         self.training_panel.shutdown()
         self.view3d.close_scene()
+        if self._holds_gc:
+            self._holds_gc = False
+            gui_gc.release()
         super().closeEvent(event)
