@@ -222,7 +222,8 @@ class DoseEngine:
         grid = state.grids.get(iso)
         if grid is None:
             with timer("features"):
-                inputs = build_modalities(state.case, plan, self.normalization)
+                inputs = build_modalities(state.case, plan, self.normalization,
+                                          workers=self.threads)
             with timer("encode"):
                 cond = self._encode(inputs.volumes[list(CONDITION_SLOTS)], fast=False)
             grid = _GridState(inputs=inputs, ptv_model=inputs[Slot.PTV] > -1.0,
@@ -237,8 +238,9 @@ class DoseEngine:
         if latents is None:
             with timer("features"):
                 norm = grid.inputs.normalization
+                # no more threads than inference (the GUI keeps a core for its event loop)
                 beam, angle, n_angles = plan_plates(grid.ptv_model, grid.inputs.transform.model,
-                                                    plan)
+                                                    plan, workers=self.threads)
                 plates = np.stack([norm.beam_plate(beam, n_angles), norm.binary(angle)])
             with timer("encode"):
                 latents = self._encode(plates, fast=fast)

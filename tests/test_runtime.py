@@ -67,6 +67,24 @@ def test_conditions_are_encoded_once_and_plates_only_when_beams_change(bundle, c
     assert (vae_encode.calls, codec_encode.calls) == (2, 2)  # plates through the full VAE
 
 
+def test_plates_use_no_more_threads_than_inference(bundle, case, monkeypatch):
+    """The GUI gives the engine all cores but one; the plates of a moved beam must not take the
+    last core from the event loop (benchmarks/bench_rapid_drags.py)."""
+    import engine.features.plates as plates
+
+    threads: set[str] = set()
+    closed_marks = plates._closed_marks
+
+    def recording(*args):
+        threads.add(threading.current_thread().name)
+        return closed_marks(*args)
+
+    monkeypatch.setattr(plates, "_closed_marks", recording)
+    one = DoseEngine.from_checkpoint(bundle, threads=1)
+    one.preview(case, case.plan.with_gantry(0, case.plan.beams[0].gantry_deg + 40))
+    assert threads == {threading.current_thread().name}
+
+
 def test_seeds_give_zero_std_when_identical_and_positive_otherwise(engine, case):
     same = engine.predict(case, steps=2, seeds=(3, 3))
     different = engine.predict(case, steps=2, seeds=(3, 4))

@@ -97,8 +97,10 @@ def _oar_map(case: Case, site: str | None, box: Box | None = None) -> np.ndarray
 
 def build_modalities(case: Case, plan: Plan | None = None,
                      normalization: Normalization | None = None, site: str | None = None,
-                     arc_step_deg: float = 4.0) -> ModelInputs:
+                     arc_step_deg: float = 4.0, workers: int = 2) -> ModelInputs:
     """The seven normalised model inputs of ``case`` under ``plan`` (default: the case's plan).
+
+    ``workers``: threads drawing the beam plate (:func:`engine.features.plates.beam_plate`).
 
     Raises:
         ValueError: no plan, a plan without beams, or no target with a prescription.
@@ -130,7 +132,7 @@ def build_modalities(case: Case, plan: Plan | None = None,
                                                          fill=0))
     if case.dose is not None:
         volumes[Slot.DOSE] = norm.dose(tf.dose_to_model(case.dose.array))
-    beam, angle, n_angles = plan_plates(rx_model > 0, tf.model, plan, arc_step_deg)
+    beam, angle, n_angles = plan_plates(rx_model > 0, tf.model, plan, arc_step_deg, workers)
     volumes[Slot.BEAM_PLATE] = norm.beam_plate(beam, n_angles)
     volumes[Slot.ANGLE_PLATE] = norm.binary(angle)
     present = tuple(bool(p) for p in (True, True, True, body is not None, case.dose is not None,

@@ -296,12 +296,12 @@ def plan_angles(plan: Plan, arc_step_deg: float = 4.0) -> list[tuple[int, float,
     return out
 
 
-def plan_plates(ptv: np.ndarray, geometry: Geometry, plan: Plan, arc_step_deg: float = 4.0
-                ) -> tuple[np.ndarray, np.ndarray, float]:
+def plan_plates(ptv: np.ndarray, geometry: Geometry, plan: Plan, arc_step_deg: float = 4.0,
+                workers: int = 2) -> tuple[np.ndarray, np.ndarray, float]:
     """Beam plate, angle plate and the number of angles summed, for a plan on a grid.
 
     The grid must be axis aligned with the isocentre on a voxel centre (the model grid is built
-    that way); the PTV is a boolean mask on it.
+    that way); the PTV is a boolean mask on it. ``workers``: threads of :func:`beam_plate`.
     """
     if not plan.beams:
         raise ValueError(f"plan {plan.name!r} has no beams: no beam plate can be drawn")
@@ -316,6 +316,6 @@ def plan_plates(ptv: np.ndarray, geometry: Geometry, plan: Plan, arc_step_deg: f
         directions.append((np.asarray(geometry.direction) @ direction)[1:]
                           / np.asarray(geometry.spacing[1:]))
     weights = [w for _, _, w in angles]
-    beam = beam_plate(ptv, iso_index, np.array(sources), weights)
+    beam = beam_plate(ptv, iso_index, np.array(sources), weights, workers=workers)
     angle = angle_plate(ptv.shape, iso_index, np.array(directions))
     return beam, angle, float(sum(weights))
