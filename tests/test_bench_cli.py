@@ -7,7 +7,13 @@ import json
 import pytest
 
 from engine.cli import main
-from engine.commands.bench_cmd import STAGES, _text, demo_patient
+from engine.commands.bench_cmd import (
+    REFERENCE_GEMM_GFLOPS,
+    STAGES,
+    _text,
+    demo_patient,
+    gemm_gflops,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +41,27 @@ def test_bench_json_has_the_budget_keys_and_the_breakdown(report):
         assert sum(stages[k] for k in STAGES if k != "total") <= stages["total"] * 1.01
     # the preview runs one DiT step, the prediction ten
     assert report["breakdown"]["predict10"]["dit"] > report["breakdown"]["preview"]["dit"]
+    # reference-machine figures: CPU time scaled by this machine's GEMM rate over the reference's
+    ratio = report["gemm_gflops"] / REFERENCE_GEMM_GFLOPS
+    assert report["preview_ref_s"] == pytest.approx(report["preview_cpu_s"] * ratio)
+    assert report["predict10_ref_s"] == pytest.approx(report["predict10_cpu_s"] * ratio)
+
+
+def test_gemm_rate_is_a_plausible_cpu_figure_and_scales_with_the_work():
+    import torch
+
+    threads = torch.get_num_threads()
+    rate = gemm_gflops(size=512, repeats=3)
+    # any CPU this runs on does between 1 and 10,000 GFLOP/s on one thread in fp32
+    assert 1.0 < rate < 1e4
+    assert torch.get_num_threads() == threads  # restored
 
 
 def test_bench_text_output(report):
     text = _text(report)
     for label in ("preview after a beam-angle change", "10-step prediction", "DVH + metrics",
                   "beam + angle plates", "breakdown", "load average", "1 thread(s)",
-                  "process CPU time"):
+                  "process CPU time", "GEMM", "on the reference machine"):
         assert label in text
 
 

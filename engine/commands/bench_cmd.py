@@ -13,7 +13,14 @@ full 97 x 128 x 160 model grid, the medians over ``--runs`` runs of:
 ``breakdown`` holds the median seconds of each engine stage (features, encode, dit, decode,
 to_patient, dvh) for the preview and the prediction; ``preview_cpu_s`` / ``predict10_cpu_s`` the
 process CPU time (all threads), which with one thread approximates the wall time on an idle
-machine when other programs load this one. ``--json`` prints one JSON object.
+machine when other programs load this one.
+
+These machines differ up to 4x in speed, so the report also measures the machine itself:
+``gemm_gflops`` is a single-thread float32 matrix product's rate (1024 x 1024, best of several,
+from the thread's CPU time, so a loaded machine reads about as an idle one), and
+``preview_ref_s`` / ``predict10_ref_s`` scale the CPU times to the reference machine of
+DESIGN §9 (:data:`REFERENCE_GEMM_GFLOPS`): ``cpu_s * gemm_gflops / REFERENCE_GEMM_GFLOPS``. With
+one thread these are the figures to hold against the budgets. ``--json`` prints one JSON object.
 """
 
 from __future__ import annotations
@@ -37,6 +44,28 @@ if TYPE_CHECKING:  # torch is imported only when a benchmark runs, not on every 
 
 STAGES = ("features", "encode", "dit", "decode", "to_patient", "dvh", "total")
 ANGLE_STEP_DEG = 7.0  # each run moves beam 0 by this much, so the plates are never cached
+# single-thread fp32 GEMM of the reference machine (2-core AMD EPYC, notes/cpu-performance.md)
+REFERENCE_GEMM_GFLOPS = 69.0
+
+
+def gemm_gflops(size: int = 1024, repeats: int = 7) -> float:
+    """This machine's single-thread float32 GEMM rate in GFLOP/s: the best of ``repeats``
+    products of two ``size`` x ``size`` matrices, timed by the thread's CPU time."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        torch.mm(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.thread_time()
+            torch.mm(a, b)
+            best = min(best, time.thread_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return 2.0 * size**3 / max(best, 1e-9) / 1e9
 
 
 def demo_patient() -> Path:
@@ -94,13 +123,20 @@ def measure(engine: DoseEngine, case: Case, runs: int = 10, steps: int = 10) -> 
         plan_plates(ptv, inputs.transform.model, moved(i))
         plate_s.append(time.perf_counter() - t0)
 
+    gflops = gemm_gflops()
+    to_reference = gflops / REFERENCE_GEMM_GFLOPS
+    preview_cpu = _median([p["cpu"] for p in previews])
+    predict_cpu = _median([p["cpu"] for p in predictions])
     return {
         "preview_s": _median([p["wall"] for p in previews]),
         "predict10_s": _median([p["wall"] for p in predictions]),
         "dvh_ms": 1000.0 * _median(dvh_s),
         "plates_ms": 1000.0 * _median(plate_s),
-        "preview_cpu_s": _median([p["cpu"] for p in previews]),
-        "predict10_cpu_s": _median([p["cpu"] for p in predictions]),
+        "preview_cpu_s": preview_cpu,
+        "predict10_cpu_s": predict_cpu,
+        "gemm_gflops": gflops,
+        "preview_ref_s": preview_cpu * to_reference,
+        "predict10_ref_s": predict_cpu * to_reference,
         "device": str(engine.device),
         "threads": engine.threads,
         "runs": runs,
@@ -120,6 +156,9 @@ def _text(r: dict[str, Any]) -> str:
              f"{r['steps']}-step prediction{'':17}{r['predict10_s']:8.3f} s",
              f"  process CPU time: preview {r['preview_cpu_s']:.3f} s, prediction "
              f"{r['predict10_cpu_s']:.3f} s",
+             f"  machine: single-thread fp32 GEMM {r['gemm_gflops']:.0f} GFLOP/s (reference "
+             f"{REFERENCE_GEMM_GFLOPS:.0f}); on the reference machine: preview "
+             f"{r['preview_ref_s']:.3f} s, prediction {r['predict10_ref_s']:.3f} s",
              f"DVH + metrics{'':22}{r['dvh_ms']:8.1f} ms",
              f"beam + angle plates{'':16}{r['plates_ms']:8.1f} ms",
              "breakdown (s):   " + "  ".join(f"{k:>10}" for k in STAGES)]
