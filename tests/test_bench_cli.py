@@ -41,10 +41,7 @@ def test_bench_json_has_the_budget_keys_and_the_breakdown(report):
         assert sum(stages[k] for k in STAGES if k != "total") <= stages["total"] * 1.01
     # the preview runs one DiT step, the prediction ten
     assert report["breakdown"]["predict10"]["dit"] > report["breakdown"]["preview"]["dit"]
-    # reference-machine figures: CPU time scaled by this machine's GEMM rate over the reference's
-    ratio = report["gemm_gflops"] / REFERENCE_GEMM_GFLOPS
-    assert report["preview_ref_s"] == pytest.approx(report["preview_cpu_s"] * ratio)
-    assert report["predict10_ref_s"] == pytest.approx(report["predict10_cpu_s"] * ratio)
+    assert 1.0 < report["gemm_gflops"] < 1e4
 
 
 def test_gemm_rate_is_a_plausible_cpu_figure_and_scales_with_the_work():
@@ -61,7 +58,8 @@ def test_bench_text_output(report):
     text = _text(report)
     for label in ("preview after a beam-angle change", "10-step prediction", "DVH + metrics",
                   "beam + angle plates", "breakdown", "load average", "1 thread(s)",
-                  "process CPU time", "GEMM", "on the reference machine"):
+                  "process CPU time", "GEMM",
+                  f"the reference machine: {REFERENCE_GEMM_GFLOPS:.0f}"):
         assert label in text
 
 
