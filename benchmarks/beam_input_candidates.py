@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,12 +47,9 @@ from engine.features.plates import plan_angles, plan_plates
 from engine.io.openkbp import load_openkbp_npz
 from engine.metrics.beam_change import beam_change_agreement
 from engine.physics import body_mask
-from engine.physics_dataset import list_cases
-from engine.physics_pack import unpack_folder
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_HELDOUT = REPO / "datasets" / "openkbp-heldout-beams"
-DEFAULT_DATASET = REPO.parent / "shared/data/openkbp/validation"
+from .heldout_beam_sensitivity import DEFAULT_DATASET, DEFAULT_HELDOUT, heldout_patients
+
 CANDIDATES = ("gdp_plate", "depth_dose")
 FIGURES = ("correlation", "sign_agreement", "physics_mean_abs_gy", "model_mean_abs_gy",
            "model_mean_abs_elsewhere_gy")
@@ -174,19 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows: list[dict] = []
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="beam-inputs-") as tmp:
-        restored = Path(tmp)
-        unpack_folder(args.heldout, args.dataset, restored)
-        by_patient: dict[str, list[Path]] = {}
-        for path in list_cases(restored):
-            if "_plan" in path.stem:
-                by_patient.setdefault(path.stem.split("_plan")[0], []).append(path)
-        for plans in list(by_patient.values())[: args.limit]:
-            if len(plans) < 2:
-                continue
-            for row in patient_rows(plans, args.mu, args.penumbra_mm, args.threshold_fraction):
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for plans in itertools.islice(heldout_patients(args.heldout, args.dataset), args.limit):
+        for row in patient_rows(plans, args.mu, args.penumbra_mm, args.threshold_fraction):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if not rows:
         raise SystemExit(f"no patient in {args.heldout} has two accepted arrangements")
     print(json.dumps({

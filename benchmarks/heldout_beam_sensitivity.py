@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,19 @@ DEFAULT_DATASET = REPO.parent / "shared/data/openkbp/validation"
 KINDS = ("predict", "preview")
 SUMMARY_KEYS = ("correlation", "sign_agreement", "physics_mean_abs_gy", "model_mean_abs_gy",
                 "model_mean_abs_elsewhere_gy")
+
+
+def heldout_patients(heldout: Path, dataset: Path) -> Iterator[list[Path]]:
+    """Unpack the held-out plans into a temporary folder and yield, per patient with at least
+    two accepted arrangements, its full plan files (deleted when the iteration ends)."""
+    with tempfile.TemporaryDirectory(prefix="heldout-beams-") as tmp:
+        restored = Path(tmp)
+        unpack_folder(heldout, dataset, restored)
+        by_patient: dict[str, list[Path]] = {}
+        for path in list_cases(restored):
+            if "_plan" in path.stem:
+                by_patient.setdefault(path.stem.split("_plan")[0], []).append(path)
+        yield from (plans for plans in by_patient.values() if len(plans) >= 2)
 
 
 def model_doses(engine: DoseEngine, case) -> dict[str, np.ndarray]:
@@ -105,19 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     engines = {str(m): DoseEngine.from_checkpoint(m, device="cpu")
                for m in (args.model or [default_model_path()])}
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="heldout-beams-") as tmp:
-        restored = Path(tmp)
-        unpack_folder(args.heldout, args.dataset, restored)
-        by_patient: dict[str, list[Path]] = {}
-        for path in list_cases(restored):
-            if "_plan" in path.stem:
-                by_patient.setdefault(path.stem.split("_plan")[0], []).append(path)
-        for plans in by_patient.values():
-            if len(plans) < 2:
-                continue
-            for row in patient_rows(engines, plans, args.threshold_fraction):
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for plans in heldout_patients(args.heldout, args.dataset):
+        for row in patient_rows(engines, plans, args.threshold_fraction):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if not rows:
         raise SystemExit(f"no patient in {args.heldout} has two accepted arrangements")
     summary = {
