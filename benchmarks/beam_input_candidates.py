@@ -46,7 +46,7 @@ from engine.features.beam_geometry import source_direction_lps
 from engine.features.plates import plan_angles, plan_plates
 from engine.io.openkbp import load_openkbp_npz
 from engine.metrics.beam_change import beam_change_agreement
-from engine.physics import body_mask
+from engine.physics.dose_calc import body_mask
 
 from .heldout_beam_sensitivity import DEFAULT_DATASET, DEFAULT_HELDOUT, heldout_patients
 

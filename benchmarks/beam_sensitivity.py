@@ -3,10 +3,10 @@
 ``python -m benchmarks.beam_sensitivity [--model DIR [DIR ...]] [--cases pt_201 pt_210 ...]
 [--beam K] [--delta 40]``
 
-For each OpenKBP validation case: the physics dose (``engine.physics``, pyRadPlan, optimised and
-normalised like the generated training plans) and each model's 10-step prediction and 1-step
-preview, each for the clinical nine-beam plan and for the same plan with beam K rotated by
-``--delta`` degrees. Several ``--model`` bundles are compared against the same physics doses
+For each OpenKBP validation case: the physics dose (``engine.physics.dose_calc``, pyRadPlan,
+optimised and normalised like the generated training plans) and each model's 10-step prediction
+and 1-step preview, each for the clinical nine-beam plan and for the same plan with beam K rotated
+by ``--delta`` degrees. Several ``--model`` bundles are compared against the same physics doses
 (computed once per case), e.g. a new model and the shipped one. The two dose changes are
 compared inside the body (``engine.metrics.beam_change``): correlation, and where physics
 changes by more than 5 % of the prescription, whether the model changes the same way and by how
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from engine.io.openkbp import load_openkbp_npz
 from engine.metrics.beam_change import beam_change_agreement
-from engine.physics import PhysicsSettings, body_mask, compute_physics_dose
+from engine.physics.dose_calc import PhysicsSettings, body_mask, compute_physics_dose
 from engine.runtime import DoseEngine, default_model_path
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared/data/openkbp/validation"

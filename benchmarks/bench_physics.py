@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import physics_dataset as pd
 from engine.io.openkbp import load_openkbp_npz
-from engine.physics import PhysicsSettings, compute_physics_dose, dose_comparison
+from engine.physics import dataset as pd
+from engine.physics.dose_calc import PhysicsSettings, compute_physics_dose, dose_comparison
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared/data/openkbp/train"
 

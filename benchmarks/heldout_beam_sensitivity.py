@@ -31,9 +31,9 @@ import numpy as np
 
 from engine.io.openkbp import load_openkbp_npz
 from engine.metrics.beam_change import beam_change_agreement
-from engine.physics import body_mask
-from engine.physics_dataset import list_cases
-from engine.physics_pack import unpack_folder
+from engine.physics.dataset import list_cases
+from engine.physics.dose_calc import body_mask
+from engine.physics.pack import unpack_folder
 from engine.runtime import DoseEngine, default_model_path
 
 REPO = Path(__file__).resolve().parents[1]

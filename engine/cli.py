@@ -13,6 +13,8 @@ import importlib
 import logging
 import sys
 
+from engine.errors import UserError
+
 COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.inspect_cmd",
     "engine.commands.convert_cmd",
@@ -25,10 +27,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.bench_cmd",
     "engine.commands.selftest_cmd",
 )
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one clear line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +65,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # run the importable module's main so that commands raise the UserError it catches
-    from engine.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

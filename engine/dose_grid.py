@@ -7,8 +7,8 @@ plans store it and :func:`to_case_grid` recreates the CT-grid dose: deterministi
 arithmetic, so the same stored values give bit-identical doses on any machine.
 
 Conventions: a :class:`DoseGrid` array runs along +z, +y, +x (LPS; the canonical order of
-:func:`engine.physics.to_canonical`), its origin is the LPS position (x, y, z, mm) of voxel
-[0, 0, 0]'s centre and its spacing is (z, y, x) mm. Interpolation follows SimpleITK's linear
+:func:`engine.physics.dose_calc.to_canonical`), its origin is the LPS position (x, y, z, mm) of
+voxel [0, 0, 0]'s centre and its spacing is (z, y, x) mm. Interpolation follows SimpleITK's linear
 interpolator (which pyRadPlan uses): a point within half a voxel outside the outermost voxel
 centres takes the edge value, a point further out gets 0.
 """

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from engine.cli import UserError
+from engine.errors import UserError
 
 TEMP_MARK = ".tmp-"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

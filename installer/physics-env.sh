@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create the isolated physics environment used by `dosepilot physics ...` (engine/physics.py).
+# Create the isolated physics environment used by `dosepilot physics ...` (engine/physics/dose_calc.py).
 #
 # pyRadPlan (the Python port of matRad: 6 MV photon pencil beam with bundled machine data and
 # fluence optimisation) pins numpy<2.4 and breaks with pydantic>=2.13, while the core DosePilot

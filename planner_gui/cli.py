@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.cli import UserError
+from engine.errors import UserError
 
 
 def _gui(args: argparse.Namespace) -> int:

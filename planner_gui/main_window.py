@@ -397,7 +397,7 @@ class MainWindow(QtWidgets.QMainWindow):
     def verify_with_physics(self) -> asyncio.Future | None:
         """Compute the physics dose of the current plan off the UI thread; it becomes the
         reference dose (compare views, dashed DVHs). A new request cancels a running one."""
-        from engine.physics import compute_physics_dose
+        from engine.physics.dose_calc import compute_physics_dose
 
         case, plan = self.session.case, self.session.plan
         if case is None or plan is None:
@@ -414,7 +414,7 @@ class MainWindow(QtWidgets.QMainWindow):
         return future
 
     def _physics_done(self, future: asyncio.Future, case: Case, cancel: threading.Event) -> None:
-        from engine.physics import PhysicsCancelled
+        from engine.physics.dose_calc import PhysicsCancelled
 
         if future.cancelled() or cancel.is_set() or self.session.case is not case:
             return  # superseded, or the patient changed meanwhile

@@ -115,7 +115,7 @@ def tiny_dose_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def physics_env() -> Path:
     """The isolated pyRadPlan interpreter; tests that need it skip, saying how to install it."""
-    from engine.physics import PhysicsUnavailableError, physics_python
+    from engine.physics.dose_calc import PhysicsUnavailableError, physics_python
 
     try:
         return physics_python()

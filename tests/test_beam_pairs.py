@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from engine.cli import UserError
+from engine.errors import UserError
 from trainer.caches import Cache
 from trainer.config import load_config
 from trainer.distributed import DistContext

@@ -18,7 +18,7 @@ pytestmark = [
 
 from gui_helpers import make_case  # noqa: E402
 
-from engine.physics import PHYSICS_PYTHON_ENV  # noqa: E402
+from engine.physics.dose_calc import PHYSICS_PYTHON_ENV  # noqa: E402
 from planner_gui.engine_api import NO_ENGINE  # noqa: E402
 from planner_gui.main_window import MainWindow  # noqa: E402
 from planner_gui.views.slice_view import OVERLAY_MODES  # noqa: E402

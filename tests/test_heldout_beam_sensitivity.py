@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from benchmarks import heldout_beam_sensitivity as hb
-from engine import physics_dataset as pd
-from engine import physics_pack as pp
 from engine.case import Technique
 from engine.io.openkbp import load_openkbp_npz
+from engine.io.plan_beams import Arrangement
+from engine.physics import dataset as pd
+from engine.physics import pack as pp
 from tests.test_physics_dataset import _fake_result, coarse_grid, make_openkbp_case
 
 
@@ -26,7 +27,7 @@ def _heldout(tmp_path, plans_per_patient):
         arrays = make_openkbp_case(data / f"{name}.npz")
         case = load_openkbp_npz(data / f"{name}.npz")
         for k in range(n):
-            arrangement = pd.Arrangement((Technique.STATIC,) * 3,
+            arrangement = Arrangement((Technique.STATIC,) * 3,
                                          ((10.0 + 40 * k,), (130.0,), (250.0,)))
             grid = coarse_grid(case, np.random.default_rng(k))
             pd.write_npz_atomic(gen / f"{name}_plan{k}.npz", pd.plan_arrays(

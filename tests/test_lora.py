@@ -82,7 +82,7 @@ def test_save_load_merge_give_the_adapter_output(tmp_path):
 
 
 def test_loading_an_adapter_into_another_architecture_is_refused(tmp_path):
-    from engine.cli import UserError
+    from engine.errors import UserError
     targets, trainable = dit_lora_targets(_tiny_dit())
     model = lora.attach_lora(_tiny_dit(), targets, rank=8, alpha=8, trainable_modules=trainable)
     lora.save_adapter(model, tmp_path / "adapter")

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import physics
 from engine.case import (
     Beam,
     Case,
@@ -24,7 +23,8 @@ from engine.case import (
     Technique,
     Volume,
 )
-from engine.physics import (
+from engine.physics import dose_calc as physics
+from engine.physics.dose_calc import (
     PhysicsCancelled,
     PhysicsError,
     PhysicsSettings,

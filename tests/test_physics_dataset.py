@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from engine import physics_dataset as pd
 from engine.case import Technique, Volume
 from engine.cli import main
 from engine.dose_grid import DoseGrid, to_case_grid
 from engine.io.openkbp import load_openkbp_npz, to_case_axes
-from engine.physics import OBJECTIVES_VERSION, PhysicsResult, PhysicsSettings
+from engine.io.plan_beams import Arrangement, read_plan_beams
+from engine.physics import dataset as pd
+from engine.physics.dose_calc import OBJECTIVES_VERSION, PhysicsResult, PhysicsSettings
 
 
 def make_openkbp_case(path, shape=(40, 40, 24), voxel=(4.0, 4.0, 2.5)) -> dict:
@@ -198,8 +199,8 @@ def _fake_result(case, grid):
 def test_plan_file_round_trip_through_the_openkbp_reader(tmp_path):
     arrays = make_openkbp_case(tmp_path / "c.npz")
     case = load_openkbp_npz(tmp_path / "c.npz")
-    arrangement = pd.Arrangement((Technique.STATIC, Technique.ARC),
-                                 ((15.0,), (100.0, 110.0, 120.0)))
+    arrangement = Arrangement((Technique.STATIC, Technique.ARC),
+                              ((15.0,), (100.0, 110.0, 120.0)))
     iso = (3.0, -4.0, 5.0)
     out = pd.plan_arrays(arrays, case, arrangement, iso, _fake_result(case, coarse_grid(case)),
                          "c")
@@ -225,7 +226,7 @@ def test_plan_file_round_trip_through_the_openkbp_reader(tmp_path):
                                   expected)
     np.testing.assert_array_equal(back["gantry_deg"], [15, 100, 110, 120])
     np.testing.assert_array_equal(back["beam_index"], [0, 1, 1, 1])
-    assert pd.read_plan_beams(back) == arrangement
+    assert read_plan_beams(back) == arrangement
     assert str(back["source_case"]) == "c"
     physics = json.loads(str(back["physics_json"]))
     assert physics["normalization"] == 1.25 and physics["format_version"] == 2
@@ -244,7 +245,7 @@ def test_plan_file_round_trip_through_the_openkbp_reader(tmp_path):
 def test_quality_record_of_a_plan_file(tmp_path):
     arrays = make_openkbp_case(tmp_path / "c.npz")
     case = load_openkbp_npz(tmp_path / "c.npz")
-    arrangement = pd.Arrangement((Technique.STATIC,) * 3, ((10.0,), (130.0,), (250.0,)))
+    arrangement = Arrangement((Technique.STATIC,) * 3, ((10.0,), (130.0,), (250.0,)))
     out = pd.plan_arrays(arrays, case, arrangement, case.plan.isocenter_mm,
                          _fake_result(case, coarse_grid(case)), "c")
     record = pd.quality_record(case, out)
@@ -259,6 +260,30 @@ def test_quality_record_of_a_plan_file(tmp_path):
     summary = pd.acceptance_summary({"a": record, "b": {**record, "rejected": []}})
     assert summary["plans_accepted"] == 1 and summary["plans_rejected"] == 1
     assert summary["rejections_by_limit"]["PTV70 D95"] == 1
+
+
+def test_a_stopped_run_is_reconciled(tmp_path):
+    """Plan 0 recorded but its file absent (rejected, so a folder restored from a pack lacks
+    it), plan 1 written but not recorded (the run stopped in between), plan 2 not computed."""
+    (tmp_path / "data").mkdir()
+    source = tmp_path / "data" / "pt_1.npz"
+    arrays = make_openkbp_case(source)
+    case = load_openkbp_npz(source)
+    config = pd.GenerateConfig(3, beams=(3, 3))
+    jobs = pd.plan_jobs([source], tmp_path, 3)
+    kind, arrangement = pd.plan_arrangement(config, "pt_1", 1)
+    plan1 = pd.plan_arrays(arrays, case, arrangement, case.plan.isocenter_mm,
+                           _fake_result(case, coarse_grid(case)), "pt_1")
+    pd.write_npz_atomic(jobs[1].out, plan1)
+    rejected = {"arrangement": "class", "rejected": ["SpinalCord max 53.0 Gy > 50.0 Gy"]}
+    manifest = {"plans": {"pt_1_plan0": rejected}, "plans_written": 0,
+                "seconds_per_plan": [100.0]}
+    assert pd.reconcile_manifest(manifest, jobs, config) is manifest
+    assert manifest["plans"] == {"pt_1_plan0": rejected,
+                                 "pt_1_plan1": {"arrangement": kind,
+                                                **pd.quality_record(case, plan1)}}
+    assert manifest["plans_written"] == manifest["plans_evaluated"] == 2
+    assert manifest["plans_rejected"] == 2 and manifest["plans_timed"] == 1
 
 
 def test_manifest_refuses_other_settings(tmp_path):

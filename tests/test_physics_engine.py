@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import physics_dataset as pd
 from engine.case import Beam, Case, Geometry, Plan, Role, Structure, Technique, Volume
 from engine.cli import main
 from engine.dose_grid import to_case_grid
 from engine.io.dicom import load_dicom_case
 from engine.io.openkbp import load_openkbp_npz
-from engine.physics import PhysicsSettings, compute_physics_dose
+from engine.io.plan_beams import read_plan_beams
+from engine.physics import dataset as pd
+from engine.physics.dose_calc import PhysicsSettings, compute_physics_dose
 from tests.test_physics_dataset import make_openkbp_case
 
 SPACING = 2.0
@@ -147,7 +148,7 @@ def test_generate_and_resume(physics_env, tmp_path, capsys):
     assert "1 of 2 plans present or rejected" in capsys.readouterr().err
 
     plan = pd.load_arrays(out / "pt_1_plan1.npz")
-    beams = pd.read_plan_beams(plan)
+    beams = read_plan_beams(plan)
     assert len(beams.techniques) == 5 and pd.is_plausible_static(
         [a[0] for a in beams.gantry_deg])
     case = load_openkbp_npz(out / "pt_1_plan1.npz")
@@ -225,7 +226,7 @@ def test_stopping_generate_leaves_no_engine_process_behind(physics_env, tmp_path
     engines: set[int] = set()
     while time.time() < deadline and len(engines) < 2 and proc.poll() is None:
         engines = {p for p in _descendants(proc.pid)
-                   if "physics_worker" in Path(f"/proc/{p}/cmdline").read_bytes().decode(
+                   if "physics/worker.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode(
                        errors="replace")}
         time.sleep(0.1)
     assert len(engines) == 2, "two engine runs should be computing"

@@ -9,12 +9,13 @@ import json
 import numpy as np
 import pytest
 
-from engine import physics_dataset as pd
-from engine import physics_pack as pp
 from engine.case import Technique
 from engine.cli import main
 from engine.dose_grid import DoseGrid
 from engine.io.openkbp import from_case_axes, load_openkbp_npz, to_case_axes
+from engine.io.plan_beams import Arrangement
+from engine.physics import dataset as pd
+from engine.physics import pack as pp
 from tests.test_physics_dataset import _fake_result, coarse_grid, make_openkbp_case
 
 
@@ -27,7 +28,7 @@ def _generated(tmp_path, names=("pt_1", "pt_2")):
         arrays = make_openkbp_case(data / f"{name}.npz")
         case = load_openkbp_npz(data / f"{name}.npz")
         grid = coarse_grid(case, np.random.default_rng(k))
-        arrangement = pd.Arrangement((Technique.STATIC,) * 3, ((10.0,), (130.0,), (250.0,)))
+        arrangement = Arrangement((Technique.STATIC,) * 3, ((10.0,), (130.0,), (250.0,)))
         pd.write_npz_atomic(gen / f"{name}_plan0.npz", pd.plan_arrays(
             arrays, case, arrangement, case.plan.isocenter_mm, _fake_result(case, grid), name))
     (gen / "manifest.json").write_text(json.dumps({"plans_written": len(names)}))

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from engine.io.openkbp import load_openkbp_npz
-from engine.physics_dataset import list_cases, load_arrays, read_plan_beams
-from engine.physics_pack import unpack_folder
+from engine.io.plan_beams import read_plan_beams
+from engine.physics.dataset import list_cases, load_arrays
+from engine.physics.pack import unpack_folder
 from tests.conftest import REPO
 from trainer.data import scan_dataset
 

@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from engine import physics_dataset as pd
 from engine.io.openkbp import load_openkbp_npz
-from engine.physics_pack import unpack_folder
+from engine.physics import dataset as pd
+from engine.physics.pack import unpack_folder
 from tests.conftest import REPO
 
 SETS = {"openkbp-physics-plans-v2": "train", "openkbp-heldout-beams": "validation"}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine.io.openkbp import load_openkbp_npz
-from engine.physics_quality import plan_quality, rejection_reasons
+from engine.physics.quality import plan_quality, rejection_reasons
 from tests.test_physics_dataset import make_openkbp_case
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cli import UserError
+from engine.errors import UserError
 from trainer.caches import Cache, apply_variant, variants_for
 from trainer.data import Augment, hash_fraction, scan_dataset, shift_volumes
 from trainer.stages.volumes import random_crop

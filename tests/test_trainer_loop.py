@@ -158,7 +158,7 @@ def test_resume_in_process_repeats_the_uninterrupted_run(toy_data, tmp_path):
 
 
 def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(toy_data, tmp_path):
-    from engine.cli import UserError
+    from engine.errors import UserError
     _run_inprocess(toy_data, tmp_path / "run", run={"max_steps": 3})
     with pytest.raises(UserError, match="already holds a training run"):
         _run_inprocess(toy_data, tmp_path / "run")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.cli import UserError
+from engine.errors import UserError
 
 VARIANTS = ("identity", "flip_lr", "flip_si", "flip_lr_si")
 

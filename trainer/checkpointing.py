@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.cli import UserError
 from engine.durable import NoSpaceError, is_temporary, replacing, write_text
+from engine.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.cli import UserError
+from engine.errors import UserError
 
 STAGES = ("vae", "cache", "distill", "any2any", "dose", "scardnft")
 

@@ -33,7 +33,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from engine.cli import UserError
+from engine.errors import UserError
 from engine.resources import resources_dir
 
 

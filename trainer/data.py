@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.cli import UserError
+from engine.errors import UserError
 
 FORMATS = ("openkbp", "gdp_hmm", "dicom")
 _TRAIN_DIRS = {"train", "training"}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engine.cli import UserError
+from engine.errors import UserError
 
 
 @dataclass(frozen=True)

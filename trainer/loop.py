@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from engine.cli import UserError
+from engine.errors import UserError
 
 from . import checkpointing as ckpt
 from .config import TrainConfig

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from engine.cli import UserError
+from engine.errors import UserError
 
 if TYPE_CHECKING:  # peft (and the transformers it loads) takes seconds to import: only on use
     from peft import PeftModel

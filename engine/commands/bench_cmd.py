@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.case import Case
-from engine.cli import UserError
+from engine.errors import UserError
 from engine.features import Slot, build_modalities, plan_plates
 from engine.metrics.dvh import all_metrics, prepare
 from engine.resources import resources_dir

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 from engine.case import Case
-from engine.cli import UserError
+from engine.errors import UserError
 from engine.io.dicom_export import write_case_dicom
 from engine.io.gdp_hmm import GdpHmmFormatError, load_gdp_hmm_npz
 from engine.io.openkbp import OpenKBPFormatError, load_openkbp_csv, load_openkbp_npz

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from engine.case import AXIAL_DIRECTION, Geometry, Role, Structure
-from engine.cli import UserError
 from engine.durable import replacing
+from engine.errors import UserError
 from engine.geometry import resample
 from engine.io.dicom_errors import DicomImportError
 from engine.io.dicom_rtdose import read_rtdose

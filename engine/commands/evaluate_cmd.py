@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.cli import UserError
+from engine.errors import UserError
 from engine.io.openkbp import PRESCRIPTIONS_GY, to_case_axes
 from engine.metrics.benchmark_io import (
     BenchmarkFileError,

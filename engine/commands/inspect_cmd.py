@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from engine.case import Beam, Case, Technique, Volume
-from engine.cli import UserError
+from engine.errors import UserError
 from engine.io.dicom import DicomImportError, load_dicom_case
 
 

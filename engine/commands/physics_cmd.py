@@ -3,7 +3,7 @@
 * ``physics generate DATASET_DIR OUT_DIR --plans-per-case N --beams 5..11 [--arcs | --mix]
   [--per-patient] [--workers K]``: varied beam arrangements on every case of an OpenKBP-format
   dataset, each optimised and computed with physics, written as dataset cases (format:
-  engine.physics_dataset) with their quality figures in the manifest. Resumable: plans already
+  engine.physics.dataset) with their quality figures in the manifest. Resumable: plans already
   in OUT_DIR are skipped.
 * ``physics verify PATH [--out FILE]``: the physics dose of a case's plan, compared with the
   case's own dose (MAE in the body, target D95 and OAR mean-dose differences, printed as JSON).
@@ -11,10 +11,10 @@
   or an OpenKBP case (``.npz`` or CSV folder; a generated plan file uses its stored beams, a
   clinical case the nine clinical fields; the dose is written as an ``.npz``, Gy, OpenKBP order).
 * ``physics pack GENERATED_DIR PACK_DIR`` / ``physics unpack PACK_DIR DATASET_DIR OUT_DIR``:
-  generated plans without the copy of their source patient (engine.physics_pack), and back;
+  generated plans without the copy of their source patient (engine.physics.pack), and back;
   plans the manifest marks as failing the acceptance rule are left out.
 * ``physics evaluate GENERATED_DIR``: each plan's quality figures (target D95/D2, body maximum,
-  OAR means and maxima) and the acceptance rule's verdict (engine.physics_quality), recorded in
+  OAR means and maxima) and the acceptance rule's verdict (engine.physics.quality), recorded in
   the folder's manifest (plans generated now get them as they are written).
 """
 
@@ -31,15 +31,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from engine import physics_dataset as pd
-from engine import physics_pack
 from engine.case import Case
-from engine.cli import UserError
+from engine.errors import UserError
 from engine.io.dicom import load_dicom_case
 from engine.io.dicom_errors import DicomImportError
 from engine.io.dicom_export import write_rtdose
 from engine.io.openkbp import OpenKBPFormatError, from_case_axes, load_openkbp
-from engine.physics import (
+from engine.physics import dataset as pd
+from engine.physics import pack as physics_pack
+from engine.physics.dose_calc import (
     PhysicsCancelled,
     PhysicsError,
     PhysicsSettings,
@@ -171,7 +171,9 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     jobs = pd.plan_jobs(cases, args.out_dir, config.plans_per_case, args.per_patient)
-    plans: dict[str, dict] = manifest.setdefault("plans", {})
+    pd.write_json_atomic(args.out_dir / "manifest.json",
+                         pd.reconcile_manifest(manifest, jobs, config))  # after a stopped run
+    plans: dict[str, dict] = manifest["plans"]
     # a rejected plan is not packed, so a run resumed from a pack would compute it again
     rejected = {name for name, record in plans.items() if record.get("rejected")}
     missing = [j for j in jobs if not j.out.exists() and j.out.stem not in rejected]
@@ -190,9 +192,9 @@ def run_generate(args: argparse.Namespace) -> int:
             failures[job.out.name] = error
         bar.update(1)
         bar.set_postfix(failed=len(failures))
-        manifest.update(plans_written=sum(1 for j in jobs if j.out.exists()),
-                        seconds_per_plan=times, failures=failures, updated_unix=time.time(),
-                        **pd.summarize_times(times), **pd.acceptance_summary(plans))
+        manifest.update(seconds_per_plan=times, failures=failures, updated_unix=time.time(),
+                        plans_written=len(plans), **pd.summarize_times(times),
+                        **pd.acceptance_summary(plans))
         pd.write_json_atomic(args.out_dir / "manifest.json", manifest)
 
     try:

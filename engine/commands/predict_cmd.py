@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from engine.case import Case
-from engine.cli import UserError
+from engine.errors import UserError
 
 DATASET_SUFFIXES = (".npz",)
 

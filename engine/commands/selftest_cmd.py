@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.cli import UserError
+from engine.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported only when the command runs
     from engine.case import Case

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.case import Beam, Case, Geometry, Plan, Role, Structure, Volume
+from engine.io.plan_beams import plan_from_arrays
 
 OPENKBP_SHAPE = (128, 128, 128)
 OPENKBP_ROIS = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx",
@@ -147,8 +148,6 @@ def load_openkbp_npz(path: str | Path) -> Case:
     dose = arrays["dose_cgy"].astype(np.float32) / 100.0 if "dose_cgy" in arrays else None
     case = build_case(path.stem, arrays["ct"], masks, pdm, arrays["voxel_mm"], dose)
     if "gantry_deg" in arrays:  # a generated physics plan: its own beams, not the nine fields
-        from engine.physics_dataset import plan_from_arrays
-
         case = case.with_plan(plan_from_arrays(arrays, case))
     return case
 

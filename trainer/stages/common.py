@@ -15,9 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.cli import UserError
 from engine.dose_model import ARCHITECTURES, save_dose_model
 from engine.durable import replacing
+from engine.errors import UserError
 from engine.models import checkpoint as bundles
 from engine.models.dit import SLOT_NAMES, DiffKT3D, DiTConfig
 from engine.models.dit import preset as dit_preset

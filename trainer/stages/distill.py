@@ -23,7 +23,7 @@ from .volumes import augment_of, augmented_stack, random_crop, volume_items
 
 
 def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: DistContext) -> dict:
-    from engine.cli import UserError
+    from engine.errors import UserError
     cache = cache_for(cfg, run_dir)
     try:
         codec = TinyCodec(TinyCodecConfig.preset(cfg.model.codec))

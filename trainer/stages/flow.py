@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from engine import diffusion
-from engine.cli import UserError
+from engine.errors import UserError
 from engine.models.dit import any2any_velocity, noise_targets
 
 from ..caches import Cache

@@ -127,7 +127,7 @@ def grid_geometry(grid: tuple[int, int, int]):
 
 
 def scorecard_template(name: str):
-    from engine.cli import UserError
+    from engine.errors import UserError
     from engine.metrics.scorecard import ScorecardError, builtin_template, load_template
     try:
         return load_template(name) if Path(name).suffix == ".toml" else builtin_template(name)
@@ -140,7 +140,7 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     from functools import lru_cache
 
     from engine.case import Structure
-    from engine.cli import UserError
+    from engine.errors import UserError
     from engine.metrics.scorecard import BoundScorecard
     from engine.models.dit import DiffKT3D
 

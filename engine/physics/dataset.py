@@ -4,7 +4,7 @@
 ``data/openkbp/README.md``) with :mod:`engine.io.openkbp`, draws clinically plausible coplanar
 beam arrangements (random spread static beams, or with ``--mix`` also the equispaced 5/7/9-field
 class solutions, partial and full arcs: :data:`ARRANGEMENT_MIX`), computes an optimised physics
-dose for each (:mod:`engine.physics`) and writes one ``.npz`` per plan, which
+dose for each (:mod:`engine.physics.dose_calc`) and writes one ``.npz`` per plan, which
 :func:`engine.io.openkbp.load_openkbp_npz` reads back as a case whose plan has the stored beams.
 
 On-disk format (format version 2), one file ``<case>_plan<k>.npz`` per plan, written atomically
@@ -42,7 +42,7 @@ Format 1 (the first 200 plans) had no ``dose_grid_*`` keys. Array order and orie
 OpenKBP's (see :mod:`engine.io.openkbp`). A ``manifest.json`` in the output folder records the
 engine version, the settings and the generator arguments (a run with other settings into the
 same folder is refused) and, per plan, its wall time, arrangement kind and quality figures with
-the reasons it fails the acceptance rule (:mod:`engine.physics_quality`; ``rejected``, empty
+the reasons it fails the acceptance rule (:mod:`engine.physics.quality`; ``rejected``, empty
 for an accepted plan). ``physics pack`` leaves rejected plans out of the packed training set.
 """
 
@@ -65,16 +65,17 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.case import Beam, Case, Geometry, Plan, Technique
+from engine.case import Case, Geometry, Technique
 from engine.dose_grid import DoseGrid, restore_support, to_case_grid
 from engine.io.openkbp import from_case_axes, load_openkbp_npz, openkbp_geometry, to_case_axes
-from engine.physics import (
+from engine.io.plan_beams import Arrangement, beam_arrays
+from engine.physics.dose_calc import (
     OBJECTIVES_VERSION,
     PhysicsResult,
     PhysicsSettings,
     compute_physics_dose,
 )
-from engine.physics_quality import plan_quality, rejection_reasons
+from engine.physics.quality import plan_quality, rejection_reasons
 
 log = logging.getLogger(__name__)
 
@@ -83,23 +84,6 @@ _MIN_OPPOSED_GAP_DEG = 10.0
 
 
 # ---------------------------------------------------------------- beam arrangements
-
-
-@dataclass(frozen=True)
-class Arrangement:
-    """A coplanar beam arrangement: per beam its technique and its gantry angles (one for a
-    static beam, the control points in delivery order for an arc), IEC degrees."""
-
-    techniques: tuple[Technique, ...]
-    gantry_deg: tuple[tuple[float, ...], ...]
-
-    def beams(self, isocenter_mm: Sequence[float]) -> tuple[Beam, ...]:
-        out = []
-        for i, (tech, angles) in enumerate(zip(self.techniques, self.gantry_deg)):
-            out.append(Beam(f"{'Arc' if tech is Technique.ARC else 'B'}{i + 1}", angles[0],
-                            tuple(isocenter_mm), technique=tech, number=i + 1,
-                            control_point_gantry_deg=angles if tech is Technique.ARC else ()))
-        return tuple(out)
 
 
 def _circular_gaps(angles: np.ndarray) -> np.ndarray:
@@ -277,9 +261,6 @@ def plan_arrays(source: dict[str, np.ndarray], case: Case, arrangement: Arrangem
     if result.dose_grid is None:
         raise ValueError("the physics result has no dose grid to store")
     grid_cgy = stored_dose_grid(source, result.dose_grid)
-    gantry = [a for angles in arrangement.gantry_deg for a in angles]
-    index = [i for i, angles in enumerate(arrangement.gantry_deg) for _ in angles]
-    k, j, i = case.geometry.lps_to_index(isocenter_mm)
     physics = {"engine": result.info, "settings": dataclasses.asdict(result.settings),
                "normalization": result.normalization, "primary_target": result.primary_target,
                "delivery_gantry_deg": list(result.delivery_gantry_deg),
@@ -288,10 +269,7 @@ def plan_arrays(source: dict[str, np.ndarray], case: Case, arrangement: Arrangem
     out.update(
         dose_cgy=dose_cgy_from_grid(source, grid_cgy),
         **dose_grid_arrays(grid_cgy),
-        gantry_deg=np.asarray(gantry, dtype=np.float32),
-        beam_index=np.asarray(index, dtype=np.int16),
-        beam_technique=np.asarray([t.value for t in arrangement.techniques]),
-        isocenter_vox=np.asarray([j, i, case.geometry.shape[0] - 1 - k], dtype=np.float32),
+        **beam_arrays(arrangement, case, isocenter_mm),
         source_case=np.asarray(source_case),
         physics_json=np.asarray(json.dumps(physics)),
     )
@@ -306,25 +284,6 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def read_plan_beams(arrays: dict[str, np.ndarray]) -> Arrangement:
-    """The beam arrangement stored in a generated plan file."""
-    techniques = tuple(Technique(str(t)) for t in arrays["beam_technique"])
-    gantry = arrays["gantry_deg"].astype(np.float64)
-    index = arrays["beam_index"]
-    return Arrangement(techniques, tuple(tuple(float(a) for a in gantry[index == i])
-                                         for i in range(len(techniques))))
-
-
-def plan_from_arrays(arrays: dict[str, np.ndarray], case: Case) -> Plan:
-    """The plan stored in a generated plan file, for ``case`` read from the same file."""
-    i0, i1, i2 = (float(v) for v in arrays["isocenter_vox"])
-    iso = tuple(float(v) for v in case.geometry.index_to_lps(
-        [case.geometry.shape[0] - 1 - i2, i0, i1]))
-    base = case.plan or Plan(())
-    return dataclasses.replace(base, beams=read_plan_beams(arrays).beams(iso),
-                               name=f"physics plan ({arrays['source_case']})")
 
 
 # ---------------------------------------------------------------- the generator
@@ -390,7 +349,7 @@ def plan_jobs(cases: Sequence[Path], out_dir: Path, plans_per_case: int,
 @dataclass(frozen=True)
 class PlanOutcome:
     """One written plan: wall time (s), arrangement kind and its quality record (the figures
-    of :func:`engine.physics_quality.plan_quality` plus ``rejected``, the reasons it fails the
+    of :func:`engine.physics.quality.plan_quality` plus ``rejected``, the reasons it fails the
     acceptance rule, empty when accepted)."""
 
     seconds: float
@@ -485,7 +444,7 @@ def run_generation(jobs: Sequence[PlanJob], config: GenerateConfig, workers: int
                 on_done(job, None, f"{type(exc).__name__}: {exc}")
     except BaseException:
         # Ctrl-C / SIGTERM (see exit_on_sigterm): queued plans are dropped and the pool processes
-        # stopped; their engine subprocesses die with them (physics_worker's parent-death signal)
+        # stopped; their engine subprocesses die with them (the worker's parent-death signal)
         pool.shutdown(wait=False, cancel_futures=True)
         for child in multiprocessing.active_children():
             child.terminate()
@@ -517,6 +476,25 @@ def exit_on_sigterm() -> None:
 
 def _raise_system_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def reconcile_manifest(manifest: dict, jobs: Sequence[PlanJob], config: GenerateConfig) -> dict:
+    """Bring a manifest's plan records and counters in line with the plan files of ``jobs``.
+
+    A run stopped between writing a plan file and recording it leaves a file without a record:
+    it is evaluated now (its source case, the same quality figures; no wall time). Every
+    recorded plan counts as written, also a rejected one whose file a folder restored from a
+    pack lacks. Returns ``manifest``, updated in place."""
+    plans: dict[str, dict] = manifest.setdefault("plans", {})
+    for job in jobs:
+        if job.out.exists() and job.out.stem not in plans:
+            kind, _ = plan_arrangement(config, job.source.stem, job.index)
+            record = quality_record(load_openkbp_npz(job.source), load_arrays(job.out))
+            plans[job.out.stem] = {"arrangement": kind, **record}
+    times = manifest.get("seconds_per_plan", [])
+    manifest.update(plans_written=len(plans), **summarize_times(times),
+                    **acceptance_summary(plans))
+    return manifest
 
 
 def summarize_times(seconds: Sequence[float]) -> dict:

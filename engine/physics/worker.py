@@ -1,11 +1,11 @@
 """Runs INSIDE the isolated physics environment (``.venv-physics``, pyRadPlan): one dose job.
 
-This file is executed as a script by :mod:`engine.physics` with the physics interpreter
-(``python -I engine/physics_worker.py JOB_DIR``). It must not import DosePilot (the physics
+This file is executed as a script by :mod:`engine.physics.dose_calc` with the physics interpreter
+(``python -I engine/physics/worker.py JOB_DIR``). It must not import DosePilot (the physics
 environment does not have it) and it exchanges plain files only:
 
 * ``JOB_DIR/request.json``: beams, engine settings and, per structure, its kind, overlap priority
-  and objectives (written by :func:`engine.physics.write_request`);
+  and objectives (written by :func:`engine.physics.dose_calc.write_request`);
 * ``JOB_DIR/arrays.npz`` (no pickle): ``ct_hu`` float32 ``[z, y, x]`` in HU and ``masks`` uint8
   ``[n_structures, z, y, x]``, on an axis-aligned grid whose array axes run along +z, +y, +x
   (LPS); the grid's origin (centre of voxel [0, 0, 0], LPS mm) and spacing are in the request;
@@ -184,7 +184,7 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: physics_worker.py JOB_DIR", file=sys.stderr)
+        print("usage: worker.py JOB_DIR", file=sys.stderr)
         return 2
     _die_with_parent()
     run(Path(argv[1]))

@@ -1,7 +1,7 @@
 """Is a generated physics plan one a planner would accept? Quality figures and the rule.
 
 Figures (doses in Gy on the case grid, the plan normalised like a clinical plan: D95 of the
-primary, highest-prescription target = its prescription, see :mod:`engine.physics`):
+primary, highest-prescription target = its prescription, see :mod:`engine.physics.dose_calc`):
 
 * per target: D95 (dose covering 95 % of it) and D2 (hottest 2 %), also as a fraction of the
   target's own prescription;
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.case import Case
-from engine.physics import body_mask, target_prescriptions
+from engine.physics.dose_calc import body_mask, target_prescriptions
 
 
 @dataclass(frozen=True)

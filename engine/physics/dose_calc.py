@@ -23,7 +23,7 @@ Isolation. pyRadPlan pins ``numpy<2.4``, breaks with ``pydantic>=2.13`` and pull
 dependency tree (pydantic-ai and its API clients), all at odds with the core environment. It
 therefore lives in its own virtual environment (``.venv-physics`` at the repository root, made
 by ``make physics-env`` / ``installer/physics-env.sh``) and runs in a **subprocess**
-(``engine/physics_worker.py``). The two sides exchange plain files in a temporary directory:
+(``engine/physics/worker.py``). The two sides exchange plain files in a temporary directory:
 a JSON request and an ``.npz`` of arrays written and read without pickle; nothing is ever
 unpickled. The interpreter is ``$DOSEPILOT_PHYSICS_PYTHON`` or the default venv path. A
 subprocess also keeps a long calculation from blocking the caller (the GUI's "verify with
@@ -62,9 +62,9 @@ from engine.case import (
 from engine.dose_grid import DoseGrid
 
 PHYSICS_PYTHON_ENV = "DOSEPILOT_PHYSICS_PYTHON"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PHYSICS_PYTHON = REPO_ROOT / ".venv-physics" / "bin" / "python"
-WORKER = Path(__file__).with_name("physics_worker.py")
+WORKER = Path(__file__).with_name("worker.py")
 
 #: Version of the objectives below, recorded with every generated plan: bump it when they change
 #: (1: the first 200 plans; 2: coverage, hot-spot limits, hard serial-organ limits and PRVs,

@@ -1,18 +1,18 @@
 """Compact copies of generated physics plans, small enough to keep in the repository.
 
-A plan file of ``dosepilot physics generate`` (:mod:`engine.physics_dataset`) repeats its
+A plan file of ``dosepilot physics generate`` (:mod:`engine.physics.dataset`) repeats its
 source patient's CT and structures; a packed plan keeps only what the physics run produced
 plus a fingerprint of the source arrays. For a format-2 plan that is the engine's coarse dose
 grid on the voxels the body's dose is read from, in cGy (``dose_grid_cgy``, about 4x fewer
 voxels than the CT grid at 5 mm), the beams, the isocentre and the engine record: the CT-grid
 ``dose_cgy`` is left out too, because ``unpack`` recreates it bit for bit with the generator's
-own :func:`engine.physics_dataset.dose_cgy_from_grid`. A format-1 plan (no dose grid) keeps its
+own :func:`engine.physics.dataset.dose_cgy_from_grid`. A format-1 plan (no dose grid) keeps its
 ``dose_cgy``. ``unpack`` joins a packed plan with its source case from the dataset again and
 writes the full plan file, the arrays the generator wrote, refusing a source whose arrays differ
 from the ones the plan was computed on.
 
 Plans that fail the acceptance rule (their manifest record's ``rejected`` is not empty, see
-:mod:`engine.physics_quality`) are neither packed nor unpacked: they stay out of every training
+:mod:`engine.physics.quality`) are neither packed nor unpacked: they stay out of every training
 set made from the packed folder, while the manifest keeps their figures.
 
     dosepilot physics pack GENERATED_DIR PACK_DIR
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.physics_dataset import (
+from engine.physics.dataset import (
     dose_cgy_from_grid,
     list_cases,
     load_arrays,
