@@ -1,7 +1,8 @@
 """The dose engine: interactive 1-step previews and full N-step predictions (DESIGN §5).
 
 :class:`DoseEngine` owns one :class:`~engine.dose_model.DoseModel` on its device (CUDA when
-present, else CPU; bf16 autocast on CUDA only) and does the least work per request:
+present, else CPU) in float32 by default (:data:`PRECISIONS`) and does the least work per
+request:
 
 * per case and isocentre, the condition modalities (CT, PTV, OAR, body) are built and encoded
   once with the full VAE; their latents are cached (cases are immutable, so the cache is keyed
@@ -142,13 +143,27 @@ class _Timer:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
+#: Inference precisions. float32 is the default on every device: on an H200 the shipped model
+#: ran 2x faster in float32 than under bf16 autocast (preview 5.7 vs 14.9 ms, 10-step 73 vs
+#: 155 ms; ``benchmarks/bench_gpu.py``), its layers being too small for the casts to pay, and
+#: a CPU without bf16 units runs bf16 several to 60x slower. bf16 is for large (paper-scale)
+#: models on CUDA: measure with ``benchmarks/bench_gpu.py`` before choosing it.
+PRECISIONS = ("fp32", "bf16")
+
+
 class DoseEngine:
     """Dose previews and predictions for cases, with caches keyed by content."""
 
     def __init__(self, model: DoseModel, device: str | torch.device | None = None,
                  threads: int | None = None, solver: diffusion.Solver = "euler",
-                 max_cases: int = 4, max_plans: int = 32) -> None:
+                 max_cases: int = 4, max_plans: int = 32, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = pick_device(device)
+        if precision == "bf16" and self.device.type != "cuda":
+            raise ValueError("bf16 inference is for CUDA devices; on this CPU it runs several "
+                             "to 60x slower than float32")
+        self.precision = precision
         if self.device.type == "cpu":
             tune_cpu(threads or auto_threads())
         self.threads = torch.get_num_threads()
@@ -162,10 +177,11 @@ class DoseEngine:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str | None = None,
-                        threads: int | None = None) -> DoseEngine:
+                        threads: int | None = None, precision: str = "fp32") -> DoseEngine:
         """Load a model bundle (default: the shipped one) onto ``device``."""
         path = Path(path) if path is not None else default_model_path()
-        return cls(load_dose_model(path, "cpu"), device=device, threads=threads)
+        return cls(load_dose_model(path, "cpu"), device=device, threads=threads,
+                   precision=precision)
 
     # --- public API ------------------------------------------------------------------------
 
@@ -191,8 +207,8 @@ class DoseEngine:
     # --- stages ----------------------------------------------------------------------------
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def _to_tensor(self, volumes: np.ndarray) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -262,3 +263,17 @@ def test_lora_targets_wrap_attention_and_ffn_and_start_as_identity():
     assert len(wrapped) == len(LORA_TARGETS) * TINY.num_layers
     with torch.no_grad():
         assert torch.equal(lora(x, t, mask), expected)
+
+
+def test_bf16_autocast_keeps_the_fused_rms_norm(model):
+    """Under bf16 autocast the q/k norms get bf16 input and a float32 weight: the norm must
+    not fall back from the fused kernel (torch warns "Mismatch dtype between input and
+    weight"), and it must agree with the float32 model to bf16 precision."""
+    x, s, mask = _x(), torch.tensor([0.3, 0.7]), _mask(2, 4)
+    with torch.inference_mode():
+        reference = model(x, s, mask)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fast = model(x, s, mask)
+    torch.testing.assert_close(fast.float(), reference, atol=0.05, rtol=0.05)

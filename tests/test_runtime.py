@@ -140,3 +140,25 @@ def test_a_bundle_that_is_not_a_dose_model_is_refused(bundle, tmp_path):
                        normalisation={})
     with pytest.raises(CheckpointError, match="not a dose model"):
         load_dose_model(path)
+
+
+def test_precision_is_float32_by_default_and_bf16_is_refused_on_a_cpu(bundle):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        DoseEngine.from_checkpoint(bundle, device="cpu", threads=1, precision="fp16")
+    with pytest.raises(ValueError, match="bf16 inference is for CUDA"):
+        DoseEngine.from_checkpoint(bundle, device="cpu", threads=1, precision="bf16")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                    reason="no CUDA device on this machine: the GPU path is checked where one is")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_engine_agrees_with_the_cpu_engine(bundle, case, engine, precision):
+    """On CUDA the engine runs in float32 by default; both precisions give the CPU's dose."""
+    gpu = DoseEngine.from_checkpoint(bundle, device="cuda", precision=precision)
+    assert gpu.device.type == "cuda"
+    assert DoseEngine.from_checkpoint(bundle, device="cuda").precision == "fp32"
+    for run in ("preview", "predict"):
+        want = getattr(engine, run)(case).dose.array
+        got = getattr(gpu, run)(case).dose.array
+        tolerance = 0.01 if precision == "fp32" else 0.05  # cuDNN convolutions use TF32
+        assert np.abs(got - want).max() <= tolerance * max(float(want.max()), 1.0)

@@ -22,6 +22,15 @@ def test_paper_preset_has_the_paper_settings():
     assert cfg.diffusion.shift == 3.0 and cfg.diffusion.timesteps == 1000
     assert cfg.diffusion.prediction == "v" and cfg.diffusion.sample_steps == 10
     assert cfg.lora.rank == 64 and cfg.data.grid == (97, 128, 160)
+    assert cfg.model.gradient_checkpointing  # the 1.3B DiT needs it to train at batch >= 8
+
+
+def test_gradient_checkpointing_reaches_the_dit():
+    from trainer.stages.common import build_dit
+
+    assert not build_dit(load_config("test-tiny")).gradient_checkpointing
+    assert build_dit(load_config("test-tiny", ["model.gradient_checkpointing=true"])
+                     ).gradient_checkpointing
 
 
 @pytest.mark.parametrize("raw, message", [

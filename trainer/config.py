@@ -94,6 +94,7 @@ class ModelConfig:
     init_from: str = ""             # model bundle folder, or Wan 2.1 DiT weights, to start from
     codec: str = "preview"          # TinyCodec preset name
     codec_weights: str = ""         # the distill stage's tiny_codec.safetensors, for exports
+    gradient_checkpointing: bool = False  # recompute DiT blocks in backward (less memory)
 
 
 @dataclass(frozen=True)

@@ -163,9 +163,10 @@ def _text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load_engine(model: Path | None, threads: int | None, device: str | None = None
-                ) -> DoseEngine:
-    """The engine for ``model`` (default: the shipped one), with a clear error when missing."""
+def load_engine(model: Path | None, threads: int | None, device: str | None = None,
+                precision: str = "fp32") -> DoseEngine:
+    """The engine for ``model`` (default: the shipped one), with a clear error when missing or
+    when ``precision`` does not suit the device."""
     from engine.models.checkpoint import CheckpointError
     from engine.runtime import DoseEngine, default_model_path
 
@@ -176,9 +177,17 @@ def load_engine(model: Path | None, threads: int | None, device: str | None = No
     if not path.exists():
         raise UserError(f"{path}: no such model bundle")
     try:
-        return DoseEngine.from_checkpoint(path, device=device, threads=threads)
+        return DoseEngine.from_checkpoint(path, device=device, threads=threads,
+                                          precision=precision)
     except (CheckpointError, OSError, ValueError) as exc:
         raise UserError(f"cannot load the model {path}: {exc}") from exc
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision fp32|bf16`` (see :data:`engine.runtime.PRECISIONS`)."""
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="inference precision (default fp32, the faster one for the shipped "
+                             "model on CPU and GPU; bf16 only on CUDA, for large models)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.runs < 1:
         raise UserError(f"--runs must be >= 1, got {args.runs}")
-    engine = load_engine(args.model, args.threads)
+    engine = load_engine(args.model, args.threads, precision=args.precision)
     try:
         case = load_dicom_case(args.patient or demo_patient())
     except DicomImportError as exc:
@@ -211,4 +220,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="CPU threads (default: the cores other processes leave free)")
     p.add_argument("--patient", type=Path,
                    help="DICOM patient folder (default: the demo patient)")
+    add_precision_argument(p)
     p.set_defaults(func=run)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from engine.case import Case
+from engine.commands.bench_cmd import add_precision_argument
 from engine.errors import UserError
 
 DATASET_SUFFIXES = (".npz",)
@@ -286,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("nothing to predict: " + "; ".join(f"{m['input']}: {m['error']}"
                                                            for m in missing))
     t0 = time.perf_counter()
-    engine = load_engine(args.model, args.threads)
+    engine = load_engine(args.model, args.threads, precision=args.precision)
     load_model_s = time.perf_counter() - t0
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -335,4 +336,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="CPU threads (default: the cores other processes leave free)")
     p.add_argument("--meta-dir", type=Path,
                    help="GDP-HMM: folder with PTV_DICT.json (default: found next to the files)")
+    add_precision_argument(p)
     p.set_defaults(func=run)

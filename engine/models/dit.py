@@ -271,6 +271,18 @@ def _layer_norm(x: Tensor, eps: float) -> Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` whose weight follows the input's dtype.
+
+    Under bf16 autocast the q/k projections come out in bf16 while the weight stays float32;
+    ``F.rms_norm`` then refuses its fused kernel ("Mismatch dtype between input and weight") and
+    falls back to a slower composite. Same parameter name (``weight``) as ``nn.RMSNorm``, so
+    Wan checkpoints and our bundles load unchanged."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class SelfAttention(nn.Module):
     """Wan self-attention: q/k/v/out projections, RMSNorm on q and k across heads, RoPE."""
 
@@ -281,8 +293,8 @@ class SelfAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
         self.to_out = nn.Linear(dim, dim)
-        self.norm_q = nn.RMSNorm(dim, eps=eps)
-        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.norm_q = RMSNorm(dim, eps=eps)
+        self.norm_k = RMSNorm(dim, eps=eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x [B, L, dim], cos/sin [L, head_dim // 2] -> [B, L, dim]."""

@@ -153,6 +153,7 @@ def build_dit(cfg: TrainConfig) -> DiffKT3D:
     """The DiT of the preset, initialised from ``init_from`` (a bundle or Wan weights) if set."""
     config = dit_config(cfg)
     model = DiffKT3D(config)
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
     src = cfg.model.init_from
     if not src:
         return model
