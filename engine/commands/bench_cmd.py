@@ -1,4 +1,4 @@
-"""``dosepilot bench [--json] [--model CKPT] [--runs N] [--threads T]``: the engine's latencies.
+"""``dosepilot bench [--json] [--model CKPT] [--runs N] [--threads T] [--no-peers]``: latencies.
 
 Measures, on the demo patient (``resources/demo``) with the default model (or ``--model``) at the
 full 97 x 128 x 160 model grid, the medians over ``--runs`` runs of:
@@ -15,13 +15,27 @@ to_patient, dvh) for the preview and the prediction; ``preview_cpu_s`` / ``predi
 process CPU time (all threads), which with one thread approximates the wall time on an idle
 machine when other programs load this one.
 
-These machines differ up to 4x in speed, so the report also measures the machine itself:
-``gemm_gflops`` is a single-thread float32 matrix product's rate (1024 x 1024, best of several,
-from the thread's CPU time, so a loaded machine reads about as an idle one); the reference
-machine of DESIGN §9 reads :data:`REFERENCE_GEMM_GFLOPS`. It identifies the machine; it does not
-convert the latencies: the model is not GEMM-bound alone (attention, 3-D convolutions and
-memory traffic do not scale with it), so compare models with a peer bundle measured in the same
-run (``--model``). ``--json`` prints one JSON object.
+These machines differ up to 4x in speed, so the report also measures, in the same process:
+
+* the machine: ``reference_gflops``, a single-thread float32 matrix product's rate (1024 x
+  1024, best of several, from the thread's CPU time, so a loaded machine reads about as an idle
+  one; the reference machine of DESIGN §9 reads :data:`REFERENCE_GEMM_GFLOPS`), and
+  ``reference_membw_gbs``, a single-thread copy of a 256 MB array (bytes read + written per
+  second), the memory-bound side;
+* the peer: ``mednext_s``, one forward pass of the GDP-HMM challenge's baseline network
+  (MedNeXt-B, kernel 3, as packaged by MONAI) on the challenge's 8-channel input, on the model
+  grid cut to the multiple of 16 it needs (96 x 128 x 160), with the engine's threads; and
+  ``preview_vs_mednext`` / ``predict10_vs_mednext``, how many times faster the engine is. Needs
+  MONAI (``pip install 'dosepilot[bench]'``); without it, or with ``--no-peers``, the keys are
+  null and ``peers_note`` says why.
+* the normalised figures ``preview_norm_s`` / ``predict10_norm_s``: the latency scaled by
+  ``reference_gflops / REFERENCE_GEMM_GFLOPS``, what it would read on the reference machine if
+  the engine were GEMM-bound. It is a first-order estimate: the engine is partly memory- and
+  convolution-bound, and two VMs whose GEMM rates differed 1.25x ran the model 1.35x apart the
+  other way round (benchmarks/README.md). Compare models with a peer bundle (``--model``) and
+  the MedNeXt ratio, both measured in the same run.
+
+``--json`` prints one JSON object.
 """
 
 from __future__ import annotations
@@ -67,6 +81,82 @@ def gemm_gflops(size: int = 1024, repeats: int = 7) -> float:
     finally:
         torch.set_num_threads(threads)
     return 2.0 * size**3 / max(best, 1e-9) / 1e9
+
+
+def memory_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
+    """This machine's single-thread copy rate in GB/s (bytes read + written), best of
+    ``repeats`` copies of a ``megabytes`` float32 array, timed by the thread's CPU time."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        src = torch.ones(megabytes * 2**20 // 4)
+        dst = torch.empty_like(src)
+        dst.copy_(src)  # warm-up: pages touched
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.thread_time()
+            dst.copy_(src)
+            best = min(best, time.thread_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return 2.0 * src.numel() * 4 / max(best, 1e-9) / 1e9
+
+
+#: the peer's input: the model grid cut to the multiple of 16 that MedNeXt's four
+#: down-samplings need, with the GDP-HMM challenge's eight input channels
+MEDNEXT_GRID = (96, 128, 160)
+MEDNEXT_CHANNELS = 8
+
+
+def mednext_forward_s(grid: tuple[int, int, int] = MEDNEXT_GRID, runs: int = 3) -> float:
+    """Median seconds of a MedNeXt-B forward pass (MONAI's, kernel 3, 8 channels in, 1 out:
+    the GDP-HMM baseline) on one ``grid`` volume, after a warm-up, with torch's current threads.
+    Raises ImportError when MONAI is not installed."""
+    import torch
+    from monai.networks.nets.mednext import create_mednext
+
+    torch.manual_seed(0)
+    model = create_mednext("B", spatial_dims=3, in_channels=MEDNEXT_CHANNELS, out_channels=1,
+                           kernel_size=3).eval()
+    x = torch.randn(1, MEDNEXT_CHANNELS, *grid)
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return _median(times)
+
+
+def peer_figures(report: dict[str, Any], runs: int, peers: bool,
+                 grid: tuple[int, int, int] = MEDNEXT_GRID) -> dict[str, Any]:
+    """The MedNeXt peer on ``grid`` and the engine's speed-up over it (null with a note when
+    skipped)."""
+    out: dict[str, Any] = {"mednext_s": None, "preview_vs_mednext": None,
+                           "predict10_vs_mednext": None, "peers_note": ""}
+    if not peers:
+        out["peers_note"] = "skipped (--no-peers)"
+        return out
+    try:
+        seconds = mednext_forward_s(grid, runs=max(1, min(runs, 3)))
+    except ImportError:
+        out["peers_note"] = "MONAI is not installed: pip install 'dosepilot[bench]'"
+        return out
+    out.update(mednext_s=seconds, preview_vs_mednext=seconds / report["preview_s"],
+               predict10_vs_mednext=seconds / report["predict10_s"],
+               peers_note=f"MedNeXt-B (MONAI), 1 x {MEDNEXT_CHANNELS} x "
+                          f"{' x '.join(map(str, grid))}, random weights")
+    return out
+
+
+def normalised(report: dict[str, Any]) -> dict[str, float]:
+    """Latencies scaled to the reference machine by the GEMM rate (see the module docstring)."""
+    scale = report["reference_gflops"] / REFERENCE_GEMM_GFLOPS
+    return {"preview_norm_s": report["preview_s"] * scale,
+            "predict10_norm_s": report["predict10_s"] * scale}
 
 
 def demo_patient() -> Path:
@@ -131,7 +221,8 @@ def measure(engine: DoseEngine, case: Case, runs: int = 10, steps: int = 10) -> 
         "plates_ms": 1000.0 * _median(plate_s),
         "preview_cpu_s": _median([p["cpu"] for p in previews]),
         "predict10_cpu_s": _median([p["cpu"] for p in predictions]),
-        "gemm_gflops": gemm_gflops(),
+        "reference_gflops": gemm_gflops(),
+        "reference_membw_gbs": memory_bandwidth_gbs(),
         "device": str(engine.device),
         "threads": engine.threads,
         "runs": runs,
@@ -151,8 +242,14 @@ def _text(r: dict[str, Any]) -> str:
              f"{r['steps']}-step prediction{'':17}{r['predict10_s']:8.3f} s",
              f"  process CPU time: preview {r['preview_cpu_s']:.3f} s, prediction "
              f"{r['predict10_cpu_s']:.3f} s",
-             f"  machine: single-thread fp32 GEMM {r['gemm_gflops']:.0f} GFLOP/s (the reference "
-             f"machine: {REFERENCE_GEMM_GFLOPS:.0f})",
+             f"  machine: single-thread fp32 GEMM {r['reference_gflops']:.0f} GFLOP/s (the "
+             f"reference machine: {REFERENCE_GEMM_GFLOPS:.0f}), copy "
+             f"{r['reference_membw_gbs']:.1f} GB/s",
+             f"  scaled to the reference machine by GEMM rate: preview "
+             f"{r['preview_norm_s']:.3f} s, prediction {r['predict10_norm_s']:.3f} s",
+             (f"  peer MedNeXt-B forward {r['mednext_s']:.2f} s: preview "
+              f"{r['preview_vs_mednext']:.1f}x, prediction {r['predict10_vs_mednext']:.1f}x "
+              "faster" if r["mednext_s"] is not None else f"  peer MedNeXt: {r['peers_note']}"),
              f"DVH + metrics{'':22}{r['dvh_ms']:8.1f} ms",
              f"beam + angle plates{'':16}{r['plates_ms']:8.1f} ms",
              "breakdown (s):   " + "  ".join(f"{k:>10}" for k in STAGES)]
@@ -203,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
     if case.plan is None or not case.plan.beams:
         raise UserError(f"{case.name}: the patient has no plan with beams to benchmark")
     report = measure(engine, case, runs=args.runs)
+    report.update(normalised(report))
+    report.update(peer_figures(report, args.runs, peers=args.peers))
     report["model"] = str(engine.model.path)
     report["patient"] = case.name
     print(json.dumps(report, indent=2) if args.json else _text(report))
@@ -220,5 +319,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="CPU threads (default: the cores other processes leave free)")
     p.add_argument("--patient", type=Path,
                    help="DICOM patient folder (default: the demo patient)")
+    p.add_argument("--no-peers", dest="peers", action="store_false",
+                   help="skip the MedNeXt peer (tens of seconds on a laptop CPU)")
     add_precision_argument(p)
     p.set_defaults(func=run)
