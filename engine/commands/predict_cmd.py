@@ -288,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
                                                            for m in missing))
     t0 = time.perf_counter()
     engine = load_engine(args.model, args.threads, precision=args.precision)
+    engine.solver = args.solver
     load_model_s = time.perf_counter() - t0
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -306,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
                            show_progress=sys.stderr.isatty(), log=log)
     failed = sum(c["status"] != "ok" for c in cases)
     summary = {"model": str(engine.model.path), "device": str(engine.device),
-               "threads": engine.threads, "steps": args.steps, "seeds": list(seeds),
+               "threads": engine.threads, "steps": args.steps, "solver": engine.solver,
+               "seeds": list(seeds),
                "out": str(out_dir), "n_cases": len(cases), "n_failed": failed,
                "timings_s": {"load_model": load_model_s,
                              "total": time.perf_counter() - t0},
@@ -326,6 +328,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                    help="DICOM patient folder, dataset case file, or a folder of them")
     p.add_argument("--steps", type=int, default=10, help="sampler steps (default 10)")
+    # engine.diffusion.SOLVERS, spelled out: importing it would load torch on every CLI start
+    p.add_argument("--solver", choices=("euler", "dpm++2m"), default="euler",
+                   help="sampler: euler (default) or dpm++2m (second order, one model call "
+                        "per step like euler)")
     p.add_argument("--seeds", type=int, default=1,
                    help="number of seeds; more than one adds the mean and its uncertainty")
     p.add_argument("--model", type=Path, help="model bundle folder (default: the shipped model)")
