@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "planner_gui.cli",
     "engine.commands.physics_cmd",
     "engine.commands.predict_cmd",
+    "engine.commands.suggest_cmd",
     "engine.commands.bench_cmd",
     "engine.commands.selftest_cmd",
 )
