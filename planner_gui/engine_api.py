@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Protocol
 
 from engine.case import Case, Plan, Volume
@@ -71,3 +72,18 @@ def load_dose_engine(checkpoint: str | None = None) -> tuple[DoseEngineLike | No
         log.warning("could not load the dose engine: %s", exc)
         where = checkpoint or "the default model"
         return None, f"{NO_ENGINE}: could not load {where}: {exc}"
+
+
+def model_label(engine: object) -> str:
+    """A short name of the engine's model for the views' labels: "default model" for the
+    shipped bundle, else its folder's name, with " (experimental)" when the model carries a
+    quality warning; "" when the engine does not say which model it runs."""
+    model = getattr(engine, "model", None)
+    path = getattr(model, "path", None)
+    if path is None:
+        return ""
+    from engine.runtime import default_model_path  # noqa: PLC0415 - loaded with the engine
+
+    same = Path(path).resolve() == default_model_path().resolve()
+    name = "default model" if same else Path(path).name
+    return f"{name} (experimental)" if getattr(model, "quality_warning", "") else name

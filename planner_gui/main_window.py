@@ -1,6 +1,7 @@
 """The DosePilot main window: tri-planar CT views and the 3D scene in the centre; beams,
 structures, DVH, metrics and training in docks; patient loading, dose display and export in
-the tool bar. The window only wires views to the :class:`Session` and the dose controller."""
+the tool bar. The window only wires views to the :class:`Session`, the :class:`DoseDisplay`
+(which dose the views show) and the dose controller."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from PySide6 import QtCore, QtGui, QtWidgets
 from engine.case import Case
 from planner_gui import gui_gc, loading
 from planner_gui.beams_panel import BeamsPanel
+from planner_gui.dose_display import OVERLAY_MODES, REFERENCE, DoseDisplay
 from planner_gui.dvh_panel import DvhPanel
-from planner_gui.engine_api import NO_ENGINE, DoseEngineLike, load_dose_engine
+from planner_gui.engine_api import NO_ENGINE, DoseEngineLike, load_dose_engine, model_label
 from planner_gui.export import export_plan_and_dose
 from planner_gui.inference import DoseController
 from planner_gui.metrics_panel import MetricsPanel
@@ -27,11 +29,13 @@ from planner_gui.session import Session
 from planner_gui.structures_panel import StructuresPanel
 from planner_gui.training_panel import TrainingPanel
 from planner_gui.views.display import WINDOW_PRESETS
-from planner_gui.views.slice_view import OVERLAY_MODES, SliceView
+from planner_gui.views.slice_view import SliceView
 from planner_gui.views.view3d import View3D
 
 log = logging.getLogger(__name__)
 MAX_RECENT = 8
+DRAG_HINT = "Drag a beam's handle to see the AI dose follow it; release for the full prediction"
+HINT_DONE_KEY = "hints/beam_dragged"
 
 
 def _freeze_long_lived_objects() -> None:
@@ -61,6 +65,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.resize(1500, 950)
         self.settings = settings or QtCore.QSettings("DosePilot", "DosePilot")
         self.session = Session()
+        self.display = DoseDisplay(self.session)
+        self.display.set_engine(engine is not None, model_label(engine))
         self.controller = DoseController(self.session, engine)
         self.last_error = ""
         self.last_warning = ""
@@ -68,9 +74,9 @@ class MainWindow(QtWidgets.QMainWindow):
         self._physics_cancel: threading.Event | None = None
         self._load_task: asyncio.Future | None = None
 
-        self.axial = SliceView(self.session, "axial")
-        self.coronal = SliceView(self.session, "coronal")
-        self.sagittal = SliceView(self.session, "sagittal")
+        self.axial = SliceView(self.session, "axial", self.display)
+        self.coronal = SliceView(self.session, "coronal", self.display)
+        self.sagittal = SliceView(self.session, "sagittal", self.display)
         self.slice_views = (self.axial, self.coronal, self.sagittal)
         self.view3d = View3D(self.session)
         central = QtWidgets.QSplitter(QtCore.Qt.Orientation.Horizontal)
@@ -111,6 +117,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.controller.failed.connect(lambda m: self.show_error("Dose calculation", m))
         self.session.history_changed.connect(self._on_history)
         self.session.result_changed.connect(self._on_result)
+        self.session.plan_changed.connect(self._on_plan_changed)
+        self.display.changed.connect(self._show_overlay_mode)
         self._on_history(False, False)
         self._update_case_actions()
 
@@ -162,6 +170,11 @@ class MainWindow(QtWidgets.QMainWindow):
         edit_menu.addAction(self.undo_action)
         edit_menu.addAction(self.redo_action)
         self.view_menu = self.menuBar().addMenu("&View")
+        self.reset_view_action = self._action(
+            "Reset zoom and pan", self.reset_views, "R",
+            "Fit the slice views to the patient's body on the shown slices")
+        self.view_menu.addAction(self.reset_view_action)
+        self.view_menu.addSeparator()
         for dock in self.findChildren(QtWidgets.QDockWidget):
             self.view_menu.addAction(dock.toggleViewAction())
         self._refresh_recent()
@@ -180,7 +193,9 @@ class MainWindow(QtWidgets.QMainWindow):
         bar.addWidget(self.window_combo)
         self.overlay_combo = QtWidgets.QComboBox()
         self.overlay_combo.addItems(list(OVERLAY_MODES))
-        self.overlay_combo.setToolTip("What the colour-wash shows")
+        self.overlay_combo.setToolTip(
+            "What the colour wash shows. It follows the AI dose until you pick here; "
+            "then it stays on your pick")
         self.overlay_combo.currentTextChanged.connect(self._on_overlay)
         bar.addWidget(QtWidgets.QLabel(" Show "))
         bar.addWidget(self.overlay_combo)
@@ -233,7 +248,9 @@ class MainWindow(QtWidgets.QMainWindow):
     def set_engine(self, engine: DoseEngineLike | None, message: str = "") -> None:
         """Use ``engine`` for previews and predictions (None: say why there is none)."""
         self.controller.set_engine(engine)
+        self.display.set_engine(engine is not None, model_label(engine))
         self._set_engine_label(message)
+        self._update_hint()
         _freeze_long_lived_objects()
         if engine is not None and self.session.case is not None:
             self.controller.request_prediction()
@@ -278,8 +295,6 @@ class MainWindow(QtWidgets.QMainWindow):
     def open_case(self, case: Case, source: str = "") -> None:
         """Show ``case`` (already loaded); remembers ``source`` among the recent patients."""
         self.session.open_case(case)
-        if not self.controller.available and case.dose is not None:
-            self.overlay_combo.setCurrentText(OVERLAY_MODES[1])  # show what there is
         self.setWindowTitle(f"DosePilot — {case.name}")
         if source:
             self._remember(source)
@@ -290,6 +305,7 @@ class MainWindow(QtWidgets.QMainWindow):
             self.show_warning(f"Incomplete or inconsistent study: {case.name}",
                               "\n\n".join(case.study_warnings))
         self._update_case_actions()
+        self._update_hint()
         self.case_loaded.emit(case)
         _freeze_long_lived_objects()
 
@@ -426,11 +442,14 @@ class MainWindow(QtWidgets.QMainWindow):
             self.show_error("Verify with physics", str(exc))
             return
         physics = future.result()
-        self.session.set_reference_dose(physics.dose)
-        self.overlay_combo.setCurrentText(OVERLAY_MODES[1])
+        engine = physics.info.get("engine", "pyRadPlan")
+        self.session.set_reference_dose(physics.dose, f"Physics ({engine})")
+        self.display.suggest(REFERENCE)
+        shown = ("shown" if self.display.mode == REFERENCE
+                 else f"pick \"{REFERENCE}\" in Show to see it")
         self.statusBar().showMessage(
-            f"Physics dose ready ({physics.info.get('engine', 'pyRadPlan')}); shown as the "
-            f"reference, normalised to {physics.primary_target} D95 = prescription")
+            f"Physics dose ready ({engine}), now the reference ({shown}); normalised to "
+            f"{physics.primary_target} D95 = prescription")
         self.physics_ready.emit(physics)
 
     def _on_history(self, can_undo: bool, can_redo: bool) -> None:
@@ -442,8 +461,30 @@ class MainWindow(QtWidgets.QMainWindow):
             view.set_window(*WINDOW_PRESETS[name])
 
     def _on_overlay(self, mode: str) -> None:
+        if mode != self.display.mode:  # the planner picked it (the display's own are equal)
+            self.display.choose(mode)
+
+    def _show_overlay_mode(self, mode: str) -> None:
+        if self.overlay_combo.currentText() != mode:
+            self.overlay_combo.setCurrentText(mode)
+
+    def reset_views(self) -> None:
+        """Undo zoom and pan: fit each slice view to the body on its shown slice."""
         for view in self.slice_views:
-            view.set_overlay_mode(mode)
+            view.fit_to_body()
+
+    # ---- first-run hint ---------------------------------------------------------------------
+    def _update_hint(self) -> None:
+        """Show :data:`DRAG_HINT` over the axial view while there is a patient and an engine,
+        until the planner has dragged a beam once (remembered in the settings)."""
+        show = (self.session.case is not None and self.controller.available
+                and not self.settings.value(HINT_DONE_KEY, False, type=bool))
+        self.axial.set_hint(DRAG_HINT if show else "")
+
+    def _on_plan_changed(self, _plan: Any, final: bool) -> None:
+        if not final and not self.settings.value(HINT_DONE_KEY, False, type=bool):
+            self.settings.setValue(HINT_DONE_KEY, True)  # transient plans come from drags
+            self._update_hint()
 
     def show_error(self, title: str, message: str) -> None:
         """A clear, non-blocking error dialog (window-modal)."""

@@ -38,6 +38,14 @@ def default_plan(case: Case) -> Plan:
     return Plan(beams=beams, prescription_gy=rx, name="Default")
 
 
+def reference_name(case: Case) -> str:
+    """What the case's own reference dose is called on screen: "Reference (RTDOSE)" for a DICOM
+    study's dose, "Reference (dataset)" for a dataset case's; "" when the case has none."""
+    if case.dose is None:
+        return ""
+    return "Reference (RTDOSE)" if case.refs.study_instance_uid else "Reference (dataset)"
+
+
 def _largest_gap_angle(angles: list[float]) -> float:
     """The middle of the widest angular gap between existing gantry angles (degrees)."""
     if not angles:
@@ -75,6 +83,7 @@ class Session:
         self.case: Case | None = None
         self.plan: Plan | None = None
         self.result: Any = None
+        self.reference_source = ""
         self.cursor_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self.hidden: set[str] = set()
         self.selected_beam = -1
@@ -91,6 +100,7 @@ class Session:
         self._redo.clear()
         self._edit_start = None
         self.result = None
+        self.reference_source = reference_name(case)
         self.hidden = set()
         self.selected_beam = 0 if self.plan.beams else -1
         self.cursor_mm = self.plan.isocenter_mm
@@ -100,13 +110,15 @@ class Session:
         self.cursor_changed.emit(self.cursor_mm)
         self._emit_history()
 
-    def set_reference_dose(self, dose: Volume) -> None:
-        """Compare against ``dose`` (Gy on the CT grid) from now on; the plan is kept."""
+    def set_reference_dose(self, dose: Volume, source: str) -> None:
+        """Compare against ``dose`` (Gy on the CT grid) from now on; the plan is kept.
+        ``source`` names it on screen, e.g. "Physics (pyRadPlan)"."""
         if self.case is None:
             raise RuntimeError("no patient is open")
         if dose.geometry != self.case.geometry:
             raise ValueError("the reference dose must lie on the patient's CT grid")
         self.case = self.case.with_dose(dose)
+        self.reference_source = source
         self.reference_changed.emit(self.case)
 
     # ---- plan edits with undo/redo ----------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Support for the GUI tests: the engine's phantom on a small grid and a real
-(non-AI) dose calculation to drive the GUI's inference plumbing with.
+"""Support for the GUI tests: the engine's phantom on a small grid, a real (non-AI) dose
+calculation to drive the GUI's inference plumbing with, and reading a slice view's pixels.
 
 The dose model is a simple physics model, not a stand-in for results: each beam is a field
 shaped to the targets' beam's-eye-view projection (plus margin, Gaussian penumbra), attenuated
@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.special import erfc
@@ -27,6 +27,9 @@ from engine.metrics.dvh import all_metrics, prepare
 from engine.metrics.scorecard import BoundScorecard, builtin_template
 from engine.phantom import PhantomSpec, make_phantom
 from engine.runtime import DoseResult
+
+if TYPE_CHECKING:
+    from planner_gui.views.slice_view import SliceView
 
 MU_PER_MM = 0.005
 PENUMBRA_SIGMA_MM = 3.0
@@ -147,3 +150,45 @@ class PhysicsDoseEngine:
 
         dose = self.physics.dose(case, plan, cancel, on_beam)
         return self._result(case, dose, "predict", time.perf_counter() - t0, steps)
+
+
+def grab_rgb(widget: Any) -> np.ndarray:
+    """The widget as drawn on screen, ``[rows, columns, RGB]`` uint8."""
+    from PySide6 import QtGui  # noqa: PLC0415 - only GUI tests read pixels
+
+    image = widget.grab().toImage().convertToFormat(QtGui.QImage.Format.Format_RGB888)
+    array = np.frombuffer(image.constBits(), np.uint8).reshape(
+        image.height(), image.bytesPerLine())[:, :image.width() * 3]
+    return array.reshape(image.height(), image.width(), 3).copy()
+
+
+def image_pixels(view: SliceView, dose: bool = True) -> np.ndarray:
+    """The pixels of a slice view's image area (its view box: no colour bar, no header) as
+    drawn, with the beam rays, the crosshair and the hint hidden for the grab, so that what is
+    left is the CT, the contours and (``dose``) the dose colour wash with its isodose lines."""
+    hidden = [*view.beam_rays, view.h_line, view.v_line, view.hint_label]
+    if not dose:
+        hidden += [view.dose_item, view.isodose_item]
+    shown = [item.isVisible() for item in hidden]
+    for item in hidden:
+        item.setVisible(False)
+    try:
+        rgb = grab_rgb(view.plot)
+    finally:
+        for item, visible in zip(hidden, shown):
+            item.setVisible(visible)
+    box = view.view_box.sceneBoundingRect().toRect()
+    return rgb[box.top():box.bottom() + 1, box.left():box.right() + 1]
+
+
+def body_width_fraction(view: SliceView) -> float:
+    """Share of the view box's width that the patient spans on screen: the columns between
+    the first and the last that show the CT or a contour (not black background)."""
+    pixels = image_pixels(view, dose=False)
+    columns = np.nonzero((pixels.max(axis=2) > 40).sum(axis=0) >= 3)[0]
+    return 0.0 if columns.size == 0 else (columns[-1] - columns[0] + 1) / pixels.shape[1]
+
+
+def changed_pixels(before: np.ndarray, after: np.ndarray, tolerance: int = 8) -> int:
+    """How many pixels differ by more than ``tolerance`` in some colour channel."""
+    return int((np.abs(before.astype(int) - after.astype(int)).max(axis=2) > tolerance).sum())

@@ -1,5 +1,6 @@
-"""The GUI's Qt-free parts: session model (undo/redo), beam geometry, loading errors and the
-dose controller (latest wins, on a plain asyncio loop with a real worker thread)."""
+"""The GUI's Qt-free parts: session model (undo/redo), which dose the views show, beam geometry
+and handle placement, loading errors and the dose controller (latest wins, on a plain asyncio
+loop with a real worker thread)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from gui_helpers import PhysicsDoseEngine, make_case
 
 from engine.case import PatientPosition
 from engine.features.beam_geometry import source_direction_lps
-from planner_gui.beam_geometry import gantry_from_axial_direction
+from planner_gui.beam_geometry import gantry_from_axial_direction, handle_point
+from planner_gui.dose_display import DIFFERENCE, PREDICTED, REFERENCE, UNCERTAINTY, DoseDisplay
 from planner_gui.inference import DoseController
 from planner_gui.loading import CaseLoadError, load_case
 from planner_gui.session import Session, _largest_gap_angle, default_plan
@@ -114,6 +116,71 @@ def test_dragging_towards_the_patients_left_is_gantry_90_for_hfs():
     assert gantry_from_axial_direction(0.0, -1.0) == 0.0     # source anterior
     assert gantry_from_axial_direction(1.0, 0.0) == 90.0     # source at the patient's left
     assert gantry_from_axial_direction(0.0, 1.0) == 180.0    # posterior
+
+
+def test_handles_sit_at_the_edge_of_the_visible_area_in_every_direction():
+    visible = (-50.0, -30.0, 150.0, 70.0)      # x0, y0, x1, y1 (mm), isocentre inside
+    iso = np.array([0.0, 0.0])
+    for angle in range(0, 360, 15):
+        a = np.radians(angle)
+        direction = np.array([np.sin(a), -np.cos(a)])
+        point = handle_point(iso, direction, visible)
+        on_edge = np.isclose(point, visible[:2]) | np.isclose(point, visible[2:])
+        assert on_edge.any(), f"{angle} deg: {point} is not on the edge"
+        assert np.allclose((point - iso) / np.linalg.norm(point - iso), direction)
+    # a non-coplanar beam's shorter projection puts its handle further in
+    half = handle_point(iso, np.array([0.0, -0.5]), visible)
+    assert np.allclose(half, [0.0, -15.0])
+
+
+def test_handles_of_rays_that_miss_the_view_are_left_out():
+    visible = (100.0, 100.0, 200.0, 180.0)
+    iso = np.array([0.0, 0.0])                   # off screen, up and left of the view
+    crossing = handle_point(iso, np.array([1.0, 1.0]), visible)
+    assert np.allclose(crossing, [180.0, 180.0])  # where the ray leaves the view
+    for direction in ([-1.0, 0.0], [0.0, -1.0], [1.0, -0.2], [1.0, 0.0]):
+        assert handle_point(iso, np.array(direction), visible) is None
+
+
+def test_the_dose_display_follows_the_ai_until_the_planner_picks():
+    session = Session()
+    display = DoseDisplay(session)
+    modes = recorder(display.changed)
+    with_dose = make_case(with_dose=True)
+    session.open_case(with_dose)
+    assert display.mode == REFERENCE, "before the first AI result: what there is"
+    assert display.describe() == "Reference (dataset)"
+    engine = PhysicsDoseEngine()
+    preview = engine.preview(with_dose, session.plan)
+    session.set_result(preview)
+    assert display.mode == PREDICTED and display.describe() == "AI preview"
+    display.set_engine(True, "default model")
+    session.set_result(engine.predict(with_dose, session.plan, steps=10))
+    assert display.describe() == "AI 10-step · default model"
+    assert [m for (m,) in modes] == [REFERENCE, PREDICTED, PREDICTED]
+    display.choose(DIFFERENCE)
+    assert display.describe() == "AI 10-step − Reference (dataset)"
+    session.set_reference_dose(with_dose.dose, "Physics (pyRadPlan)")
+    display.suggest(REFERENCE)
+    session.set_result(preview)
+    assert display.mode == DIFFERENCE, "a picked mode stays whatever arrives"
+    assert display.describe() == "AI preview − Physics (pyRadPlan)"
+    display.choose(UNCERTAINTY)
+    assert "2 or more seeds" in display.describe()
+    with pytest.raises(ValueError):
+        display.choose("Dose of the day")
+
+
+def test_the_dose_display_says_what_is_missing(case):
+    session = Session()
+    display = DoseDisplay(session)
+    session.open_case(case)                      # no reference dose, no engine
+    assert display.mode == PREDICTED
+    assert display.describe() == "AI dose: no dose engine"
+    display.set_engine(True)
+    assert display.describe() == "AI dose: computing …"
+    display.choose(REFERENCE)
+    assert display.describe() == "Reference dose: none for this patient"
 
 
 def test_missing_path_is_a_clear_load_error(tmp_path):

@@ -19,9 +19,17 @@ pytestmark = [
                        reason="GUI tests need a display: run under xvfb-run (make test)"),
 ]
 
-from gui_helpers import PhysicsDoseEngine, make_case  # noqa: E402
+from gui_helpers import (  # noqa: E402
+    PhysicsDoseEngine,
+    body_width_fraction,
+    changed_pixels,
+    grab_rgb,
+    image_pixels,
+    make_case,
+)
 from PySide6 import QtCore, QtGui  # noqa: E402
 
+from planner_gui.beam_geometry import gantry_from_axial_direction  # noqa: E402
 from planner_gui.engine_api import NO_ENGINE  # noqa: E402
 from planner_gui.main_window import MainWindow  # noqa: E402
 from planner_gui.views.slice_view import OVERLAY_MODES  # noqa: E402
@@ -50,13 +58,6 @@ def win(qtbot, aloop, gui_settings, case):
     qtbot.waitUntil(lambda: window.controller.predictions_done == 1, timeout=10_000)
     yield window
     window.close()
-
-
-def grab_rgb(widget) -> np.ndarray:
-    image = widget.grab().toImage().convertToFormat(QtGui.QImage.Format.Format_RGB888)
-    array = np.frombuffer(image.constBits(), np.uint8).reshape(
-        image.height(), image.bytesPerLine())[:, :image.width() * 3]
-    return array.reshape(image.height(), image.width(), 3).copy()
 
 
 def count_color(rgb: np.ndarray, color, tol=12) -> int:
@@ -353,3 +354,111 @@ def test_dropping_a_folder_opens_it_and_bad_dicom_gets_a_readable_error(
     message = blocker.args[0]
     assert "Traceback" not in message and str(empty) in message
     window.close()
+
+
+def test_views_show_the_ai_dose_once_there_is_one_until_the_planner_picks(
+        qtbot, aloop, gui_settings, case):
+    """`dosepilot demo` opens the patient before its model has loaded: the views show the
+    reference until then, and the AI dose (with its label) as soon as it exists."""
+    window = make_window(qtbot, gui_settings, None)
+    window.open_case(case)
+    assert window.overlay_combo.currentText() == OVERLAY_MODES[1]
+    assert [v.dose_label.text() for v in window.slice_views] == ["Reference (dataset)"] * 3
+    reference = image_pixels(window.axial)
+    window.set_engine(PhysicsDoseEngine())
+    qtbot.waitUntil(lambda: window.controller.predictions_done == 1, timeout=10_000)
+    assert window.overlay_combo.currentText() == OVERLAY_MODES[0]
+    assert [v.dose_label.text() for v in window.slice_views] == ["AI 10-step"] * 3
+    assert np.array_equal(window.axial._overlay,
+                          window.axial.grid.orient(window.session.result.dose.array))
+    first = image_pixels(window.axial)
+    assert changed_pixels(reference, first) > 500, "the AI dose should replace the reference"
+    window.session.set_gantry(0, 51.0)
+    qtbot.waitUntil(lambda: window.controller.predictions_done == 2, timeout=10_000)
+    assert changed_pixels(first, image_pixels(window.axial)) > 200, "the dose should move"
+    # the planner's pick stays, whatever results arrive; the others are one click away
+    window.overlay_combo.setCurrentText(OVERLAY_MODES[1])
+    window.session.set_gantry(0, 90.0)
+    qtbot.waitUntil(lambda: window.controller.predictions_done == 3, timeout=10_000)
+    assert window.overlay_combo.currentText() == OVERLAY_MODES[1]
+    assert window.axial.dose_label.text() == "Reference (dataset)"
+    window.overlay_combo.setCurrentText(OVERLAY_MODES[2])
+    assert window.axial.dose_label.text() == "AI 10-step − Reference (dataset)"
+    window.close()
+
+
+def test_views_open_fitted_to_the_body_and_r_resets_zoom_and_pan(win, qtbot):
+    fractions = [body_width_fraction(view) for view in win.slice_views]
+    assert min(fractions) >= 0.5, f"body spans {fractions} of the views' widths"
+    view = win.axial
+    fitted = view.view_box.viewRect()
+    view.view_box.scaleBy((0.3, 0.3))
+    view.view_box.translateBy((40.0, -25.0))
+    assert body_width_fraction(view) == pytest.approx(1.0, abs=0.02)  # zoomed into the body
+    win.activateWindow()
+    qtbot.waitUntil(win.isActiveWindow, timeout=5000)
+    qtbot.keyClick(view.plot.viewport(), QtCore.Qt.Key.Key_R)
+    again = view.view_box.viewRect()
+    assert (again.center() - fitted.center()).manhattanLength() < 0.5
+    assert again.width() == pytest.approx(fitted.width(), rel=1e-3)
+
+
+def test_beam_handles_stay_on_screen_and_draggable_at_every_zoom(win, qtbot):
+    """At each zoom every handle is inside the view, and dragging a handle turns its beam by
+    20 degrees (the mouse released where that beam's handle would be)."""
+    from engine.features.beam_geometry import source_direction_lps
+    from planner_gui.beam_geometry import handle_point
+    from planner_gui.main_window import DRAG_HINT, HINT_DONE_KEY
+
+    view, box = win.axial, win.axial.view_box
+    assert view.hint_label.isVisible() and view.hint_label.text() == DRAG_HINT
+    iso = np.asarray(win.session.plan.isocenter_mm[:2])
+    position = win.session.plan.patient_position
+    viewport = view.plot.viewport()
+    double_click_ms = QtGui.QGuiApplication.styleHints().mouseDoubleClickInterval()
+    dragged = []
+    # zoom factor about a point (< 1 zooms in): fitted, in 3x and 10x, out 3x, and in 3x with
+    # the isocentre out of view
+    for scale, about in ((1.0, iso), (0.3, iso), (0.1, iso), (3.0, iso),
+                         (0.3, iso + np.array([120.0, 90.0]))):
+        view.fit_to_body()
+        box.scaleBy((scale, scale), center=QtCore.QPointF(*about))
+        qtbot.wait(20)
+        area = view.plot.mapFromScene(box.sceneBoundingRect()).boundingRect()
+        iso_in_view = area.contains(view.view_to_widget(*iso))
+        shown = [ray for ray in view.beam_rays if ray.isVisible()]
+        assert len(shown) == len(view.beam_rays) or not iso_in_view and shown, scale
+        for ray in shown:
+            assert area.adjusted(4, 4, -4, -4).contains(view.view_to_widget(*ray.handle_xy))
+        rect = box.viewRect()
+        inset = 15.0 * rect.width() / box.width()
+        visible = (rect.left() + inset, rect.top() + inset, rect.right() - inset,
+                   rect.bottom() - inset)
+        for ray in shown:
+            gantry = win.session.plan.beams[ray.index].gantry_deg
+            turned = source_direction_lps(gantry + 20.0, 0.0, position)[:2]
+            target_mm = handle_point(iso, turned, visible)
+            if target_mm is None:  # the isocentre is out of view: turn the other way
+                turned = source_direction_lps(gantry - 20.0, 0.0, position)[:2]
+                target_mm = handle_point(iso, turned, visible)
+            expected = gantry_from_axial_direction(*(target_mm - iso), position)
+            start, target = view.view_to_widget(*ray.handle_xy), view.view_to_widget(*target_mm)
+            qtbot.wait(double_click_ms + 50)  # a quick second press would be a double click
+            qtbot.mousePress(viewport, LEFT, pos=start)
+            qtbot.mouseMove(viewport, (start + target) / 2)
+            qtbot.mouseMove(viewport, target)
+            qtbot.mouseRelease(viewport, LEFT, pos=target)
+            assert win.session.selected_beam == ray.index
+            now = win.session.plan.beams[ray.index].gantry_deg
+            assert abs((now - expected + 180.0) % 360.0 - 180.0) < 1.0, (scale, ray.index)
+            assert abs((now - gantry + 180.0) % 360.0 - 180.0) > 5.0, (scale, ray.index)
+            dragged.append((scale, ray.index))
+            if len(dragged) == 1:
+                assert not view.hint_label.isVisible(), "the hint goes after the first drag"
+    assert len(dragged) >= 4 * len(view.beam_rays) + 1
+    win.reset_view_action.trigger()
+    qtbot.waitUntil(lambda: all(ray.isVisible() for ray in view.beam_rays), timeout=2000)
+    qtbot.waitUntil(lambda: not win.controller.busy, timeout=20_000)
+    assert win.settings.value(HINT_DONE_KEY, False, type=bool)
+    win.open_case(win.session.case)
+    assert not view.hint_label.isVisible(), "the hint is for the first run only"

@@ -15,30 +15,33 @@ from planner_gui.session import Session
 
 
 class BeamRay(pg.GraphicsObject):
-    """One beam in an axial view (item coordinates = LPS x, y in mm).
+    """One beam in an axial view (item coordinates = LPS x, y in mm): a ray from the isocentre
+    to a round handle; the view places the handle (``beam_geometry.handle_point``).
 
     Dragging anywhere on the ray or its handle turns beam ``index`` about the isocentre: the
     gantry angle follows the mouse. The whole drag is one undoable edit in the session.
     """
 
-    def __init__(self, session: Session, index: int, length_mm: float) -> None:
+    def __init__(self, session: Session, index: int) -> None:
         super().__init__()
         self.session = session
         self.index = index
-        self.length_mm = length_mm
         self.selected = False
         self._iso = np.zeros(2)
         self._end = np.zeros(2)
+        self._radius = 1.0
         self._color = QtGui.QColor(255, 215, 0)
         self.setZValue(20)
         self.setCursor(QtCore.Qt.CursorShape.OpenHandCursor)
 
-    def set_beam(self, iso_xy: np.ndarray, direction_xy: np.ndarray, selected: bool) -> None:
+    def set_beam(self, iso_xy: np.ndarray, handle_xy: np.ndarray, handle_radius_mm: float,
+                 selected: bool) -> None:
+        """Draw the ray from ``iso_xy`` to the handle at ``handle_xy`` (LPS x, y mm), the handle
+        of radius ``handle_radius_mm`` (the view keeps it a constant number of pixels)."""
         self.prepareGeometryChange()
-        norm = float(np.hypot(*direction_xy))
-        unit = direction_xy / norm if norm > 1e-9 else np.array([0.0, -1.0])
         self._iso = np.asarray(iso_xy, dtype=float)
-        self._end = self._iso + unit * self.length_mm * max(norm, 0.2)
+        self._end = np.asarray(handle_xy, dtype=float)
+        self._radius = float(handle_radius_mm)
         self.selected = selected
         self.update()
 
@@ -48,7 +51,7 @@ class BeamRay(pg.GraphicsObject):
         return self._end.copy()
 
     def _handle_radius(self) -> float:
-        return self.length_mm * 0.05
+        return self._radius
 
     def boundingRect(self) -> QtCore.QRectF:  # noqa: N802 - Qt API
         r = self._handle_radius() * 1.5

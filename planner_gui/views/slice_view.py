@@ -1,17 +1,24 @@
 """One CT slice view (axial, coronal or sagittal) with contour outlines, a dose colour-wash with
 isodose lines and a colour bar in Gy, a linked crosshair and, in the axial view, draggable beams.
 
+A label above each view says which dose the colour wash shows (:class:`DoseDisplay`). Views open
+zoomed to the body's outline on the shown slice; beam handles sit on the ray at the edge of
+what is visible, a constant size on screen, so they can be grabbed at any zoom.
+
 Mouse: wheel scrolls slices (Ctrl+wheel zooms), a click moves the linked crosshair, dragging a
-beam turns its gantry. Keys: Up/Down or PageUp/PageDown scroll.
+beam turns its gantry. Keys: Up/Down or PageUp/PageDown scroll; the window's R (View > Reset
+zoom and pan) fits the views to the body again.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6 import QtCore, QtWidgets
+from PySide6 import QtCore, QtGui, QtWidgets
 
 from engine.case import Case
+from planner_gui.beam_geometry import handle_point
+from planner_gui.dose_display import OVERLAY_MODES, PREDICTED, DoseDisplay
 from planner_gui.session import Session
 from planner_gui.views.beam_items import BeamRay, axial_direction
 from planner_gui.views.display import (
@@ -24,8 +31,12 @@ from planner_gui.views.display import (
     structure_color,
 )
 
-OVERLAY_MODES = ("Predicted dose", "Reference dose", "Difference (predicted - reference)",
-                 "Uncertainty (std)")
+__all__ = ["OVERLAY_MODES", "SliceView"]
+
+HANDLE_RADIUS_PX = 7.0
+BODY_HU = -400.0       # without a body contour, the body is the CT above this
+FIT_MARGIN = 0.1       # fitting the body leaves this fraction of its larger side on each side
+_BADGE_STYLE = "padding: 2px 6px; border-radius: 3px; color: {fg}; background: {bg};"
 
 
 class SliceViewBox(pg.ViewBox):
@@ -43,20 +54,22 @@ class SliceViewBox(pg.ViewBox):
 
 
 class SliceView(QtWidgets.QWidget):
-    """A tri-planar view pane following a :class:`Session`."""
+    """A tri-planar view pane following a :class:`Session`; its colour wash shows what
+    ``display`` says."""
 
-    def __init__(self, session: Session, orientation: str,
+    def __init__(self, session: Session, orientation: str, display: DoseDisplay,
                  parent: QtWidgets.QWidget | None = None) -> None:
         super().__init__(parent)
         self.session = session
         self.orientation = orientation
+        self.display = display
         self.grid: OrthoGrid | None = None
         self.slice_index = 0
-        self.overlay_mode = OVERLAY_MODES[0]
         self.dose_opacity = 0.45
         self.window = WINDOW_PRESETS["Soft tissue"]
         self._ct: np.ndarray | None = None
         self._structures: list[tuple[str, np.ndarray, tuple[int, int, int]]] = []
+        self._body: np.ndarray | None = None
         self._overlay: np.ndarray | None = None
         self._overlay_levels = (0.0, 1.0)
         self._reference_gy = 1.0
@@ -90,16 +103,33 @@ class SliceView(QtWidgets.QWidget):
             line.setZValue(10)
             self.view_box.addItem(line, ignoreBounds=True)
         self.label = QtWidgets.QLabel(orientation.capitalize())
-        self.label.setStyleSheet("color: #ddd; background: #222; padding: 2px 6px;")
+        self.label.setStyleSheet("color: #ddd; padding: 2px 6px;")
+        self.dose_label = QtWidgets.QLabel()
+        self.dose_label.setObjectName("dose_label")
+        self.hint_label = QtWidgets.QLabel(self.plot)  # floats over the image's bottom edge
+        self.hint_label.setWordWrap(True)
+        self.hint_label.setStyleSheet("color: black; background: rgba(255, 221, 85, 215); "
+                                      "padding: 4px 8px; border-radius: 4px;")
+        self.hint_label.setAttribute(QtCore.Qt.WidgetAttribute.WA_TransparentForMouseEvents)
+        self.hint_label.setVisible(False)
 
+        header = QtWidgets.QWidget()
+        header.setStyleSheet("background: #222;")
+        row = QtWidgets.QHBoxLayout(header)
+        row.setContentsMargins(0, 1, 4, 1)
+        row.addWidget(self.label)
+        row.addStretch(1)
+        row.addWidget(self.dose_label)
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.setSpacing(0)
-        layout.addWidget(self.label)
+        layout.addWidget(header)
         layout.addWidget(self.plot)
         self.setFocusPolicy(QtCore.Qt.FocusPolicy.StrongFocus)
 
         self.view_box.scrolled.connect(self.scroll)
+        self.view_box.sigTransformChanged.connect(lambda _vb: self._draw_beams())
+        display.changed.connect(lambda _mode: self._refresh_overlay())
         self.plot.scene().sigMouseClicked.connect(self._on_click)
         session.case_changed.connect(self._on_case)
         session.cursor_changed.connect(self._on_cursor)
@@ -115,6 +145,7 @@ class SliceView(QtWidgets.QWidget):
         self._ct = self.grid.orient(case.ct.array)
         self._structures = [(s.name, self.grid.orient(s.mask), structure_color(i, s.color))
                             for i, s in enumerate(case.structures)]
+        self._body = self.grid.orient(case.external.mask) if case.external else None
         _, horizontal, vertical = self.grid.axes(self.orientation)
         x0, w = OrthoGrid.extent(horizontal)
         y0, h = OrthoGrid.extent(vertical)
@@ -122,7 +153,7 @@ class SliceView(QtWidgets.QWidget):
         self._reference_gy = self._reference_dose(case)
         self._refresh_overlay(draw=False)
         self._on_cursor(self.session.cursor_mm, force=True)
-        self.view_box.autoRange(padding=0.0)
+        self.fit_to_body()
 
     @staticmethod
     def _reference_dose(case: Case) -> float:
@@ -133,6 +164,11 @@ class SliceView(QtWidgets.QWidget):
         if case.plan is not None and case.plan.prescription_gy:
             return float(case.plan.prescription_gy)
         return 0.0
+
+    @property
+    def overlay_mode(self) -> str:
+        """What the colour wash shows (one of :data:`OVERLAY_MODES`), as the display says."""
+        return self.display.mode
 
     def _overlay_volume(self) -> tuple[np.ndarray | None, tuple[float, float], str, float]:
         """(oriented volume, display levels, colour-bar label, transparent-below fraction)."""
@@ -205,9 +241,18 @@ class SliceView(QtWidgets.QWidget):
 
     def _update_label(self) -> None:
         normal = self.grid.axes(self.orientation)[0]
-        shown = f"   colour: {self.overlay_label}" if self._overlay is not None else ""
         self.label.setText(f"{self.orientation.capitalize()}  {normal[self.slice_index]:.1f} mm"
-                           f"  ({self.slice_index + 1}/{len(normal)}){shown}")
+                           f"  ({self.slice_index + 1}/{len(normal)})")
+        self.dose_label.setText(self.display.describe())
+        self.dose_label.setToolTip(f"Colour wash: {self.overlay_label}" if self._overlay
+                                   is not None else "Nothing to show in this mode yet")
+        if self._overlay is None:
+            fg, bg = "#aaa", "#444"
+        elif self.overlay_mode == PREDICTED:
+            fg, bg = "black", "#5dd6c9"
+        else:
+            fg, bg = "black", "#ccc"
+        self.dose_label.setStyleSheet(_BADGE_STYLE.format(fg=fg, bg=bg))
 
     def _draw_contours(self) -> None:
         if self.grid is None:
@@ -247,20 +292,31 @@ class SliceView(QtWidgets.QWidget):
         return rgba
 
     def _draw_beams(self) -> None:
+        """Rays from the isocentre with their handles at the edge of the visible area (redrawn
+        whenever the plan, the zoom, the pan or the view's size changes). With the isocentre
+        panned out of view, the beams whose rays miss the view are not drawn (R brings
+        them back)."""
         if self.orientation != "axial" or self.grid is None or self.session.plan is None:
             return
         plan = self.session.plan
-        length = 0.45 * min(np.ptp(self.grid.x), np.ptp(self.grid.y))
         while len(self.beam_rays) < len(plan.beams):
-            ray = BeamRay(self.session, len(self.beam_rays), length)
+            ray = BeamRay(self.session, len(self.beam_rays))
             self.view_box.addItem(ray, ignoreBounds=True)
             self.beam_rays.append(ray)
         while len(self.beam_rays) > len(plan.beams):
             self.view_box.removeItem(self.beam_rays.pop())
+        view = self.view_box.viewRect()
+        mm_per_px = view.width() / max(self.view_box.width(), 1.0)
+        radius = HANDLE_RADIUS_PX * mm_per_px
+        inset = radius + 3.0 * mm_per_px
+        visible = (view.left() + inset, view.top() + inset, view.right() - inset,
+                   view.bottom() - inset)
         for i, ray in enumerate(self.beam_rays):
-            ray.length_mm = length
             iso = np.asarray(plan.beams[i].isocenter_mm[:2])
-            ray.set_beam(iso, axial_direction(self.session, i), i == self.session.selected_beam)
+            handle = handle_point(iso, axial_direction(self.session, i), visible)
+            ray.setVisible(handle is not None)  # None: its ray misses what is shown
+            if handle is not None:
+                ray.set_beam(iso, handle, radius, i == self.session.selected_beam)
 
     # ---- controls -----------------------------------------------------------------------------
     def set_window(self, width: float, level: float) -> None:
@@ -273,11 +329,44 @@ class SliceView(QtWidgets.QWidget):
         self.dose_opacity = float(np.clip(opacity, 0.0, 1.0))
         self.dose_item.setOpacity(self.dose_opacity)
 
-    def set_overlay_mode(self, mode: str) -> None:
-        if mode not in OVERLAY_MODES:
-            raise ValueError(f"unknown overlay {mode!r}; choose one of {OVERLAY_MODES}")
-        self.overlay_mode = mode
-        self._refresh_overlay()
+    def set_hint(self, text: str) -> None:
+        """Show ``text`` floating over the bottom of the image ("" hides it). It lets the mouse
+        through and moves nothing when it comes or goes."""
+        self.hint_label.setText(text)
+        self.hint_label.setVisible(bool(text))
+        self._place_hint()
+
+    def _place_hint(self) -> None:
+        width = max(self.plot.width() - 16, 50)
+        height = self.hint_label.heightForWidth(width)
+        self.hint_label.setGeometry(8, self.plot.height() - height - 8, width, height)
+
+    def resizeEvent(self, event: QtGui.QResizeEvent) -> None:  # noqa: N802 - Qt API
+        super().resizeEvent(event)
+        self._place_hint()  # the layout has resized the plot already
+
+    def body_rect(self) -> QtCore.QRectF:
+        """The body's bounding box on the shown slice (view mm) with a margin of
+        :data:`FIT_MARGIN`; the whole image when the slice shows no body."""
+        if self.grid is None:
+            return self._rect
+        body = (self._slice(self._body) if self._body is not None
+                else self._slice(self._ct) > BODY_HU)
+        rows, cols = np.nonzero(body)
+        if rows.size == 0:
+            return self._rect
+        _, horizontal, vertical = self.grid.axes(self.orientation)
+        half_h = abs(float(horizontal[1] - horizontal[0])) / 2 if len(horizontal) > 1 else 0.5
+        half_v = abs(float(vertical[1] - vertical[0])) / 2 if len(vertical) > 1 else 0.5
+        x0, x1 = horizontal[cols.min()] - half_h, horizontal[cols.max()] + half_h
+        y0, y1 = vertical[rows.min()] - half_v, vertical[rows.max()] + half_v
+        margin = FIT_MARGIN * max(x1 - x0, y1 - y0)
+        return QtCore.QRectF(x0 - margin, y0 - margin, x1 - x0 + 2 * margin,
+                             y1 - y0 + 2 * margin)
+
+    def fit_to_body(self) -> None:
+        """Zoom and pan so that the body on the shown slice fills the view."""
+        self.view_box.setRange(self.body_rect(), padding=0.0)
 
     def scroll(self, steps: int) -> None:
         """Move the slice by ``steps`` voxels along the view's normal (moves the crosshair)."""
