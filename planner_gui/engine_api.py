@@ -76,14 +76,12 @@ def load_dose_engine(checkpoint: str | None = None) -> tuple[DoseEngineLike | No
 
 def model_label(engine: object) -> str:
     """A short name of the engine's model for the views' labels: "default model" for the
-    shipped bundle, else its folder's name, with " (experimental)" when the model carries a
-    quality warning; "" when the engine does not say which model it runs."""
-    model = getattr(engine, "model", None)
-    path = getattr(model, "path", None)
+    shipped bundle, else its folder's name; "" when the engine does not say which model it
+    runs. (Whether the model is experimental is the status bar's to say.)"""
+    path = getattr(getattr(engine, "model", None), "path", None)
     if path is None:
         return ""
     from engine.runtime import default_model_path  # noqa: PLC0415 - loaded with the engine
 
-    same = Path(path).resolve() == default_model_path().resolve()
-    name = "default model" if same else Path(path).name
-    return f"{name} (experimental)" if getattr(model, "quality_warning", "") else name
+    return "default model" if Path(path).resolve() == default_model_path().resolve() \
+        else Path(path).name

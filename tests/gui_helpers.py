@@ -166,6 +166,9 @@ def image_pixels(view: SliceView, dose: bool = True) -> np.ndarray:
     """The pixels of a slice view's image area (its view box: no colour bar, no header) as
     drawn, with the beam rays, the crosshair and the hint hidden for the grab, so that what is
     left is the CT, the contours and (``dose``) the dose colour wash with its isodose lines."""
+    from PySide6 import QtWidgets  # noqa: PLC0415
+
+    QtWidgets.QApplication.processEvents()  # pending layout requests first, as on screen
     hidden = [*view.beam_rays, view.h_line, view.v_line, view.hint_label]
     if not dose:
         hidden += [view.dose_item, view.isodose_item]

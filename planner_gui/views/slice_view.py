@@ -34,6 +34,7 @@ from planner_gui.views.display import (
 __all__ = ["OVERLAY_MODES", "SliceView"]
 
 HANDLE_RADIUS_PX = 7.0
+MIN_WIDTH_PX = 160
 BODY_HU = -400.0       # without a body contour, the body is the CT above this
 FIT_MARGIN = 0.1       # fitting the body leaves this fraction of its larger side on each side
 _BADGE_STYLE = "padding: 2px 6px; border-radius: 3px; color: {fg}; background: {bg};"
@@ -126,6 +127,9 @@ class SliceView(QtWidgets.QWidget):
         layout.addWidget(header)
         layout.addWidget(self.plot)
         self.setFocusPolicy(QtCore.Qt.FocusPolicy.StrongFocus)
+        # an explicit minimum: a long label is clipped instead of widening the pane (and
+        # squeezing its neighbours) whenever it changes
+        self.setMinimumWidth(MIN_WIDTH_PX)
 
         self.view_box.scrolled.connect(self.scroll)
         self.view_box.sigTransformChanged.connect(lambda _vb: self._draw_beams())
