@@ -57,8 +57,9 @@ class DragStorm(QtCore.QObject):
     as mouse events, one per tick of a timer (``interval_ms``), on the thread's event loop.
 
     Each drag: press on the beam's ray, ``moves`` moves along the arc towards the target
-    angle, release at the target. All points lie at ``reach`` times the handle's distance from
-    the isocentre (the handle itself can lie outside the view); for a head-first-supine patient
+    angle, release at the target. All points lie at ``reach`` times the isocentre's distance
+    from the nearest edge of the view (the beam handles sit at the edge, at distances that
+    vary with the direction); for a head-first-supine patient
     the gantry angle ``a`` is in the direction ``(sin a, -cos a)`` from the isocentre (LPS mm).
     """
 
@@ -84,7 +85,10 @@ class DragStorm(QtCore.QObject):
 
     def _point(self, angle_deg: float) -> QtCore.QPoint:
         iso = np.asarray(self.view.session.plan.isocenter_mm[:2])
-        radius = self.reach * float(np.linalg.norm(self.view.beam_rays[self.beam].handle_xy - iso))
+        shown = self.view.view_box.viewRect()
+        room = min(iso[0] - shown.left(), shown.right() - iso[0], iso[1] - shown.top(),
+                   shown.bottom() - iso[1])
+        radius = self.reach * room
         a = math.radians(angle_deg)
         point = self.view.view_to_widget(*(iso + radius * np.array([math.sin(a), -math.cos(a)])))
         if not self.view.plot.viewport().rect().contains(point):
