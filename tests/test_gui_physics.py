@@ -59,5 +59,6 @@ def test_the_physics_dose_becomes_the_reference(window, qtbot, physics_env):
     ptv = case.structure("PTV70").mask
     assert np.percentile(reference.array[ptv], 5) == pytest.approx(70.0, rel=0.02)
     assert window.overlay_combo.currentText() == OVERLAY_MODES[1]
+    assert all(view.dose_label.text().startswith("Physics (") for view in window.slice_views)
     qtbot.waitUntil(lambda: len(window.dvh_panel.reference_curves) == len(case.structures),
                     timeout=30_000)
