@@ -59,7 +59,7 @@ class MainWindow(QtWidgets.QMainWindow):
                  settings: QtCore.QSettings | None = None) -> None:
         super().__init__()
         gui_gc.hold()  # released in closeEvent
-        self._holds_gc = True
+        self._shut_down = False
         self.setWindowTitle("DosePilot")
         self.setAcceptDrops(True)
         self.resize(1500, 950)
@@ -505,12 +505,16 @@ class MainWindow(QtWidgets.QMainWindow):
         self.warning_shown.emit(message)
 
     def closeEvent(self, event: QtGui.QCloseEvent) -> None:  # noqa: N802 - Qt API
+        # Qt delivers a close event for every close() call; releasing the engine worker and
+        # the VTK render window a second time crashed the interpreter, so shut down once
+        if self._shut_down:
+            super().closeEvent(event)
+            return
+        self._shut_down = True
         if self._physics_cancel is not None:
             self._physics_cancel.set()
         self.controller.shutdown()
         self.training_panel.shutdown()
         self.view3d.close_scene()
-        if self._holds_gc:
-            self._holds_gc = False
-            gui_gc.release()
+        gui_gc.release()
         super().closeEvent(event)
