@@ -57,19 +57,22 @@ def heldout_patients(heldout: Path, dataset: Path) -> Iterator[list[Path]]:
         yield from (plans for plans in by_patient.values() if len(plans) >= 2)
 
 
-def model_doses(engine: DoseEngine, case) -> dict[str, np.ndarray]:
-    """The model's 10-step prediction and 1-step preview (Gy) for the case's own plan."""
-    return {"predict": engine.predict(case, case.plan, steps=10).dose.array,
+def model_doses(engine: DoseEngine, case, steps: int = 10, solver: str = "euler"
+                ) -> dict[str, np.ndarray]:
+    """The model's ``steps``-step prediction and 1-step preview (Gy) for the case's own plan."""
+    return {"predict": engine.predict(case, case.plan, steps=steps, solver=solver).dose.array,
             "preview": engine.preview(case, case.plan).dose.array}
 
 
 def patient_rows(engines: dict[str, DoseEngine], plans: list[Path],
-                 threshold_fraction: float) -> list[dict]:
+                 threshold_fraction: float, steps: int = 10, solver: str = "euler"
+                 ) -> list[dict]:
     """Rows for every pair of ``plans`` (full plan files of one patient)."""
     cases = [load_openkbp_npz(p) for p in plans]
     body = body_mask(cases[0])
     rx = max((t.prescription_gy or 0.0) for t in cases[0].targets) or 70.0
-    doses = {label: [model_doses(engine, c) for c in cases] for label, engine in engines.items()}
+    doses = {label: [model_doses(engine, c, steps, solver) for c in cases]
+             for label, engine in engines.items()}
     rows = []
     for a, b in itertools.combinations(range(len(cases)), 2):
         row = {"case": plans[a].stem.split("_plan")[0], "plans": [plans[a].stem, plans[b].stem],
@@ -115,19 +118,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="the OpenKBP validation cases the plans were made on")
     p.add_argument("--threshold-fraction", type=float, default=0.05,
                    help="physics change counted as a change, fraction of the prescription")
+    p.add_argument("--steps", type=int, default=10, help="prediction steps (default 10)")
+    p.add_argument("--solver", choices=("euler", "dpm++2m"), default="euler",
+                   help="prediction sampler (default euler)")
     args = p.parse_args(argv)
     engines = {str(m): DoseEngine.from_checkpoint(m, device="cpu")
                for m in (args.model or [default_model_path()])}
     rows: list[dict] = []
     for plans in heldout_patients(args.heldout, args.dataset):
-        for row in patient_rows(engines, plans, args.threshold_fraction):
+        for row in patient_rows(engines, plans, args.threshold_fraction, args.steps,
+                                args.solver):
             rows.append(row)
             print(json.dumps(row), flush=True)
     if not rows:
         raise SystemExit(f"no patient in {args.heldout} has two accepted arrangements")
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "load_average": os.getloadavg(), "pairs": len(rows),
+        "load_average": os.getloadavg(), "pairs": len(rows), "steps": args.steps,
+        "solver": args.solver,
         "patients": len({r["case"] for r in rows}),
         "models": summarize(rows, list(engines)),
     }
