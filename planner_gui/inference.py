@@ -50,6 +50,7 @@ class DoseController:
         self.busy = ""
         self._request = 0
         session.plan_changed.connect(self._on_plan_changed)
+        session.active_plan_changed.connect(self._on_active_plan_changed)
 
     @property
     def available(self) -> bool:
@@ -58,11 +59,23 @@ class DoseController:
     def set_engine(self, engine: DoseEngineLike | None) -> None:
         self.engine = engine
 
+    def _on_active_plan_changed(self, _index: int) -> None:
+        """Results still running belong to the plan left behind: drop them when they come."""
+        self._request += 1
+        self._set_busy("")
+
     def _on_plan_changed(self, plan: Any, final: bool) -> None:
-        if final:
-            self.request_prediction()
-        else:
+        if not final:
             self.request_preview()
+        elif not self._has_prediction_for(plan):
+            self.request_prediction()
+
+    def _has_prediction_for(self, plan: Any) -> bool:
+        """The session already holds this plan's full prediction (e.g. after switching back to
+        a plan): predicting again would give the same dose."""
+        result = self.session.result
+        return (result is not None and getattr(result, "kind", "") == "predict"
+                and self.session.result_plan == plan)
 
     def request_preview(self) -> asyncio.Task | None:
         if self.engine is None or self.session.case is None:
@@ -72,7 +85,7 @@ class DoseController:
         def job(cancel: threading.Event) -> Any:
             return engine.preview(case, plan, cancel)
 
-        return self._launch("preview", job)
+        return self._launch("preview", job, plan)
 
     def request_prediction(self) -> asyncio.Task | None:
         if self.engine is None or self.session.case is None:
@@ -90,21 +103,22 @@ class DoseController:
             return engine.predict(case, plan, steps=steps, seeds=seeds, progress=on_progress,
                                   cancel=cancel)
 
-        return self._launch("predict", job)
+        return self._launch("predict", job, plan)
 
-    def _launch(self, kind: str, job: Callable[[threading.Event], Any]) -> asyncio.Task:
+    def _launch(self, kind: str, job: Callable[[threading.Event], Any], plan: Any
+                ) -> asyncio.Task:
         self._request += 1
         request = self._request
         self._set_busy(kind)
 
         async def run() -> Outcome:
             outcome = await self.runner.submit(job)
-            self._finished(kind, request, outcome)
+            self._finished(kind, request, outcome, plan)
             return outcome
 
         return asyncio.get_event_loop().create_task(run())
 
-    def _finished(self, kind: str, request: int, outcome: Outcome) -> None:
+    def _finished(self, kind: str, request: int, outcome: Outcome, plan: Any) -> None:
         if outcome.status is Status.SUPERSEDED:
             return  # a newer request owns the busy state
         if outcome.status is Status.ERROR:
@@ -114,7 +128,7 @@ class DoseController:
                 self.previews_done += 1
             else:
                 self.predictions_done += 1
-            self.session.set_result(outcome.value)
+            self.session.set_result(outcome.value, plan)
         if request == self._request:
             self._set_busy("")
 
@@ -124,4 +138,5 @@ class DoseController:
 
     def shutdown(self) -> None:
         self.session.plan_changed.disconnect(self._on_plan_changed)
+        self.session.active_plan_changed.disconnect(self._on_active_plan_changed)
         self.runner.shutdown()

@@ -24,6 +24,7 @@ from planner_gui.engine_api import NO_ENGINE, DoseEngineLike, load_dose_engine, 
 from planner_gui.export import export_plan_and_dose
 from planner_gui.inference import DoseController
 from planner_gui.metrics_panel import MetricsPanel
+from planner_gui.plans_bar import PlansBar
 from planner_gui.progress_bar import StepProgressBar
 from planner_gui.session import Session
 from planner_gui.structures_panel import StructuresPanel
@@ -91,10 +92,16 @@ class MainWindow(QtWidgets.QMainWindow):
         self.setCentralWidget(central)
 
         self.beams_panel = BeamsPanel(self.session)
+        self.plans_bar = PlansBar(self.session)
+        plan_box = QtWidgets.QWidget()
+        plan_layout = QtWidgets.QVBoxLayout(plan_box)
+        plan_layout.setContentsMargins(0, 0, 0, 0)
+        plan_layout.addWidget(self.plans_bar)
+        plan_layout.addWidget(self.beams_panel)
         self.structures_panel = StructuresPanel(self.session)
         self.dvh_panel = DvhPanel(self.session)
         self.metrics_panel = MetricsPanel(self.session)
-        self._dock("Beams", self.beams_panel, QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
+        self._dock("Plan and beams", plan_box, QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
         self._dock("Structures", self.structures_panel,
                    QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
         self.dvh_dock = self._dock("DVH", self.dvh_panel,
@@ -112,6 +119,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self._build_actions()
         self._build_status_bar(engine_message)
         self.beams_panel.message.connect(self.statusBar().showMessage)
+        self.plans_bar.message.connect(self.statusBar().showMessage)
         self.controller.busy_changed.connect(self._on_busy)
         self.controller.progress.connect(self._on_progress)
         self.controller.failed.connect(lambda m: self.show_error("Dose calculation", m))

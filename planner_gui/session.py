@@ -1,15 +1,21 @@
-"""The GUI-free session model: the open case, the plan being edited with undo/redo, the latest
-dose result, the linked cursor and which structures are shown.
+"""The GUI-free session model: the open case, its plans (each with its own undo/redo history and
+latest dose result), the linked cursor and which structures are shown.
 
 Views subscribe to the signals here; the model never calls a view. Plans are immutable
 (:class:`engine.case.Plan`), so the undo history is simply a stack of plans. A mouse drag is one
 undoable edit: :meth:`Session.begin_edit` remembers the plan, :meth:`Session.preview_plan` shows
 transient plans without touching the history, :meth:`Session.commit_edit` records the edit.
+
+A patient can hold several plans (:class:`PlanEntry`: try 7 fields against 9, or an arc):
+:meth:`Session.duplicate_plan`, :meth:`Session.rename_plan`, :meth:`Session.delete_plan` and
+:meth:`Session.switch_plan`. ``Session.plan``, ``Session.result`` and the history always refer to
+the active plan, so views and the dose controller need not know there are several.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,6 +62,18 @@ def _largest_gap_angle(angles: list[float]) -> float:
     return (start + width / 2.0) % 360.0
 
 
+@dataclass
+class PlanEntry:
+    """One plan of the open patient: the plan (its ``name`` is the plan's name), its own undo
+    and redo stacks, its latest dose result and the plan that result was computed for."""
+
+    plan: Plan
+    undo: list[Plan] = field(default_factory=list)
+    redo: list[Plan] = field(default_factory=list)
+    result: Any = None
+    result_plan: Plan | None = None
+
+
 class Session:
     """Everything the planner is looking at, as plain values plus change signals.
 
@@ -69,6 +87,8 @@ class Session:
         history_changed(can_undo, can_redo)
         selection_changed(beam_index): the beam selected for editing (-1 when none).
         reference_changed(case): the reference dose was replaced (e.g. by a physics dose).
+        plans_changed(names, active): plans were added, renamed, removed or switched.
+        active_plan_changed(index): another plan became active (before its plan_changed).
     """
 
     def __init__(self) -> None:
@@ -80,34 +100,148 @@ class Session:
         self.history_changed = Signal()
         self.selection_changed = Signal()
         self.reference_changed = Signal()
+        self.plans_changed = Signal()
+        self.active_plan_changed = Signal()
         self.case: Case | None = None
-        self.plan: Plan | None = None
-        self.result: Any = None
+        self.plans: list[PlanEntry] = []
+        self.active_plan = -1
         self.reference_source = ""
         self.cursor_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self.hidden: set[str] = set()
         self.selected_beam = -1
-        self._undo: list[Plan] = []
-        self._redo: list[Plan] = []
         self._edit_start: Plan | None = None
+
+    # ---- the active plan --------------------------------------------------------------------
+    @property
+    def _entry(self) -> PlanEntry | None:
+        return self.plans[self.active_plan] if self.plans else None
+
+    @property
+    def plan(self) -> Plan | None:
+        """The active plan (None before a patient is open)."""
+        return self._entry.plan if self._entry is not None else None
+
+    @plan.setter
+    def plan(self, plan: Plan) -> None:
+        self._entry.plan = plan
+
+    @property
+    def result(self) -> Any:
+        """The active plan's latest dose result (None when it has none yet)."""
+        return self._entry.result if self._entry is not None else None
+
+    @property
+    def result_plan(self) -> Plan | None:
+        """The plan :attr:`result` was computed for."""
+        return self._entry.result_plan if self._entry is not None else None
+
+    @property
+    def _undo(self) -> list[Plan]:
+        return self._entry.undo
+
+    @property
+    def _redo(self) -> list[Plan]:
+        return self._entry.redo
 
     # ---- case -------------------------------------------------------------------------------
     def open_case(self, case: Case) -> None:
         """Make ``case`` current: its plan (or a default one), cursor at the isocentre."""
         self.case = case
-        self.plan = case.plan if case.plan is not None and case.plan.beams else default_plan(case)
-        self._undo.clear()
-        self._redo.clear()
+        plan = case.plan if case.plan is not None and case.plan.beams else default_plan(case)
+        self.plans = [PlanEntry(plan if plan.name else dataclasses.replace(plan, name="Plan 1"))]
+        self.active_plan = 0
         self._edit_start = None
-        self.result = None
         self.reference_source = reference_name(case)
         self.hidden = set()
         self.selected_beam = 0 if self.plan.beams else -1
         self.cursor_mm = self.plan.isocenter_mm
         self.case_changed.emit(case)
+        self.plans_changed.emit(self.plan_names(), self.active_plan)
         self.plan_changed.emit(self.plan, True)
         self.result_changed.emit(None)
         self.cursor_changed.emit(self.cursor_mm)
+        self._emit_history()
+
+    # ---- several plans ----------------------------------------------------------------------
+    def plan_names(self) -> list[str]:
+        return [entry.plan.name for entry in self.plans]
+
+    def _unique_name(self, base: str) -> str:
+        names, name, n = set(self.plan_names()), base, 2
+        while name in names:
+            name, n = f"{base} {n}", n + 1
+        return name
+
+    def duplicate_plan(self) -> int:
+        """Copy the active plan (beams and latest result, a fresh history) as a new plan named
+        "<name> copy", make it active and return its index."""
+        if self._entry is None:
+            raise RuntimeError("no patient is open")
+        if self.editing:
+            self.commit_edit()
+        entry = self._entry
+        copy = dataclasses.replace(entry.plan, name=self._unique_name(f"{entry.plan.name} copy"))
+        result_plan = copy if entry.result_plan == entry.plan else None
+        self.plans.append(PlanEntry(copy, result=entry.result if result_plan else None,
+                                    result_plan=result_plan))
+        self.switch_plan(len(self.plans) - 1)
+        return self.active_plan
+
+    def rename_plan(self, index: int, name: str) -> None:
+        """Rename plan ``index``; names are unique and not empty. Not an undoable beam edit:
+        the name changes in the plan's whole history."""
+        name = name.strip()
+        if not name:
+            raise ValueError("a plan needs a name")
+        if name in self.plan_names() and self.plans[index].plan.name != name:
+            raise ValueError(f"a plan named {name!r} exists already")
+        entry = self.plans[index]
+
+        def renamed(plan: Plan) -> Plan:
+            return dataclasses.replace(plan, name=name)
+
+        was_current = entry.result_plan == entry.plan
+        entry.plan = renamed(entry.plan)
+        entry.undo[:] = [renamed(p) for p in entry.undo]
+        entry.redo[:] = [renamed(p) for p in entry.redo]
+        entry.result_plan = entry.plan if was_current else None
+        if index == self.active_plan and self._edit_start is not None:
+            self._edit_start = renamed(self._edit_start)
+        self.plans_changed.emit(self.plan_names(), self.active_plan)
+
+    def delete_plan(self, index: int) -> None:
+        """Remove plan ``index`` (a patient keeps at least one); the active plan stays active,
+        or its neighbour becomes active when it is the one removed."""
+        if len(self.plans) <= 1:
+            raise ValueError("a patient keeps at least one plan")
+        if index == self.active_plan:
+            self._edit_start = None
+            del self.plans[index]
+            self.active_plan = -1  # switch_plan below always switches
+            self.switch_plan(min(index, len(self.plans) - 1))
+            return
+        del self.plans[index]
+        if index < self.active_plan:
+            self.active_plan -= 1
+        self.plans_changed.emit(self.plan_names(), self.active_plan)
+
+    def switch_plan(self, index: int) -> None:
+        """Make plan ``index`` active: views show its beams and its latest result; a plan
+        without a current result gets a new prediction (the dose controller sees a final
+        plan change)."""
+        if not 0 <= index < len(self.plans):
+            raise IndexError(f"no plan {index}; the patient has {len(self.plans)}")
+        if index == self.active_plan:
+            return
+        if self.editing:
+            self.commit_edit()
+        self.active_plan = index
+        self.selected_beam = min(max(self.selected_beam, 0), len(self.plan.beams) - 1)
+        self.active_plan_changed.emit(index)
+        self.plans_changed.emit(self.plan_names(), self.active_plan)
+        self.plan_changed.emit(self.plan, True)
+        self.result_changed.emit(self.result)
+        self.selection_changed.emit(self.selected_beam)
         self._emit_history()
 
     def set_reference_dose(self, dose: Volume, source: str) -> None:
@@ -236,8 +370,11 @@ class Session:
             self.selected_beam = index
             self.selection_changed.emit(index)
 
-    def set_result(self, result: Any) -> None:
-        self.result = result
+    def set_result(self, result: Any, plan: Plan | None = None) -> None:
+        """The active plan's new dose result, computed for ``plan`` (default: the active plan
+        as it is now)."""
+        self._entry.result = result
+        self._entry.result_plan = plan if plan is not None else self.plan
         self.result_changed.emit(result)
 
     def set_cursor(self, point_mm: tuple[float, float, float]) -> None:

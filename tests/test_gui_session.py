@@ -240,3 +240,94 @@ def test_a_missing_engine_or_model_is_reported_not_raised(tmp_path):
 
     engine, message = load_dose_engine(str(tmp_path / "no-such-checkpoint"))
     assert engine is None and message.startswith(NO_ENGINE)
+
+
+def test_plans_keep_their_own_beams_history_and_result(case):
+    session = Session()
+    plans = recorder(session.plans_changed)
+    session.open_case(case)
+    first = session.plan
+    assert session.plan_names() == [first.name or "Plan 1"] and plans[-1][1] == 0
+    session.set_gantry(0, 30.0)
+    session.set_result("dose of plan 1")
+    index = session.duplicate_plan()
+    assert index == 1 and session.active_plan == 1
+    assert session.plan_names()[1] == f"{session.plan_names()[0]} copy"
+    assert session.plan.beams == session.plans[0].plan.beams
+    assert session.result == "dose of plan 1" and session.result_plan == session.plan
+    assert not session.can_undo  # a copy starts a fresh history
+    session.set_gantry(0, 90.0)
+    assert session.result_plan != session.plan  # the copied dose is no longer this plan's
+    session.switch_plan(0)
+    assert session.plan.beams[0].gantry_deg == 30.0 and session.can_undo
+    assert session.result == "dose of plan 1"
+    session.undo()
+    assert session.plan.beams[0].gantry_deg == first.beams[0].gantry_deg
+    session.switch_plan(1)
+    assert session.plan.beams[0].gantry_deg == 90.0
+
+
+def test_plan_names_are_unique_and_the_last_plan_stays(case):
+    session = Session()
+    session.open_case(case)
+    session.duplicate_plan()
+    with pytest.raises(ValueError, match="exists already"):
+        session.rename_plan(1, session.plan_names()[0])
+    with pytest.raises(ValueError, match="needs a name"):
+        session.rename_plan(1, "   ")
+    session.set_gantry(0, 45.0)
+    session.rename_plan(1, "7 fields")
+    assert session.plan.name == "7 fields" and session.plan_names()[1] == "7 fields"
+    session.undo()  # the rename is not undone with the beam edit
+    assert session.plan.name == "7 fields"
+    session.delete_plan(1)
+    assert session.active_plan == 0 and len(session.plans) == 1
+    with pytest.raises(ValueError, match="at least one plan"):
+        session.delete_plan(0)
+    with pytest.raises(IndexError):
+        session.switch_plan(3)
+
+
+def test_switching_back_to_a_predicted_plan_does_not_predict_again(case):
+    engine = PhysicsDoseEngine()
+    session = Session()
+    controller = DoseController(session, engine, steps=3)
+
+    async def scenario():
+        session.open_case(case)  # plan 1 is predicted
+        await asyncio.sleep(0.5)
+        done = controller.predictions_done
+        session.duplicate_plan()  # the copy carries plan 1's prediction: nothing to compute
+        await asyncio.sleep(0.3)
+        assert controller.predictions_done == done
+        session.set_gantry(0, 120.0)  # the copy changes: predicted
+        await asyncio.sleep(0.5)
+        assert controller.predictions_done == done + 1
+        session.switch_plan(0)
+        await asyncio.sleep(0.3)
+        assert controller.predictions_done == done + 1 and session.result.kind == "predict"
+        assert session.result_plan == session.plan
+
+    asyncio.run(scenario())
+    controller.shutdown()
+
+
+def test_a_result_still_running_when_the_plan_is_switched_is_dropped(case):
+    engine = PhysicsDoseEngine(delay_s=0.1)
+    session = Session()
+    controller = DoseController(session, engine, steps=3)
+
+    async def scenario():
+        session.open_case(case)
+        await asyncio.sleep(1.5)  # plan 1 predicted
+        session.duplicate_plan()
+        session.set_gantry(0, 200.0)  # the copy's prediction starts ...
+        await asyncio.sleep(0.05)
+        session.switch_plan(0)  # ... and plan 1 becomes active while it runs
+        assert controller.busy == ""
+        await asyncio.sleep(1.5)
+
+    asyncio.run(scenario())
+    assert session.active_plan == 0 and session.result_plan == session.plan
+    assert session.plans[1].result_plan != session.plans[1].plan  # not given to the wrong plan
+    controller.shutdown()
