@@ -310,9 +310,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     loc = nsub.add_parser("local", help="show or set DosePilot's AE title and port")
     loc.add_argument("--aet", dest="local_aet")
     loc.add_argument("--port", dest="local_port", type=int)
-    nsub.add_parser("list", help="the saved nodes (the default action)")
-    for q in (p, a, r, loc):
+    lst = nsub.add_parser("list", help="the saved nodes (the default action)")
+    for q in (p, a, r, loc, lst):
         q.add_argument("--settings", type=Path, metavar="FILE", default=argparse.SUPPRESS,
                        help="PACS settings file")
-    p.add_argument("--json", action="store_true", help="print JSON (list)")
-    p.set_defaults(func=run_node, node_command="list")
+    for q in (p, lst):
+        q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print JSON (list)")
+    p.set_defaults(func=run_node, node_command="list", json=False)
