@@ -361,6 +361,26 @@ def test_the_node_groups_objects_into_studies_after_a_quiet_period(tmp_path):
     assert [e["event"] for e in events].count("study_received") == 3
 
 
+def test_a_study_without_its_structure_set_waits_for_it(tmp_path):
+    """A study committed before its RTSTRUCT arrived is not predicted (and not an error); the
+    next commit that brings the RTSTRUCT is."""
+    from engine.pacs.auto_predict import PredictionWorker
+
+    files = [f for f in demo_files() if f.name != "RTSTRUCT.dcm"]
+    head = pydicom.dcmread(files[0], stop_before_pixels=True)
+    staging = StudyStore(tmp_path).begin(str(head.PatientID), str(head.StudyInstanceUID))
+    for f in files:
+        staging.add_file(f)
+    study = staging.commit()
+    worker = PredictionWorker(engine=None, results_root=tmp_path / "results")
+    try:
+        outcome = worker.handle(study)
+    finally:
+        worker.stop(5)
+    assert outcome.status == "skipped" and "no RTSTRUCT yet" in outcome.message
+    assert not (tmp_path / "results").exists()
+
+
 def _certificates(folder: Path) -> dict[str, Path]:
     """A CA and a node certificate for 127.0.0.1 it signed (openssl)."""
     def run(*args: str) -> None:

@@ -2,12 +2,13 @@
 
 :class:`PredictionWorker` runs on one thread (the engine predicts one case at a time); the node
 hands it each completed study (:meth:`PredictionWorker.submit`). For a study that brought a
-CT, a structure set or a plan, it opens the study folder (:func:`engine.io.dicom.load_dicom_case`),
-predicts (the 1-step preview or an N-step prediction), writes the RTDOSE and the DVH report
-(:func:`engine.pacs.results.write_prediction`) under
-``RESULTS/<patient>/<study>/<time>/`` and, when a return node is set, sends the RTDOSE and the
-report there (C-STORE). Every outcome, a failure included, is reported through ``on_outcome``
-and logged; a study that cannot be predicted never stops the worker.
+CT, a structure set or a plan and now holds all three, it opens the study folder
+(:func:`engine.io.dicom.load_dicom_case`), predicts (the 1-step preview or an N-step
+prediction), writes the RTDOSE and the DVH report (:func:`engine.pacs.results.write_prediction`)
+under ``RESULTS/<patient>/<study>/<time>/`` and, when a return node is set, sends the RTDOSE and
+the report there (C-STORE). A study that still lacks one of the three waits for it
+("skipped"). Every outcome, a failure included, is reported through ``on_outcome`` and logged;
+a study that cannot be predicted never stops the worker.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from engine.pacs.nodes import RemoteNode
 from engine.pacs.store import CommittedStudy, patient_folder_name, study_folder_name
 
 log = logging.getLogger(__name__)
-TRIGGERS = ("CT", "RTSTRUCT", "RTPLAN")
+TRIGGERS = ("CT", "RTSTRUCT", "RTPLAN")  # what a study needs, and what makes it worth redoing
 
 
 @dataclass
@@ -120,6 +121,10 @@ class PredictionWorker:
         if not any(m in study.added_modalities for m in TRIGGERS):
             return PredictionOutcome(study, "skipped", "no new CT, RTSTRUCT or RTPLAN: "
                                      "nothing to predict")
+        lacking = [m for m in TRIGGERS if not study.modalities.get(m)]
+        if lacking:
+            return PredictionOutcome(study, "skipped", f"the study has no {' or '.join(lacking)} "
+                                     "yet; it is predicted when that arrives")
         timings: dict[str, float] = {}
         t0 = time.monotonic()
         try:

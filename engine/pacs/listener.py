@@ -11,7 +11,9 @@
   identifiers that differ from the request's) with 0xA900 or 0xC000, each logged; the node keeps
   running through any of them;
 * groups what arrives by study (:class:`engine.pacs.store.Staging`) and commits a study into
-  the store once no object of it has arrived for ``quiet_seconds``: the study is then complete
+  the store once nothing of it has arrived for ``quiet_seconds`` (no object stored, and no data
+  on an association that delivered objects of it, so a large object still in transfer keeps
+  its study open): the study is then complete
   and ``on_study`` is called with it (e.g. to predict its dose, :mod:`engine.pacs.auto_predict`).
 
 Optional TLS: pass ``tls`` files (certificate and key; with a CA, callers need a certificate
@@ -155,6 +157,9 @@ class StorageNode:
         self._stagings: dict[str, Staging] = {}
         self._senders: dict[str, str] = {}
         self._in_flight: dict[str, int] = {}
+        # per open association: when it last received data, and the studies it delivered to
+        self._activity: dict[int, float] = {}
+        self._delivered: dict[int, set[str]] = {}
         self._stop = threading.Event()
         self._server: Any = None
         self._watcher: threading.Thread | None = None
@@ -180,7 +185,8 @@ class StorageNode:
 
             ssl_context = server_context(self.config.tls)
         handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_CONN_OPEN, no_delay),
-                    (evt.EVT_C_STORE, self._on_store), (evt.EVT_ESTABLISHED, self._on_established)]
+                    (evt.EVT_C_STORE, self._on_store), (evt.EVT_ESTABLISHED, self._on_established),
+                    (evt.EVT_PDU_RECV, self._on_data), (evt.EVT_CONN_CLOSE, self._on_closed)]
         try:
             self._server = ae.start_server((self.config.bind, self.config.port), block=False,
                                            ssl_context=ssl_context, evt_handlers=handlers)
@@ -250,6 +256,14 @@ class StorageNode:
         log.debug("association from %s at %s", event.assoc.requestor.ae_title,
                   event.assoc.requestor.address)
 
+    def _on_data(self, event: Any) -> None:
+        self._activity[id(event.assoc)] = time.monotonic()
+
+    def _on_closed(self, event: Any) -> None:
+        with self._lock:
+            self._activity.pop(id(event.assoc), None)
+            self._delivered.pop(id(event.assoc), None)
+
     def _refuse(self, calling: str, sop_instance: str, status: int, reason: str) -> int:
         with self._lock:
             self.stats.refused += 1
@@ -299,7 +313,7 @@ class StorageNode:
                 return "SOP Instance UID differs from the C-STORE request's"
             return planning_problem(ds, modality)
 
-        staging = self._staging_for(patient_id, study_uid, calling)
+        staging = self._staging_for(patient_id, study_uid, calling, id(event.assoc))
         try:
             result = staging.add_bytes(data, check)
         finally:
@@ -312,8 +326,10 @@ class StorageNode:
                 self.stats.stored += 1
         return 0x0000
 
-    def _staging_for(self, patient_id: str, study_uid: str, calling: str) -> Staging:
+    def _staging_for(self, patient_id: str, study_uid: str, calling: str,
+                     assoc: int) -> Staging:
         with self._lock:
+            self._delivered.setdefault(assoc, set()).add(study_uid)
             staging = self._stagings.get(study_uid)
             if staging is None:
                 staging = self.store.begin(patient_id, study_uid)
@@ -325,12 +341,20 @@ class StorageNode:
             return staging
 
     # ---- completion -------------------------------------------------------------------------
+    def _last_activity(self, study_uid: str, staging: Staging) -> float:
+        """When the study last received something: an object stored, or data on an association
+        that delivered objects of it (a large object may take longer than the quiet period)."""
+        times = [staging.last_added] + [self._activity.get(a, 0.0)
+                                        for a, uids in self._delivered.items()
+                                        if study_uid in uids]
+        return max(times)
+
     def _watch(self) -> None:
         while not self._stop.wait(min(0.25, self.config.quiet_seconds / 4)):
             now = time.monotonic()
             with self._lock:
                 quiet = [uid for uid, s in self._stagings.items()
-                         if now - s.last_added >= self.config.quiet_seconds
+                         if now - self._last_activity(uid, s) >= self.config.quiet_seconds
                          and not self._in_flight.get(uid)]
                 done = [(self._stagings.pop(uid), self._senders.pop(uid, "")) for uid in quiet]
                 for uid in quiet:
