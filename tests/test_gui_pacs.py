@@ -159,3 +159,26 @@ def test_a_search_that_fails_says_why_in_the_dialog(window, qtbot, orthanc, pacs
     assert "Called AE title not recognised" in dialog.status.text()
     assert dialog.table.rowCount() == 0 and not dialog.retrieve_button.isEnabled()
     dialog.reject()
+
+
+def test_a_cancelled_retrieve_opens_nothing(window, qtbot, tmp_path):
+    dialog = window.pacs.open_dialog()
+    qtbot.waitExposed(dialog)
+    dialog.id_edit.setText("pt_201")
+    dialog.search_button.click()
+    qtbot.waitUntil(lambda: dialog.table.rowCount() == 1, timeout=30_000)
+    seen = []
+    dialog.retrieve_job.progressed.connect(seen.append)
+    opened = []
+    window.case_loaded.connect(opened.append)
+    dialog.retrieve_button.click()
+    qtbot.waitUntil(lambda: bool(seen) and seen[-1] >= 5, timeout=60_000)
+    assert dialog.cancel_button.isVisible()
+    dialog.cancel_button.click()
+    qtbot.waitUntil(lambda: "cancelled" in dialog.last_error, timeout=60_000)
+    assert "Nothing of it was added" in dialog.status.text()
+    assert dialog.isVisible() and dialog.retrieve_button.isEnabled()
+    qtbot.wait(200)
+    assert opened == [] and window.session.case is None
+    assert not (tmp_path / "studies" / "pt_201").exists()
+    dialog.reject()
