@@ -18,7 +18,7 @@ The machine: single-thread fp32 GEMM rate (``engine.commands.bench_cmd.gemm_gflo
 ``gemm_gflops`` of ``dosepilot bench --json``), CPU model, cores and load average.
 
     python -m benchmarks.bench_pacs_node [--studies 5] [--quiet 3] [--steps 10 | --preview]
-                                          [--threads 1] [--json]
+                                          [--threads 1] [--storescu] [--skip-receive] [--json]
 """
 
 from __future__ import annotations
@@ -154,12 +154,17 @@ def run(studies: list[Path], mode: str, args: argparse.Namespace) -> dict:
     client = Client("TPS", Timeouts(5, 30, 120))
     sent_at: dict[str, float] = {}
     t0 = time.monotonic()
+    import pydicom
+
     for folder in studies:
         items, _ = collect_files([folder])
-        report = send_files(remote, client, items)
-        assert not report.failed, report.failed
-        import pydicom
-
+        if args.storescu:  # pynetdicom's stock C-STORE client, as another system would send
+            subprocess.run([sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1",
+                            str(port), str(folder), "-r", "-aet", "TPS", "-aec", "DOSEPILOT"],
+                           check=True, capture_output=True, timeout=600)
+        else:
+            report = send_files(remote, client, items)
+            assert not report.failed, report.failed
         uid = str(pydicom.dcmread(items[0].path, stop_before_pixels=True).StudyInstanceUID)
         sent_at[uid] = time.monotonic()
     t_sent = time.monotonic()
@@ -220,10 +225,14 @@ def main() -> None:
     parser.add_argument("--preview", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-receive", action="store_true")
+    parser.add_argument("--storescu", action="store_true",
+                        help="send with pynetdicom's storescu (a process per study) instead of "
+                             "engine.pacs.send")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "runs": []}
+              "machine": machine(), "sender": "storescu" if args.storescu else "engine.pacs.send",
+              "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-studies-") as tmp:
         studies = [copy_demo(Path(tmp), i) for i in range(args.studies)]
         if not args.skip_receive:

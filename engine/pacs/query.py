@@ -2,7 +2,7 @@
 
 :func:`find` returns plain dicts (keyword -> str or int), one per match, sorted; patient level
 uses the Patient Root information model, study and series level the Study Root one. A series
-query without a study UID first finds the studies, then their series.
+query first finds the matching studies, then asks for each one's series.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ RETURN_KEYS: dict[str, tuple[str, ...]] = {
     "STUDY": ("PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "StudyTime",
               "StudyDescription", "AccessionNumber", "StudyID", "ModalitiesInStudy",
               "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"),
-    "SERIES": ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-               "SeriesNumber", "SeriesDescription", "NumberOfSeriesRelatedInstances"),
+    "SERIES": ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber",
+               "SeriesDescription", "NumberOfSeriesRelatedInstances"),
 }
 _COUNTS = {"NumberOfPatientRelatedStudies", "NumberOfStudyRelatedSeries",
            "NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances", "SeriesNumber"}
@@ -94,8 +94,8 @@ def _identifier(query: FindQuery, level: str, study_uid: str = "") -> Any:
     ds.QueryRetrieveLevel = level
     for key in RETURN_KEYS[level]:
         setattr(ds, key, "" if key not in _COUNTS else None)
-    ds.PatientID = query.patient_id
     if level in ("PATIENT", "STUDY"):
+        ds.PatientID = query.patient_id
         ds.PatientName = query.patient_name
     if level == "STUDY":
         ds.StudyDate = query.study_date
@@ -166,12 +166,13 @@ def find(node: RemoteNode, client: Client, query: FindQuery) -> list[dict[str, A
             rows = _run(assoc, node, client, study_root, _identifier(query, "STUDY"), "STUDY")
             return sorted(rows, key=lambda r: (r["PatientID"], r["StudyDate"],
                                                r["StudyTime"], r["StudyInstanceUID"]))
-        study_uids = [query.study_uid] if query.study_uid else [
-            r["StudyInstanceUID"] for r in _run(assoc, node, client, study_root,
-                                                _identifier(query, "STUDY"), "STUDY")]
+        # strictly hierarchical: the studies first, then each study's series (its UID the
+        # only key above series level); the rows get the study's Patient ID
+        studies = _run(assoc, node, client, study_root, _identifier(query, "STUDY"), "STUDY")
         rows = []
-        for uid in study_uids:
-            rows += _run(assoc, node, client, study_root,
-                         _identifier(query, "SERIES", uid), "SERIES")
+        for study in studies:
+            for row in _run(assoc, node, client, study_root,
+                            _identifier(query, "SERIES", study["StudyInstanceUID"]), "SERIES"):
+                rows.append({"PatientID": study["PatientID"], **row})
         return sorted(rows, key=lambda r: (r["PatientID"], r["StudyInstanceUID"],
                                            r["SeriesNumber"] or 0, r["SeriesInstanceUID"]))

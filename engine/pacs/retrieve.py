@@ -147,7 +147,7 @@ def _move(node: RemoteNode, client: Client, staging: Staging, patient_id: str,
             _follow(responses, assoc, node, client, "the C-MOVE", outcome, cancel, model)
         # the node's own association may still be delivering the last objects
         deadline = time.monotonic() + min(client.timeouts.dimse, 30.0)
-        while (staging.count < outcome.completed + outcome.warning
+        while (staging.count + staging.duplicates < outcome.completed + outcome.warning
                and time.monotonic() < deadline
                and outcome.final_status is not None):
             time.sleep(0.05)
