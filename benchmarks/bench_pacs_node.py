@@ -132,6 +132,8 @@ class Node:
 
 
 def run(studies: list[Path], mode: str, args: argparse.Namespace) -> dict:
+    import pydicom
+
     from engine.pacs.association import Client
     from engine.pacs.nodes import RemoteNode, Timeouts
     from engine.pacs.send import collect_files, send_files
@@ -149,43 +151,43 @@ def run(studies: list[Path], mode: str, args: argparse.Namespace) -> dict:
         node_args += ["--preview"] if args.preview else ["--steps", str(args.steps)]
     t_launch = time.monotonic()
     node = Node(node_args)
-    t_ready, _ = node.wait("listening", 300)
-    remote = RemoteNode("DOSEPILOT", "127.0.0.1", port)
-    client = Client("TPS", Timeouts(5, 30, 120))
-    sent_at: dict[str, float] = {}
-    t0 = time.monotonic()
-    import pydicom
-
-    for folder in studies:
-        items, _ = collect_files([folder])
-        if args.storescu:  # pynetdicom's stock C-STORE client, as another system would send
-            subprocess.run([sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1",
-                            str(port), str(folder), "-r", "-aet", "TPS", "-aec", "DOSEPILOT"],
-                           check=True, capture_output=True, timeout=600)
-        else:
-            report = send_files(remote, client, items)
-            assert not report.failed, report.failed
-        uid = str(pydicom.dcmread(items[0].path, stop_before_pixels=True).StudyInstanceUID)
-        sent_at[uid] = time.monotonic()
-    t_sent = time.monotonic()
-    done: dict[str, float] = {}
-    outcomes = []
-    while len(done) < len(studies):
-        if mode == "receive":
-            t, event = node.wait("study_received", 600)
-            done[event["study_instance_uid"]] = t
-        else:
-            t, event = node.wait("prediction", 1800)
-            outcomes.append(event)
-            if event["status"] != "sent":  # e.g. a study split by a pause in the sending
-                print(f"  {event['status']}: {event['message']}", file=sys.stderr)
-                continue
-            uid, t_back = scp.doses.get(timeout=60)
-            done[uid] = t_back
-    t_end = max(done.values())
-    node.stop()
-    if scp is not None:
-        scp.server.shutdown()
+    try:
+        t_ready, _ = node.wait("listening", 300)
+        remote = RemoteNode("DOSEPILOT", "127.0.0.1", port)
+        client = Client("TPS", Timeouts(5, 30, 120))
+        sent_at: dict[str, float] = {}
+        t0 = time.monotonic()
+        for folder in studies:
+            items, _ = collect_files([folder])
+            if args.storescu:  # pynetdicom's stock C-STORE client, as another system would send
+                subprocess.run([sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1",
+                                str(port), str(folder), "-r", "-aet", "TPS", "-aec", "DOSEPILOT"],
+                               check=True, capture_output=True, timeout=600)
+            else:
+                report = send_files(remote, client, items)
+                assert not report.failed, report.failed
+            uid = str(pydicom.dcmread(items[0].path, stop_before_pixels=True).StudyInstanceUID)
+            sent_at[uid] = time.monotonic()
+        t_sent = time.monotonic()
+        done: dict[str, float] = {}
+        outcomes = []
+        while len(done) < len(studies):
+            if mode == "receive":
+                t, event = node.wait("study_received", 600)
+                done[event["study_instance_uid"]] = t
+            else:
+                t, event = node.wait("prediction", 1800)
+                outcomes.append(event)
+                if event["status"] != "sent":  # e.g. a study split by a pause in the sending
+                    print(f"  {event['status']}: {event['message']}", file=sys.stderr)
+                    continue
+                uid, t_back = scp.doses.get(timeout=60)
+                done[uid] = t_back
+        t_end = max(done.values())
+    finally:
+        node.stop()
+        if scp is not None:
+            scp.server.shutdown()
     n = len(studies)
     result = {
         "mode": mode, "studies": n, "objects_per_study": 131,
