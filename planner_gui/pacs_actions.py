@@ -88,6 +88,7 @@ class PacsActions(QtCore.QObject):
         return dialog
 
     def nodes_dialog(self) -> NodeSettingsDialog:
+        """Show the node settings dialog."""
         dialog = NodeSettingsDialog(self.settings_path, self.window)
         dialog.setAttribute(QtCore.Qt.WidgetAttribute.WA_DeleteOnClose)
         dialog.open()

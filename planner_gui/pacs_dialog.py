@@ -118,6 +118,7 @@ class OpenFromPacsDialog(QtWidgets.QDialog):
         return Client.from_settings(self.picker.settings)
 
     def selected(self) -> dict[str, Any] | None:
+        """The study row selected in the table, or None."""
         rows = {i.row() for i in self.table.selectedIndexes()}
         return self.results[rows.pop()] if len(rows) == 1 else None
 

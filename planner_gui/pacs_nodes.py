@@ -73,6 +73,7 @@ class NodePicker(QtWidgets.QWidget):
         return self.settings.nodes.get(name) if name else None
 
     def edit(self) -> None:
+        """Open the node settings; the list is re-read when it closes."""
         dialog = NodeSettingsDialog(self.path, self)
         dialog.finished.connect(lambda _: self.reload())
         dialog.open()
@@ -206,6 +207,7 @@ class NodeSettingsDialog(QtWidgets.QDialog):
             local_port=self.local_port.value(), retrieve_method=self.method.currentText().lower())
 
     def save(self) -> None:
+        """Write the settings file and close, or say what is wrong and stay open."""
         try:
             settings = self.settings()
             save_settings(settings, self.path)

@@ -37,6 +37,7 @@ class BackgroundJob(QtCore.QObject):
 
     @property
     def running(self) -> bool:
+        """Whether the job is still running."""
         return self.future is not None and not self.future.done()
 
     def report(self, value: Any) -> None:

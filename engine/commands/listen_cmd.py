@@ -32,6 +32,7 @@ log = logging.getLogger("engine.listen")
 
 
 def run(args: argparse.Namespace) -> int:
+    """``dosepilot listen``: serve until Ctrl-C or SIGTERM (exit 0)."""
     from engine.pacs.association import Client, quiet_pynetdicom
     from engine.pacs.listener import NodeConfig, StorageNode
     from engine.pacs.nodes import TlsFiles, load_settings, parse_node, parse_sender
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``dosepilot listen``."""
     p = subparsers.add_parser(
         "listen", help="run DosePilot as a DICOM node (Storage SCP; optional auto-prediction)",
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)

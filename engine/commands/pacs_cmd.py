@@ -75,6 +75,7 @@ def _print_json(doc: Any) -> None:
 
 # ---- echo ------------------------------------------------------------------------------------
 def run_echo(args: argparse.Namespace) -> int:
+    """``dosepilot pacs echo``."""
     from engine.pacs.association import echo
 
     node, client, _ = resolve(args)
@@ -113,6 +114,7 @@ def format_table(rows: list[dict[str, Any]], level: str) -> str:
 
 
 def run_find(args: argparse.Namespace) -> int:
+    """``dosepilot pacs find``: a table (or JSON) of the matches."""
     from engine.pacs.query import FindQuery, find
 
     query = FindQuery(level=args.level, patient_id=args.patient_id or "",
@@ -132,6 +134,7 @@ def run_find(args: argparse.Namespace) -> int:
 
 # ---- retrieve --------------------------------------------------------------------------------
 def run_retrieve(args: argparse.Namespace) -> int:
+    """``dosepilot pacs retrieve``: exit 0 when every study arrived whole, else 1 (JSON) or 2."""
     from engine.pacs.errors import RetrieveIncomplete
     from engine.pacs.retrieve import RetrieveProgress, retrieve
     from engine.pacs.store import StudyStore
@@ -183,6 +186,7 @@ def run_retrieve(args: argparse.Namespace) -> int:
 
 # ---- send ------------------------------------------------------------------------------------
 def run_send(args: argparse.Namespace) -> int:
+    """``dosepilot pacs send``: exit 1 when the node refused a file."""
     from engine.pacs.send import collect_files, send_files
 
     items, skipped = collect_files(args.paths)
@@ -211,6 +215,7 @@ def run_send(args: argparse.Namespace) -> int:
 
 # ---- node (settings) -------------------------------------------------------------------------
 def run_node(args: argparse.Namespace) -> int:
+    """``dosepilot pacs node list|add|remove|local``: the settings file."""
     import dataclasses
 
     from engine.pacs.nodes import (
@@ -259,6 +264,7 @@ def run_node(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``dosepilot pacs`` and its actions."""
     parser = subparsers.add_parser(
         "pacs", help="query, retrieve from and send to a PACS or TPS (DICOM network)",
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)

@@ -47,6 +47,7 @@ class PredictionOutcome:
     max_gy: float | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict."""
         return {"event": "prediction", "status": self.status, "message": self.message,
                 "patient_id": self.study.patient_id,
                 "study_instance_uid": self.study.study_uid,

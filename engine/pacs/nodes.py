@@ -79,6 +79,7 @@ class RemoteNode:
         return f"{self.aet}@{host}:{self.port}" + (" (TLS)" if self.tls else "")
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict."""
         return {"aet": self.aet, "host": self.host, "port": self.port, "tls": self.tls}
 
 
@@ -139,6 +140,7 @@ class TlsFiles:
     key: Path | None = None
 
     def to_json(self) -> dict[str, str | None]:
+        """A JSON-able dict."""
         return {k: (str(v) if v else None) for k, v in dataclasses.asdict(self).items()}
 
 
@@ -192,6 +194,7 @@ class PacsSettings:
         return dataclasses.replace(self, nodes=nodes, default_node=default)
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict."""
         lis = self.listener
         return {
             "local": {"aet": self.local_aet, "port": self.local_port},

@@ -47,6 +47,7 @@ class SendResult:
     message: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict."""
         return {"file": str(self.item.path), "modality": self.item.modality,
                 "sop_instance_uid": self.item.sop_instance_uid, "outcome": self.outcome,
                 "status": None if self.status is None else f"0x{self.status:04X}",
@@ -64,9 +65,11 @@ class SendReport:
 
     @property
     def failed(self) -> list[SendResult]:
+        """The files the node did not store."""
         return [r for r in self.results if r.outcome == "failed"]
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict."""
         return {"node": str(self.node), "sent": sum(r.outcome != "failed" for r in self.results),
                 "failed": len(self.failed), "skipped": self.skipped, "seconds": self.seconds,
                 "files": [r.to_json() for r in self.results]}

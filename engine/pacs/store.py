@@ -188,6 +188,7 @@ class CommittedStudy:
     added_modalities: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict."""
         return {"folder": str(self.folder), "patient_id": self.patient_id,
                 "patient_name": self.patient_name, "study_instance_uid": self.study_uid,
                 "added": len(self.added), "duplicates": self.duplicates,
