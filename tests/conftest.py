@@ -158,3 +158,14 @@ def orthanc(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def sent_to_orthanc(orthanc):
+    """SOP Instance UIDs a test stores into the shared Orthanc; removed afterwards, so every
+    test finds the demo patient as it was (131 objects)."""
+    uids: list[str] = []
+    yield uids
+    for uid in uids:
+        orthanc.delete_instance(uid)
+    assert orthanc.get("/statistics")["CountInstances"] == 131

@@ -152,6 +152,15 @@ class OrthancServer:
             return None
         return self.get(f"/instances/{ids[0]}/simplified-tags")
 
+    def delete_instance(self, sop_instance_uid: str) -> bool:
+        """Remove the instance with that SOP Instance UID (True when there was one)."""
+        ids = self.post("/tools/find", {"Level": "Instance",
+                                        "Query": {"SOPInstanceUID": sop_instance_uid}})
+        for orthanc_id in ids:
+            req = urllib.request.Request(f"{self.url}/instances/{orthanc_id}", method="DELETE")
+            urllib.request.urlopen(req, timeout=30).close()
+        return bool(ids)
+
     def instances_of_study(self, study_uid: str) -> list[dict[str, Any]]:
         """Simplified tags of every instance of a study."""
         ids = self.post("/tools/find", {"Level": "Study",

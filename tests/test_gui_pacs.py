@@ -49,7 +49,7 @@ def window(qtbot, aloop, gui_settings, pacs_settings, tmp_path):
 
 
 def test_open_from_pacs_then_predict_export_and_send_back(window, qtbot, orthanc, tmp_path,
-                                                          tiny_dose_bundle):
+                                                          tiny_dose_bundle, sent_to_orthanc):
     menu_texts = [a.text() for a in window.menuBar().actions()[0].menu().actions()]
     assert {"Open from PACS…", "Send to PACS…", "PACS nodes…"} <= set(menu_texts)
     assert not window.pacs.send_action.isEnabled()  # nothing exported yet
@@ -92,14 +92,15 @@ def test_open_from_pacs_then_predict_export_and_send_back(window, qtbot, orthanc
     assert window.pacs.send_action.isEnabled()
     assert "Send to PACS" in window.statusBar().currentMessage()
 
+    plan = pydicom.dcmread(files.rtplan, stop_before_pixels=True)
+    dose = pydicom.dcmread(files.rtdose, stop_before_pixels=True)
+    sent_to_orthanc += [str(plan.SOPInstanceUID), str(dose.SOPInstanceUID)]
     sender = window.pacs.send_dialog()
     qtbot.waitExposed(sender)
     assert sender.files.count() == 2
     with qtbot.waitSignal(sender.sent, timeout=60_000):
         sender.send_button.click()
     assert sender.report.failed == [] and sender.progress.value() == 2
-    plan = pydicom.dcmread(files.rtplan, stop_before_pixels=True)
-    dose = pydicom.dcmread(files.rtdose, stop_before_pixels=True)
     stored_dose = orthanc.instance(str(dose.SOPInstanceUID))
     stored_plan = orthanc.instance(str(plan.SOPInstanceUID))
     assert stored_dose["StudyInstanceUID"] == stored_plan["StudyInstanceUID"] == study_uid

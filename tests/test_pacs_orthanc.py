@@ -162,7 +162,7 @@ def test_retrieve_with_c_move(orthanc, capsys, tmp_path, demo_uids):
 
 
 def test_round_trip_retrieve_predict_send_back(orthanc, retrieved, capsys, tmp_path,
-                                               tiny_dose_bundle, demo_uids):
+                                               tiny_dose_bundle, demo_uids, sent_to_orthanc):
     """The planner's loop: retrieve the patient, predict, send the RTDOSE (and an edited
     RTPLAN with the dose predicted for it) back; Orthanc then holds them in the patient's
     study, referencing the right plan and frame of reference."""
@@ -189,6 +189,7 @@ def test_round_trip_retrieve_predict_send_back(orthanc, retrieved, capsys, tmp_p
                                    plan_sop_instance_uid=plan_uid)
     (export / "notes.txt").write_text("not DICOM: skipped")
 
+    sent_to_orthanc += [str(dose.SOPInstanceUID), plan_uid, edited_dose_uid]
     code, doc = run_json(capsys, "pacs", "send", dose_file, export, *node_args(orthanc),
                          "--json", *settings)
     assert code == 0, doc
