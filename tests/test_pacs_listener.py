@@ -231,6 +231,7 @@ def malformed_objects() -> list[tuple[str, bytes]]:
     return objects
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # one object has a bad UID on purpose
 def test_twenty_malformed_objects_are_refused_and_the_node_keeps_running(node, tmp_path,
                                                                         monkeypatch):
     from pynetdicom import AE, _config
