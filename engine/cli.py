@@ -27,6 +27,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.suggest_cmd",
     "engine.commands.bench_cmd",
     "engine.commands.selftest_cmd",
+    "engine.commands.pacs_cmd",
+    "engine.commands.listen_cmd",
 )
 
 

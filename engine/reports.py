@@ -112,7 +112,8 @@ def _iso_index(case: Case, result: DoseResult) -> np.ndarray:
 
 def write_report_figure(case: Case, result: DoseResult, path: str | Path,
                         max_structures: int = 12) -> Path:
-    """Axial, coronal and sagittal dose slices with contours, and the DVH plot, as a PNG."""
+    """Axial, coronal and sagittal dose slices with contours, and the DVH plot, as a PNG (or
+    a PDF when ``path`` ends in ``.pdf``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -170,5 +171,5 @@ def write_report_figure(case: Case, result: DoseResult, path: str | Path,
     fig.suptitle(f"{case.name}: predicted dose ({result.kind}, {result.steps} steps{seeds}), "
                  f"max {float(dose.max()):.1f} Gy")
     with replacing(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="pdf" if path.suffix.lower() == ".pdf" else "png")
     return path

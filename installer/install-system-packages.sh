@@ -15,3 +15,9 @@ if [ "$(id -u)" -ne 0 ]; then sudo_cmd="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 $sudo_cmd apt-get update -qq
 $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
+# Orthanc comes as a system service; DosePilot only runs it as a test fixture (its own port,
+# configuration and storage), so the service must not stay up listening on 4242/8042.
+if printf '%s\n' "${missing[@]}" | grep -qx orthanc; then
+  $sudo_cmd systemctl disable --now orthanc >/dev/null 2>&1 || true
+  $sudo_cmd service orthanc stop >/dev/null 2>&1 || true
+fi

@@ -24,6 +24,7 @@ from planner_gui.engine_api import NO_ENGINE, DoseEngineLike, load_dose_engine, 
 from planner_gui.export import export_plan_and_dose
 from planner_gui.inference import DoseController
 from planner_gui.metrics_panel import MetricsPanel
+from planner_gui.pacs_actions import install_pacs_actions
 from planner_gui.plans_bar import PlansBar
 from planner_gui.progress_bar import StepProgressBar
 from planner_gui.session import Session
@@ -172,6 +173,7 @@ class MainWindow(QtWidgets.QMainWindow):
         file_menu.addMenu(self.recent_menu)
         file_menu.addAction(self.export_action)
         file_menu.addAction(self.physics_action)
+        self.pacs = install_pacs_actions(self, file_menu)
         file_menu.addSeparator()
         file_menu.addAction(self._action("Quit", self.close, keys.Quit))
         edit_menu = self.menuBar().addMenu("&Edit")

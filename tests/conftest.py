@@ -132,3 +132,40 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---- PACS: a real Orthanc server ----------------------------------------------------------------
+DEMO = REPO / "resources" / "demo"
+
+
+def demo_files() -> list[Path]:
+    """The demo patient's DICOM files (128 CT, RTSTRUCT, RTPLAN, RTDOSE)."""
+    return sorted(DEMO.rglob("*.dcm"))
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc on free localhost ports (temporary configuration and storage) holding the
+    demo patient; stopped after the session. Skips when Orthanc is not installed."""
+    from orthanc_server import OrthancServer, orthanc_binary
+
+    if orthanc_binary() is None:
+        pytest.skip("Orthanc is not installed (apt-get install orthanc, or make system): the "
+                    "PACS tests run against a real DICOM server")
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc")).start()
+    try:
+        server.upload(demo_files())
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def sent_to_orthanc(orthanc):
+    """SOP Instance UIDs a test stores into the shared Orthanc; removed afterwards, so every
+    test finds the demo patient as it was (131 objects)."""
+    uids: list[str] = []
+    yield uids
+    for uid in uids:
+        orthanc.delete_instance(uid)
+    assert orthanc.get("/statistics")["CountInstances"] == 131
