@@ -16,6 +16,7 @@ write on a device with no free block left counts as "no space" too.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -166,3 +167,12 @@ def _errno_of(exc: BaseException) -> int | None:
         return exc.errno
     match = _RUST_OS_ERROR.search(str(exc))
     return int(match.group(1)) if match else None
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.durable import NoSpaceError, is_temporary, replacing, write_text
+from engine.durable import NoSpaceError, file_sha256, is_temporary, replacing, write_text
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
     try:
         with replacing(data_path, batch=True) as tmp:  # stale temporaries removed above
             save_file(tensors, str(tmp))
-        size, digest = data_path.stat().st_size, _sha256(data_path)
+        size, digest = data_path.stat().st_size, file_sha256(data_path)
     except NoSpaceError as exc:
         raise NoSpaceError(data_path, exc, hint) from exc
 
@@ -189,7 +189,7 @@ def _verify(manifest_path: Path) -> tuple[str, Checkpoint | None]:
     if data_path.stat().st_size != manifest.get("size"):
         return (f"tensor file has {data_path.stat().st_size} bytes, the manifest says "
                 f"{manifest.get('size')} (half written?)"), None
-    if _sha256(data_path) != manifest.get("sha256"):
+    if file_sha256(data_path) != manifest.get("sha256"):
         return "tensor file content does not match its SHA-256 (corrupted)", None
     return "", Checkpoint(step=int(manifest["step"]), manifest=manifest, tensors_path=data_path)
 
@@ -227,11 +227,4 @@ def _prune(folder: Path, keep: int) -> None:
         if data.stem not in kept and data.stem < newest:
             data.unlink(missing_ok=True)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 

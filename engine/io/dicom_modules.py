@@ -66,6 +66,24 @@ def ensure_refs(case: Case) -> Case:
 def add_common_modules(ds: Dataset, refs: DicomRefs, modality: str, series_uid: str,
                        series_number: int, series_description: str) -> None:
     """Patient, General Study, (RT) Series, Frame of Reference and General Equipment modules."""
+    add_patient_study_series(ds, refs, modality, series_uid, series_number, series_description)
+    ds.OperatorsName = ""  # General Series; an Encapsulated Document Series has none
+    ds.FrameOfReferenceUID = refs.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    add_equipment(ds)
+
+
+def add_equipment(ds: Dataset) -> None:
+    """The General Equipment module: DosePilot and its version."""
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = "DosePilot"
+    ds.SoftwareVersions = SOFTWARE_VERSION
+
+
+def add_patient_study_series(ds: Dataset, refs: DicomRefs, modality: str, series_uid: str,
+                             series_number: int, series_description: str) -> None:
+    """Patient and General Study modules and the series attributes every series module has
+    (an Encapsulated PDF, which has no frame of reference, stops here)."""
     now = dt.datetime.now()
     ds.PatientName = refs.patient_name
     ds.PatientID = refs.patient_id
@@ -81,12 +99,6 @@ def add_common_modules(ds: Dataset, refs: DicomRefs, modality: str, series_uid: 
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
     ds.SeriesDescription = series_description
-    ds.OperatorsName = ""
-    ds.FrameOfReferenceUID = refs.frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = "DosePilot"
-    ds.SoftwareVersions = SOFTWARE_VERSION
 
 
 def ds_str(value: float) -> str:

@@ -35,7 +35,6 @@ official ``.pth`` files are read only through ``torch.load(weights_only=True)`` 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -51,7 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from engine.durable import NoSpaceError, fsync_path, no_space, replacing
+from engine.durable import NoSpaceError, file_sha256, fsync_path, no_space, replacing
 
 BUNDLE_FORMAT = "dosepilot-model-bundle"
 BUNDLE_VERSION = 1
@@ -185,7 +184,7 @@ def save_bundle(
                 k: v.detach().to("cpu").contiguous().clone() for k, v in comp.state_dict.items()
             }
             save_file(tensors, str(tmp / manifest[name]["weights"]))
-            manifest[name]["sha256"] = _sha256(tmp / manifest[name]["weights"])
+            manifest[name]["sha256"] = file_sha256(tmp / manifest[name]["weights"])
         (tmp / BUNDLE_JSON).write_text(json.dumps(document, indent=1, sort_keys=True))
         for f in tmp.iterdir():
             fsync_path(f)
@@ -313,7 +312,7 @@ def load_bundle(
         except CheckpointError as exc:
             raise CheckpointError(f"{where}: {exc}") from None
         _compare(f"{where} ({comp['kind']}) vs its config", manifest, expected)
-        if "sha256" in comp and _sha256(weights) != comp["sha256"]:
+        if "sha256" in comp and file_sha256(weights) != comp["sha256"]:
             raise CheckpointError(
                 f"bundle {path}: {weights.name} does not match the SHA-256 recorded in "
                 f"{BUNDLE_JSON}: the file is corrupt (or was replaced)"
@@ -340,13 +339,6 @@ def build_component(
     module.load_state_dict(state_dicts[name], strict=True)
     return module
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_pth_weights_only(path: str | Path) -> dict[str, Tensor]:

@@ -26,9 +26,9 @@ from engine.case import Case
 from engine.durable import remove_stale_temporaries, replacing, write_text
 from engine.io.dicom_export import write_rtdose
 from engine.io.dicom_modules import (
-    MANUFACTURER,
     RT_DOSE_STORAGE,
-    SOFTWARE_VERSION,
+    add_equipment,
+    add_patient_study_series,
     ensure_refs,
     new_dataset,
     referenced,
@@ -47,23 +47,8 @@ def encapsulated_pdf(case: Case, pdf: bytes, title: str,
     uid = generate_uid()
     ds = new_dataset(ENCAPSULATED_PDF_STORAGE, uid)
     now = dt.datetime.now()
-    ds.PatientName = refs.patient_name
-    ds.PatientID = refs.patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
-    ds.StudyInstanceUID = refs.study_instance_uid
-    ds.StudyDate = now.strftime("%Y%m%d")
-    ds.StudyTime = now.strftime("%H%M%S")
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.AccessionNumber = ""
-    ds.Modality = "DOC"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = 5
-    ds.SeriesDescription = "DosePilot DVH report"
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = "DosePilot"
-    ds.SoftwareVersions = SOFTWARE_VERSION
+    add_patient_study_series(ds, refs, "DOC", generate_uid(), 5, "DosePilot DVH report")
+    add_equipment(ds)
     ds.ConversionType = "WSD"
     ds.InstanceNumber = 1
     ds.ContentDate = now.strftime("%Y%m%d")

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.durable import TEMP_MARK, fsync_path, remove_stale_temporaries, write_text
+from engine.durable import TEMP_MARK, file_sha256, fsync_path, remove_stale_temporaries, write_text
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -109,13 +109,6 @@ class ObjectInfo:
         return f"{_safe(self.modality, 16) or 'OBJ'}_{_safe(self.sop_instance_uid, 80)}.dcm"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 ObjectCheck = Callable[[Any], "str | None"]
 
@@ -159,7 +152,7 @@ def inspect_object(path: Path, check: ObjectCheck | None = None) -> ObjectInfo:
         modality=obj.modality or "", patient_id=str(ds.get("PatientID", "") or ""),
         patient_name=str(ds.get("PatientName", "") or ""), study_uid=obj.study_uid,
         series_uid=obj.series_uid, study_date=str(ds.get("StudyDate", "") or ""),
-        study_description=str(ds.get("StudyDescription", "") or ""), sha256=_sha256(path))
+        study_description=str(ds.get("StudyDescription", "") or ""), sha256=file_sha256(path))
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,12 @@
 drawn as rays from their source towards the isocentre, each with a handle sphere that the
 planner drags to turn the gantry (the handle is kept on the beam's circle around the isocentre).
 
-Without a GPU the scene is rendered in software (llvmpipe), and one render of a head-and-neck
-patient's surfaces blocks the GUI thread for 100-200 ms. Two things keep a beam drag in any
-view responsive: surfaces are decimated to at most :data:`MAX_SURFACE_TRIANGLES` triangles each
-(the body dominates: 82k -> 10k triangles on the demo patient, render 180 -> ~110 ms at
-800 x 600 under Xvfb), and beam moves re-render the scene at most every
-:data:`BEAM_RENDER_INTERVAL_MS` (the beam meshes follow every move; the pixels catch up).
+Without a GPU the scene is rendered in software (llvmpipe), and every render blocks the GUI
+thread. Two things keep a beam drag in any view responsive: surfaces are decimated to at most
+:data:`MAX_SURFACE_TRIANGLES` triangles each (demo patient: 117k -> 40k triangles, one 800 x 600
+render 79 -> 57 ms on an idle machine, ``benchmarks/bench_view3d.py``), and beam moves re-render
+the scene at most every :data:`BEAM_RENDER_INTERVAL_MS` (the beam meshes follow every move; the
+pixels catch up).
 """
 
 from __future__ import annotations
