@@ -220,6 +220,9 @@ def test_bundle_builds_and_passes_self_test(tiny_dose_bundle, tmp_path):
                           capture_output=True, text=True, env=clean, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "GUI modules:" in proc.stdout and proc.stdout.rstrip().endswith("self-test OK")
+    # the physics worker is a script file next to where the frozen dose_calc looks for it
+    worker = tmp_path / "dist" / "DosePilot" / "_internal" / "engine" / "physics" / "worker.py"
+    assert worker.read_bytes() == (ROOT / "engine" / "physics" / "worker.py").read_bytes()
     # the demo patient comes from inside the bundle, not from the repository
     assert str(tmp_path / "dist" / "DosePilot") in proc.stdout
     missing = subprocess.run([str(app), "--self-test"], capture_output=True, text=True,
