@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6 import QtCore, QtWidgets
+from PySide6 import QtCore, QtGui, QtWidgets
 
 from engine.case import Case, Plan, Volume
 from engine.compare_report import diff_limit_gy, write_comparison_report
@@ -269,8 +269,9 @@ class CompareWindow(QtWidgets.QWidget):
 
     # ---- comparing ----------------------------------------------------------------------
     def refresh(self) -> None:
-        """Compare the current picks (off the UI thread) when both have a dose."""
-        if self.session.case is None or self.combo_a.currentIndex() < 0:
+        """Compare the current picks (off the UI thread) when both have a dose. A hidden
+        window does no work: it catches up when shown."""
+        if self.session.case is None or self.combo_a.currentIndex() < 0 or not self.isVisible():
             return
         missing = self.missing()
         busy = self.compute_task is not None and not self.compute_task.done()
@@ -459,6 +460,10 @@ class CompareWindow(QtWidgets.QWidget):
                 pane.dose_item.setImage(self._slice(volume), autoLevels=False, rect=rect,
                                         levels=pane.color_bar.levels())
             pane.plot.setToolTip(where)
+
+    def showEvent(self, event: QtGui.QShowEvent) -> None:  # noqa: N802 - Qt API
+        super().showEvent(event)
+        self.refresh()
 
     # ---- controls -----------------------------------------------------------------------
     def set_orientation(self, orientation: str) -> None:
