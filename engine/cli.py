@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.physics_cmd",
     "engine.commands.predict_cmd",
     "engine.commands.suggest_cmd",
+    "engine.commands.compare_cmd",
     "engine.commands.bench_cmd",
     "engine.commands.selftest_cmd",
     "engine.commands.pacs_cmd",

@@ -16,14 +16,17 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.case import Case, Role
+from engine.case import Case, Geometry, Role, Structure
 from engine.durable import replacing
-from engine.runtime import DoseResult
+
+if TYPE_CHECKING:
+    from engine.runtime import DoseResult
 
 DVH_COLUMNS = ("structure", "dose_gy", "volume_cc", "volume_pct")
 
@@ -100,14 +103,74 @@ def metrics_document(case: Case, result: DoseResult, model: str | None = None) -
     return _clean(doc)
 
 
-def _iso_index(case: Case, result: DoseResult) -> np.ndarray:
-    """The isocentre's voxel on the CT grid (clipped into it), else the dose maximum."""
-    g = result.dose.geometry
-    if case.plan is not None and case.plan.beams:
-        idx = np.rint(g.lps_to_index(np.asarray(case.plan.isocenter_mm))).astype(int)
+def slice_index(case: Case, geometry: Geometry, dose: np.ndarray | None = None,
+                point_mm: tuple[float, float, float] | None = None) -> np.ndarray:
+    """The voxel (iz, iy, ix) the report's slices go through: ``point_mm`` (LPS mm) when
+    given, else the plan's isocentre, else the maximum of ``dose``, else the grid's centre;
+    clipped into the grid."""
+    g = geometry
+    if point_mm is None and case.plan is not None and case.plan.beams:
+        point_mm = case.plan.isocenter_mm
+    if point_mm is not None:
+        idx = np.rint(g.lps_to_index(np.asarray(point_mm, dtype=float))).astype(int)
+    elif dose is not None:
+        idx = np.array(np.unravel_index(int(np.argmax(dose)), g.shape))
     else:
-        idx = np.array(np.unravel_index(int(np.argmax(result.dose.array)), g.shape))
+        idx = np.asarray(g.shape) // 2
     return np.clip(idx, 0, np.array(g.shape) - 1)
+
+
+@dataclass(frozen=True)
+class SlicePlane:
+    """One report slice: title, the ``[z, y, x]`` index that cuts it, its extent in mm
+    ([left, right, bottom, top]) and matplotlib's image origin."""
+
+    title: str
+    slicer: tuple[Any, Any, Any]
+    extent: tuple[float, float, float, float]
+    origin: str
+
+
+def slice_planes(geometry: Geometry, index: np.ndarray) -> tuple[SlicePlane, ...]:
+    """Axial, coronal and sagittal planes through voxel ``index`` (iz, iy, ix)."""
+    iz, iy, ix = (int(v) for v in index)
+    dz, dy, dx = geometry.spacing
+    nz, ny, nx = geometry.shape
+    whole = slice(None)
+    return (SlicePlane(f"axial (slice {iz})", (iz, whole, whole), (0, nx * dx, ny * dy, 0),
+                       "upper"),
+            SlicePlane(f"coronal (row {iy})", (whole, iy, whole), (0, nx * dx, 0, nz * dz),
+                       "lower"),
+            SlicePlane(f"sagittal (column {ix})", (whole, whole, ix), (0, ny * dy, 0, nz * dz),
+                       "lower"))
+
+
+def report_structures(case: Case, max_structures: int = 12
+                      ) -> tuple[list[Structure], dict[str, str]]:
+    """The structures a report draws (non-empty, not the body, at most ``max_structures``)
+    and their matplotlib colours ("C0".."C9"), the same in contours and DVH curves."""
+    structures = [s for s in case.structures if s.role is not Role.EXTERNAL
+                  and s.mask.any()][:max_structures]
+    return structures, {s.name: f"C{i % 10}" for i, s in enumerate(structures)}
+
+
+def draw_ct(ax: Any, case: Case, plane: SlicePlane) -> None:
+    """The CT slice in grey (window -400..600 HU), no ticks, the plane's title."""
+    ax.imshow(case.ct.array[plane.slicer], cmap="gray", vmin=-400, vmax=600,
+              extent=plane.extent, origin=plane.origin)
+    ax.set_title(plane.title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def draw_contours(ax: Any, plane: SlicePlane, structures: list[Structure],
+                  colours: dict[str, str]) -> None:
+    """The structures' outlines on the plane, in their report colours."""
+    for s in structures:
+        m = s.mask[plane.slicer]
+        if m.any() and m.min() != m.max():
+            ax.contour(m.astype(np.float32), levels=[0.5], colors=colours[s.name],
+                       linewidths=0.8, extent=plane.extent, origin=plane.origin)
 
 
 def write_report_figure(case: Case, result: DoseResult, path: str | Path,
@@ -118,40 +181,21 @@ def write_report_figure(case: Case, result: DoseResult, path: str | Path,
     from matplotlib.figure import Figure
 
     path = Path(path)
-    g = result.dose.geometry
     dose = result.dose.array
-    ct = case.ct.array
     vmax = max(float(dose.max()), 1e-6)
-    structures = [s for s in case.structures if s.role is not Role.EXTERNAL
-                  and s.mask.any()][:max_structures]
-    colours = {s.name: f"C{i % 10}" for i, s in enumerate(structures)}
-    iz, iy, ix = _iso_index(case, result)
-    dz, dy, dx = g.spacing
-    nz, ny, nx = g.shape
-    views = (  # (title, slicer, extent [left, right, bottom, top] in mm, origin)
-        (f"axial (slice {iz})", (iz, slice(None), slice(None)), (0, nx * dx, ny * dy, 0)),
-        (f"coronal (row {iy})", (slice(None), iy, slice(None)), (0, nx * dx, 0, nz * dz)),
-        (f"sagittal (column {ix})", (slice(None), slice(None), ix), (0, ny * dy, 0, nz * dz)),
-    )
+    structures, colours = report_structures(case, max_structures)
+    planes = slice_planes(result.dose.geometry, slice_index(case, result.dose.geometry, dose))
     fig = Figure(figsize=(13, 8.5), dpi=90, layout="constrained")
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2, 3, height_ratios=(1.0, 0.9))
     slice_axes = [fig.add_subplot(grid[0, i]) for i in range(3)]
     image = None
-    for ax, (title, sl, extent) in zip(slice_axes, views):
-        origin = "upper" if title.startswith("axial") else "lower"
-        ax.imshow(ct[sl], cmap="gray", vmin=-400, vmax=600, extent=extent, origin=origin)
-        d = np.ma.masked_less(dose[sl], 0.05 * vmax)
-        image = ax.imshow(d, cmap="jet", alpha=0.45, vmin=0, vmax=vmax, extent=extent,
-                          origin=origin)
-        for s in structures:
-            m = s.mask[sl]
-            if m.any() and m.min() != m.max():
-                ax.contour(m.astype(np.float32), levels=[0.5], colors=colours[s.name],
-                           linewidths=0.8, extent=extent, origin=origin)
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+    for ax, plane in zip(slice_axes, planes):
+        draw_ct(ax, case, plane)
+        d = np.ma.masked_less(dose[plane.slicer], 0.05 * vmax)
+        image = ax.imshow(d, cmap="jet", alpha=0.45, vmin=0, vmax=vmax, extent=plane.extent,
+                          origin=plane.origin)
+        draw_contours(ax, plane, structures, colours)
     if image is not None:
         fig.colorbar(image, ax=slice_axes, label="dose (Gy)", shrink=0.9)
     ax = fig.add_subplot(grid[1, :])

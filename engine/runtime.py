@@ -45,7 +45,11 @@ from engine.features import (
 )
 from engine.latest_wins import Cancelled, LatestWinsRunner, Outcome
 from engine.metrics.dvh import DVH, DoseMetrics, StructureSet, all_metrics, prepare
-from engine.metrics.scorecard import BoundScorecard, ScorecardResult, builtin_template
+from engine.metrics.scorecard import (
+    BoundScorecard,
+    ScorecardResult,
+    best_scorecard,
+)
 from engine.models.dit import any2any_velocity
 from engine.resources import resources_dir
 
@@ -53,7 +57,6 @@ log = logging.getLogger(__name__)
 
 CONDITION_SLOTS = (Slot.CT, Slot.PTV, Slot.OAR, Slot.BODY)
 PLATE_SLOTS = (Slot.BEAM_PLATE, Slot.ANGLE_PLATE)
-SCORECARD_SITES = ("head_neck", "lung", "prostate")
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -268,14 +271,7 @@ class DoseEngine:
 
     def _scorecard(self, state: _CaseState, dose: np.ndarray) -> ScorecardResult | None:
         if not state.scorecard_chosen:
-            best, best_n = None, 0
-            for site in SCORECARD_SITES:
-                bound = BoundScorecard(builtin_template(site), state.case.structures,
-                                       state.case.geometry)
-                n = bound.score(dose).evaluated
-                if n > best_n:
-                    best, best_n = bound, n
-            state.scorecard, state.scorecard_chosen = best, True
+            state.scorecard, state.scorecard_chosen = best_scorecard(state.case, dose), True
         return state.scorecard.score(dose) if state.scorecard is not None else None
 
     def _run(self, case: Case, plan: Plan | None, steps: int, seeds: tuple[int, ...], kind: str,

@@ -18,6 +18,7 @@ from PySide6 import QtCore, QtGui, QtWidgets
 from engine.case import Case
 from planner_gui import gui_gc, loading
 from planner_gui.beams_panel import BeamsPanel
+from planner_gui.compare_window import CompareWindow
 from planner_gui.dose_display import OVERLAY_MODES, REFERENCE, DoseDisplay
 from planner_gui.dvh_panel import DvhPanel
 from planner_gui.engine_api import NO_ENGINE, DoseEngineLike, load_dose_engine, model_label
@@ -75,6 +76,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self._physics_task: asyncio.Future | None = None
         self._physics_cancel: threading.Event | None = None
         self._load_task: asyncio.Future | None = None
+        self.compare_window: CompareWindow | None = None
 
         self.axial = SliceView(self.session, "axial", self.display)
         self.coronal = SliceView(self.session, "coronal", self.display)
@@ -179,6 +181,11 @@ class MainWindow(QtWidgets.QMainWindow):
         edit_menu = self.menuBar().addMenu("&Edit")
         edit_menu.addAction(self.undo_action)
         edit_menu.addAction(self.redo_action)
+        self.compare_action = self._action(
+            "Compare plans…", self.open_compare, "Ctrl+K",
+            "Two plans (or a plan and the reference dose) side by side: doses, A − B, DVHs "
+            "and scorecards, and a PDF/PNG report")
+        self.menuBar().addMenu("&Plan").addAction(self.compare_action)
         self.view_menu = self.menuBar().addMenu("&View")
         self.reset_view_action = self._action(
             "Reset zoom and pan", self.reset_views, "R",
@@ -391,6 +398,19 @@ class MainWindow(QtWidgets.QMainWindow):
         self.predict_action.setEnabled(has_case and self.controller.available)
         self.export_action.setEnabled(has_case)
         self.physics_action.setEnabled(has_case)
+        self.compare_action.setEnabled(has_case)
+
+    def open_compare(self) -> CompareWindow | None:
+        """Show the (non-modal) Compare plans window, made on first use."""
+        if self.session.case is None:
+            return None
+        if self.compare_window is None:
+            self.compare_window = CompareWindow(self.session, lambda: self.controller.engine,
+                                                lambda: self.controller.steps, self)
+            self.compare_window.set_window(*WINDOW_PRESETS[self.window_combo.currentText()])
+        self.compare_window.show()
+        self.compare_window.raise_()
+        return self.compare_window
 
     # ---- export -------------------------------------------------------------------------------
     def _export_dialog(self) -> None:
@@ -469,6 +489,8 @@ class MainWindow(QtWidgets.QMainWindow):
     def _on_window(self, name: str) -> None:
         for view in self.slice_views:
             view.set_window(*WINDOW_PRESETS[name])
+        if self.compare_window is not None:
+            self.compare_window.set_window(*WINDOW_PRESETS[name])
 
     def _on_overlay(self, mode: str) -> None:
         if mode != self.display.mode:  # the planner picked it (the display's own are equal)
@@ -523,6 +545,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self._shut_down = True
         if self._physics_cancel is not None:
             self._physics_cancel.set()
+        if self.compare_window is not None:
+            self.compare_window.close()
         self.controller.shutdown()
         self.training_panel.shutdown()
         self.view3d.close_scene()

@@ -269,6 +269,23 @@ class BoundScorecard:
         return _evaluate(self.template, self._bindings, dvhs)
 
 
+SCORECARD_SITES = ("head_neck", "lung", "prostate")
+
+
+def best_scorecard(case: Case, dose: np.ndarray,
+                   sites: Sequence[str] = SCORECARD_SITES) -> BoundScorecard | None:
+    """The shipped template that fits ``case`` best, bound to it: the one of ``sites`` that
+    evaluates the most objectives on ``dose`` (Gy on the case's grid); None when none applies.
+    The engine picks a result's scorecard this way, so comparisons use the same template."""
+    best, best_n = None, 0
+    for site in sites:
+        bound = BoundScorecard(builtin_template(site), case.structures, case.geometry)
+        n = bound.score(dose).evaluated
+        if n > best_n:
+            best, best_n = bound, n
+    return best
+
+
 def score(dose: np.ndarray, case_structures: Case | Sequence[Structure],
           template: ScorecardTemplate, geometry: Geometry | None = None) -> ScorecardResult:
     """Scorecard of one dose (Gy, ``[z, y, x]`` on the structures' grid); total in [0, 1].

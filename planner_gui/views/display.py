@@ -54,6 +54,15 @@ def dose_colormap(transparent_below: float = 0.0) -> pg.ColorMap:
     return pg.ColorMap(pos, colors)
 
 
+def difference_colormap() -> pg.ColorMap:
+    """The diverging map of dose differences ("CET-D1", blue below 0, red above) over [0, 1],
+    used with levels symmetric about 0 Gy; values near 0 are transparent."""
+    pos = np.linspace(0.0, 1.0, 33)
+    colors = pg.colormap.get("CET-D1").map(pos, mode="byte").copy()
+    colors[np.abs(pos - 0.5) < 0.04, 3] = 0
+    return pg.ColorMap(pos, colors)
+
+
 @dataclass(frozen=True)
 class OrthoGrid:
     """Voxel-centre coordinates (mm, increasing) of an axis-aligned grid, and the flips that

@@ -25,6 +25,7 @@ from planner_gui.views.display import (
     ISODOSE_PERCENT,
     WINDOW_PRESETS,
     OrthoGrid,
+    difference_colormap,
     dose_colormap,
     isodose_color,
     outline,
@@ -202,14 +203,7 @@ class SliceView(QtWidgets.QWidget):
         volume, levels, label, below = self._overlay_volume()
         self._overlay = volume
         self._overlay_levels = levels
-        if below < 0:
-            cmap = pg.colormap.get("CET-D1")
-            pos = np.linspace(0, 1, 33)
-            colors = cmap.map(pos, mode="byte").copy()
-            colors[np.abs(pos - 0.5) < 0.04, 3] = 0
-            cmap = pg.ColorMap(pos, colors)
-        else:
-            cmap = dose_colormap(below)
+        cmap = difference_colormap() if below < 0 else dose_colormap(below)
         self.color_bar.setColorMap(cmap)
         self.color_bar.setLevels(levels)
         self.overlay_label = label
