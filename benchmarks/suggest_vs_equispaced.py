@@ -30,7 +30,7 @@ from engine.structure_names import canonical_name
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = REPO.parent / "shared/data/openkbp/validation"
-CASES = ("pt_201", "pt_205", "pt_210", "pt_215", "pt_220")
+CASES = ("pt_201", "pt_206", "pt_210", "pt_215", "pt_221")  # all in the validation split
 SETTINGS = PhysicsSettings(dose_grid_mm=5.0, bixel_width_mm=7.0, max_iter=200)
 ORGANS = (("Parotid_L", "mean"), ("Parotid_R", "mean"), ("SpinalCord", "max"),
           ("Brainstem", "max"))
