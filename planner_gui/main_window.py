@@ -29,6 +29,7 @@ from planner_gui.plans_bar import PlansBar
 from planner_gui.progress_bar import StepProgressBar
 from planner_gui.session import Session
 from planner_gui.structures_panel import StructuresPanel
+from planner_gui.suggest_dialog import SuggestDialog
 from planner_gui.training_panel import TrainingPanel
 from planner_gui.views.display import WINDOW_PRESETS
 from planner_gui.views.slice_view import SliceView
@@ -75,6 +76,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self._physics_task: asyncio.Future | None = None
         self._physics_cancel: threading.Event | None = None
         self._load_task: asyncio.Future | None = None
+        self.suggest_dialog: SuggestDialog | None = None
 
         self.axial = SliceView(self.session, "axial", self.display)
         self.coronal = SliceView(self.session, "coronal", self.display)
@@ -179,6 +181,12 @@ class MainWindow(QtWidgets.QMainWindow):
         edit_menu = self.menuBar().addMenu("&Edit")
         edit_menu.addAction(self.undo_action)
         edit_menu.addAction(self.redo_action)
+        self.suggest_action = self._action(
+            "Suggest beam angles…", self.show_suggest_dialog,
+            tip="Search coplanar beam arrangements with the AI preview as the objective and "
+                "add the best as new plans")
+        self.plan_menu = self.menuBar().addMenu("&Plan")
+        self.plan_menu.addAction(self.suggest_action)
         self.view_menu = self.menuBar().addMenu("&View")
         self.reset_view_action = self._action(
             "Reset zoom and pan", self.reset_views, "R",
@@ -391,6 +399,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.predict_action.setEnabled(has_case and self.controller.available)
         self.export_action.setEnabled(has_case)
         self.physics_action.setEnabled(has_case)
+        self.suggest_action.setEnabled(has_case)
 
     # ---- export -------------------------------------------------------------------------------
     def _export_dialog(self) -> None:
@@ -462,6 +471,23 @@ class MainWindow(QtWidgets.QMainWindow):
             f"{physics.primary_target} D95 = prescription")
         self.physics_ready.emit(physics)
 
+    # ---- beam-angle suggestion ----------------------------------------------------------------
+    def show_suggest_dialog(self) -> SuggestDialog:
+        """Show the non-modal "Suggest beam angles" dialog (one per window, kept between uses)."""
+        if self.suggest_dialog is None:
+            self.suggest_dialog = SuggestDialog(
+                self.session, engine=lambda: self.controller.engine,
+                verify=self.verify_with_physics, busy=lambda: bool(self.controller.busy),
+                parent=self)
+            self.suggest_dialog.plans_added.connect(
+                lambda names: self.statusBar().showMessage(
+                    f"Suggested plans added: {', '.join(names)} (the model's word: verify with "
+                    f"physics)"))
+        self.suggest_dialog.show()
+        self.suggest_dialog.raise_()
+        self.suggest_dialog.activateWindow()
+        return self.suggest_dialog
+
     def _on_history(self, can_undo: bool, can_redo: bool) -> None:
         self.undo_action.setEnabled(can_undo)
         self.redo_action.setEnabled(can_redo)
@@ -523,6 +549,9 @@ class MainWindow(QtWidgets.QMainWindow):
         self._shut_down = True
         if self._physics_cancel is not None:
             self._physics_cancel.set()
+        if self.suggest_dialog is not None:
+            self.suggest_dialog.shutdown()  # cancels a running search; it stops within a preview
+            self.suggest_dialog.close()
         self.controller.shutdown()
         self.training_panel.shutdown()
         self.view3d.close_scene()
