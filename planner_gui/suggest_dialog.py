@@ -17,7 +17,7 @@ from typing import Any
 
 from PySide6 import QtCore, QtGui, QtWidgets
 
-from engine.beam_search import SearchObjective, SearchResult
+from engine.beam_search import SearchObjective, SearchResult, allowed
 from engine.case import Case, Plan
 from planner_gui.beam_suggestion import (
     SuggestionRun,
@@ -315,6 +315,11 @@ class SuggestDialog(QtWidgets.QDialog):
         self.table.setColumnCount(len(FIXED_COLUMNS) + len(terms))
         self.table.setHorizontalHeaderLabels(list(FIXED_COLUMNS) + terms)
         self.table.setRowCount(len(plans))
+        forbid = self.run.request.forbid if self.run.request is not None else ()
+        reference_tip = "The equispaced class solution from 0 deg, for comparison" + (
+            "; it enters a forbidden sector" if any(
+                p.reference and not allowed(p.candidate.gantry_deg, forbid) for p in plans)
+            else "")
         for row, (suggested, entry) in enumerate(zip(plans, entries)):
             candidate = suggested.candidate
             cells = [entry.plan.name, " ".join(f"{a:g}" for a in candidate.gantry_deg),
@@ -324,7 +329,7 @@ class SuggestDialog(QtWidgets.QDialog):
                 item = QtWidgets.QTableWidgetItem(text)
                 if suggested.reference:
                     item.setForeground(QtGui.QBrush(QtGui.QColor("#888")))
-                    item.setToolTip("The equispaced class solution from 0 deg, for comparison")
+                    item.setToolTip(reference_tip)
                 self.table.setItem(row, column, item)
         self.table.resizeColumnsToContents()
         self.rows = entries

@@ -120,6 +120,8 @@ def test_forbidden_sectors_are_validated_and_kept_out_of(window, qtbot):
     with qtbot.waitSignal(dialog.plans_added, timeout=(BUDGET_S + 30) * 1000):
         qtbot.mouseClick(dialog.start_button, LEFT)
     assert not dialog.error_label.isVisible()
+    assert dialog.table.item(2, 0).text() == "Equispaced 3"  # 0, 120, 240: 120 is forbidden
+    assert "enters a forbidden sector" in dialog.table.item(2, 0).toolTip()
     sectors = [(30.0, 150.0), (200.0, 220.0)]
     suggested = [e.plan for e in session.plans if e.plan.name.startswith("Suggested")]
     assert len(suggested) == 2
