@@ -75,13 +75,16 @@ class Candidate:
 @dataclass(frozen=True)
 class SearchResult:
     """The best distinct candidates (best first), the equispaced arrangement from 0 deg as the
-    reference, how many arrangements were evaluated and the seconds spent."""
+    reference, how many arrangements were evaluated, the seconds spent and the slowest single
+    evaluation's seconds (no new one starts once the budget is spent, so ``seconds`` exceeds
+    the budget by less than about that)."""
 
     best: tuple[Candidate, ...]
     equispaced: Candidate
     evaluated: int
     seconds: float
     objective: str
+    slowest_s: float = 0.0
 
 
 def parse_sector(text: str) -> tuple[float, float]:
@@ -188,15 +191,19 @@ def suggest_beams(engine: object, case: Case, n_beams: int,
         raise ValueError(f"the number of beams must be 1..36, got {n_beams}")
     t0 = time.perf_counter()
     cache: dict[tuple[float, ...], Candidate] = {}
+    slowest = 0.0
 
     def evaluate(angles: Sequence[float]) -> Candidate:
+        nonlocal slowest
         key = tuple(sorted(round(a % 360.0, 1) for a in angles))
         if key not in cache:
             if cancel is not None and cancel.is_set():
                 raise SearchCancelled("beam search cancelled")
+            started = time.perf_counter()
             result = engine.preview(case, plan_with_angles(case.plan, key))
             value, terms = score(result, case, objective)
             cache[key] = Candidate(key, value, terms)
+            slowest = max(slowest, time.perf_counter() - started)
             if progress is not None:
                 progress(len(cache), min(c.value for c in cache.values()))
         return cache[key]
@@ -235,4 +242,4 @@ def suggest_beams(engine: object, case: Case, n_beams: int,
     ranked = sorted((c for c in cache.values() if allowed(c.gantry_deg, forbid)),
                     key=lambda c: c.value)
     return SearchResult(tuple(ranked[:keep]), reference, len(cache),
-                        time.perf_counter() - t0, objective.describe())
+                        time.perf_counter() - t0, objective.describe(), slowest)

@@ -30,6 +30,7 @@ from planner_gui.plans_bar import PlansBar
 from planner_gui.progress_bar import StepProgressBar
 from planner_gui.session import Session
 from planner_gui.structures_panel import StructuresPanel
+from planner_gui.suggest_dialog import SuggestDialog
 from planner_gui.training_panel import TrainingPanel
 from planner_gui.views.display import WINDOW_PRESETS
 from planner_gui.views.slice_view import SliceView
@@ -77,6 +78,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self._physics_cancel: threading.Event | None = None
         self._load_task: asyncio.Future | None = None
         self.compare_window: CompareWindow | None = None
+        self.suggest_dialog: SuggestDialog | None = None
 
         self.axial = SliceView(self.session, "axial", self.display)
         self.coronal = SliceView(self.session, "coronal", self.display)
@@ -185,7 +187,13 @@ class MainWindow(QtWidgets.QMainWindow):
             "Compare plans…", self.open_compare, "Ctrl+K",
             "Two plans (or a plan and the reference dose) side by side: doses, A − B, DVHs "
             "and scorecards, and a PDF/PNG report")
-        self.menuBar().addMenu("&Plan").addAction(self.compare_action)
+        self.suggest_action = self._action(
+            "Suggest beam angles…", self.show_suggest_dialog,
+            tip="Search coplanar beam arrangements with the AI preview as the objective and "
+                "add the best as new plans")
+        self.plan_menu = self.menuBar().addMenu("&Plan")
+        self.plan_menu.addAction(self.compare_action)
+        self.plan_menu.addAction(self.suggest_action)
         self.view_menu = self.menuBar().addMenu("&View")
         self.reset_view_action = self._action(
             "Reset zoom and pan", self.reset_views, "R",
@@ -399,6 +407,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.export_action.setEnabled(has_case)
         self.physics_action.setEnabled(has_case)
         self.compare_action.setEnabled(has_case)
+        self.suggest_action.setEnabled(has_case)
 
     def open_compare(self) -> CompareWindow | None:
         """Show the (non-modal) Compare plans window, made on first use."""
@@ -482,6 +491,23 @@ class MainWindow(QtWidgets.QMainWindow):
             f"{physics.primary_target} D95 = prescription")
         self.physics_ready.emit(physics)
 
+    # ---- beam-angle suggestion ----------------------------------------------------------------
+    def show_suggest_dialog(self) -> SuggestDialog:
+        """Show the non-modal "Suggest beam angles" dialog (one per window, kept between uses)."""
+        if self.suggest_dialog is None:
+            self.suggest_dialog = SuggestDialog(
+                self.session, engine=lambda: self.controller.engine,
+                verify=self.verify_with_physics, busy=lambda: bool(self.controller.busy),
+                parent=self)
+            self.suggest_dialog.plans_added.connect(
+                lambda names: self.statusBar().showMessage(
+                    f"Suggested plans added: {', '.join(names)} (the model's word: verify with "
+                    f"physics)"))
+        self.suggest_dialog.show()
+        self.suggest_dialog.raise_()
+        self.suggest_dialog.activateWindow()
+        return self.suggest_dialog
+
     def _on_history(self, can_undo: bool, can_redo: bool) -> None:
         self.undo_action.setEnabled(can_undo)
         self.redo_action.setEnabled(can_redo)
@@ -547,6 +573,9 @@ class MainWindow(QtWidgets.QMainWindow):
             self._physics_cancel.set()
         if self.compare_window is not None:
             self.compare_window.close()
+        if self.suggest_dialog is not None:
+            self.suggest_dialog.shutdown()  # cancels a running search; it stops within a preview
+            self.suggest_dialog.close()
         self.controller.shutdown()
         self.training_panel.shutdown()
         self.view3d.close_scene()

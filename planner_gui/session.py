@@ -7,9 +7,10 @@ undoable edit: :meth:`Session.begin_edit` remembers the plan, :meth:`Session.pre
 transient plans without touching the history, :meth:`Session.commit_edit` records the edit.
 
 A patient can hold several plans (:class:`PlanEntry`: try 7 fields against 9, or an arc):
-:meth:`Session.duplicate_plan`, :meth:`Session.rename_plan`, :meth:`Session.delete_plan` and
-:meth:`Session.switch_plan`. ``Session.plan``, ``Session.result`` and the history always refer to
-the active plan, so views and the dose controller need not know there are several.
+:meth:`Session.duplicate_plan`, :meth:`Session.add_plan`, :meth:`Session.rename_plan`,
+:meth:`Session.delete_plan` and :meth:`Session.switch_plan`. ``Session.plan``, ``Session.result``
+and the history always refer to the active plan, so views and the dose controller need not know
+there are several.
 """
 
 from __future__ import annotations
@@ -186,6 +187,21 @@ class Session:
                                     result_plan=result_plan))
         self.switch_plan(len(self.plans) - 1)
         return self.active_plan
+
+    def add_plan(self, plan: Plan, activate: bool = False) -> int:
+        """Add ``plan`` as a new plan of the open patient (e.g. a suggested beam arrangement)
+        with a fresh history and no result yet; its name is made unique ("<name> 2", ...).
+        Returns its index; ``activate`` makes it the active plan."""
+        if self.case is None:
+            raise RuntimeError("no patient is open")
+        name = self._unique_name(plan.name.strip() or "Plan")
+        self.plans.append(PlanEntry(dataclasses.replace(plan, name=name)))
+        index = len(self.plans) - 1
+        if activate:
+            self.switch_plan(index)
+        else:
+            self.plans_changed.emit(self.plan_names(), self.active_plan)
+        return index
 
     def rename_plan(self, index: int, name: str) -> None:
         """Rename plan ``index``; names are unique and not empty. Not an undoable beam edit:

@@ -5,12 +5,16 @@ fields shaped to the target, attenuated with depth) and the command on a DICOM p
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pydicom
 import pytest
 
 from engine import beam_search as bs
 from engine.cli import main
+from engine.runtime import default_model_path
+from tests.conftest import DEMO
 from tests.gui_helpers import PhysicsDoseEngine, make_case
 
 
@@ -59,6 +63,7 @@ def test_search_beats_or_ties_the_equispaced_plan_and_respects_the_sector(search
     assert [n for n, _ in evaluations] == list(range(1, result.evaluated + 1))
     assert evaluations[-1][1] == min(best for _, best in evaluations)  # best-so-far only falls
     assert result.seconds <= 20.0 + 5.0  # the budget (plus one evaluation in flight)
+    assert 0.0 < result.slowest_s and result.seconds <= 20.0 + result.slowest_s + 0.5
     terms = result.best[0].terms
     assert 0.0 <= terms["scorecard"] <= 1.0 and "target D95 deficit (Gy)" in terms
 
@@ -104,3 +109,37 @@ def test_suggest_beams_input_errors(argv, message, phantom_dicom, tiny_dose_bund
                  "--budget", "2", "--out", str(tmp_path / "o"), "--model",
                  str(tiny_dose_bundle), *argv])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_suggest_beams_on_the_demo_patient_keeps_its_budget_and_shows_its_candidates(tmp_path):
+    """The issue's acceptance check: `dosepilot suggest-beams` on the bundled demo patient with
+    the shipped model stops within its budget (no evaluation starts after it, so the overrun is
+    less than the slowest one) and prints and writes its candidates."""
+    budget, out = 8.0, tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "engine.cli", "suggest-beams", str(DEMO),
+                          "--beams", "7", "--budget", f"{budget:g}", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((out / "suggestions.json").read_text())
+    assert summary["model"] == str(default_model_path()) and summary["budget_s"] == budget
+    # the first evaluation builds the patient's model inputs: on a loaded 2-core machine it
+    # alone can take the whole budget, so one arrangement (the equispaced one) is a valid run
+    assert summary["evaluated"] >= 1
+    timing = {k: summary[k] for k in ("evaluated", "seconds", "slowest_evaluation_s")}
+    assert summary["seconds"] <= budget + summary["slowest_evaluation_s"] + 0.5, timing
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith(f"{summary['evaluated']} arrangements in ")
+    reference = summary["equispaced"]
+    assert reference["gantry_deg"] == [0.0, 51.4, 102.9, 154.3, 205.7, 257.1, 308.6]
+    assert lines[1].split()[:8] == ["equispaced", *(f"{a:.1f}" for a in reference["gantry_deg"])]
+    suggestions = summary["suggestions"]
+    assert 1 <= len(suggestions) <= 3 and len(lines) == 2 + len(suggestions)
+    for line, entry in zip(lines[2:], suggestions):
+        assert line.split()[:9] == ["suggestion", str(entry["rank"]),
+                                    *(f"{a:.1f}" for a in entry["gantry_deg"])]
+        assert line.endswith(entry["plan"]) and len(entry["gantry_deg"]) == 7
+        plan = pydicom.dcmread(entry["plan"])
+        assert sorted(float(b.ControlPointSequence[0].GantryAngle) for b in plan.BeamSequence) \
+            == pytest.approx(entry["gantry_deg"])
+    values = [e["objective"] for e in suggestions]
+    assert values == sorted(values) and values[0] <= reference["objective"]

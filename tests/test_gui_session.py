@@ -5,6 +5,7 @@ loop with a real worker thread)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -286,6 +287,28 @@ def test_plan_names_are_unique_and_the_last_plan_stays(case):
         session.delete_plan(0)
     with pytest.raises(IndexError):
         session.switch_plan(3)
+
+
+def test_added_plans_get_unique_names_and_a_fresh_history(case):
+    session = Session()
+    with pytest.raises(RuntimeError, match="no patient"):
+        session.add_plan(default_plan(case))
+    session.open_case(case)
+    session.set_gantry(0, 30.0)
+    session.set_result("dose of plan 1")
+    plans = recorder(session.plans_changed)
+    switched = recorder(session.active_plan_changed)
+    suggested = session.plan.with_gantry(0, 100.0)
+    index = session.add_plan(dataclasses.replace(suggested, name="Suggested 1"))
+    assert index == 1 and session.active_plan == 0 and not switched  # not activated
+    assert plans[-1] == ([session.plans[0].plan.name, "Suggested 1"], 0)
+    assert session.plan.beams[0].gantry_deg == 30.0 and session.can_undo
+    again = session.add_plan(dataclasses.replace(suggested, name="Suggested 1"), activate=True)
+    assert again == 2 and session.active_plan == 2 and switched == [(2,)]
+    assert session.plan.name == "Suggested 1 2" and session.plan.beams == suggested.beams
+    assert not session.can_undo and not session.can_redo  # a fresh history
+    assert session.result is None and session.result_plan is None  # no dose yet
+    assert plans[-1] == (session.plan_names(), 2)
 
 
 def test_switching_back_to_a_predicted_plan_does_not_predict_again(case):
