@@ -166,6 +166,7 @@ class CompareWindow(QtWidgets.QWidget):
         table_layout.addWidget(self.summary)
         table_layout.addWidget(self.table)
         bottom.addWidget(table_box)
+        bottom.setSizes([720, 480])  # the table's five columns need about 2/5 of the width
         body = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
         body.addWidget(panes_row)
         body.addWidget(bottom)

@@ -128,6 +128,7 @@ class SuggestDialog(QtWidgets.QDialog):
         self.table.setSelectionMode(QtWidgets.QAbstractItemView.SelectionMode.SingleSelection)
         self.table.setEditTriggers(QtWidgets.QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
+        self.table.resizeColumnsToContents()  # readable headers before the first results
         self.verify_button = QtWidgets.QPushButton("Verify with physics")
         self.verify_button.setToolTip(
             "Make the selected plan active and compute its physics dose (pyRadPlan, about a "
