@@ -20,7 +20,7 @@ import json
 import platform
 from pathlib import Path
 
-from engine.beam_search import plan_with_angles, suggest_beams
+from engine.beam_search import MIN_SEPARATION_DEG, plan_with_angles, suggest_beams
 from engine.io.openkbp import load_openkbp_npz
 from engine.metrics.dvh import all_metrics, prepare
 from engine.metrics.scorecard import BoundScorecard, builtin_template
@@ -54,14 +54,17 @@ def physics_figures(case, angles) -> dict:
     return figures
 
 
-def run_case(engine: DoseEngine, name: str, beams: int, budget: float, out: Path) -> dict:
+def run_case(engine: DoseEngine, name: str, beams: int, budget: float, out: Path,
+             min_separation: float) -> dict:
     path = out / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
     case = load_openkbp_npz(DATASET / f"{name}.npz")
-    search = suggest_beams(engine, case, beams, budget_s=budget, keep=1)
+    search = suggest_beams(engine, case, beams, budget_s=budget, keep=1,
+                           min_separation_deg=min_separation)
     best = search.best[0]
-    record = {"case": name, "beams": beams, "evaluated": search.evaluated,
+    record = {"case": name, "beams": beams, "min_separation_deg": min_separation,
+              "evaluated": search.evaluated,
               "search_s": round(search.seconds, 1), "objective": search.objective,
               "suggested": {"gantry_deg": list(best.gantry_deg), "model_objective": best.value,
                             "physics": physics_figures(case, best.gantry_deg)},
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beams", type=int, default=7)
     parser.add_argument("--budget", type=float, default=60.0)
     parser.add_argument("--model", type=Path, default=default_model_path())
+    parser.add_argument("--min-separation", type=float, default=MIN_SEPARATION_DEG,
+                        help="closest two beams may come, degrees")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("suggest-vs-equispaced"))
     args = parser.parse_args(argv)
@@ -103,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = DoseEngine.from_checkpoint(args.model, device="cpu", threads=args.threads)
     records = []
     for name in args.cases:
-        records.append(run_case(engine, name, args.beams, args.budget, args.out))
+        records.append(run_case(engine, name, args.beams, args.budget, args.out,
+                                args.min_separation))
         print(json.dumps(records[-1]), flush=True)
     print(table(records))
     return 0

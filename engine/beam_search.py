@@ -77,7 +77,8 @@ class SearchResult:
     """The best distinct candidates (best first), the equispaced arrangement from 0 deg as the
     reference, how many arrangements were evaluated, the seconds spent and the slowest single
     evaluation's seconds (no new one starts once the budget is spent, so ``seconds`` exceeds
-    the budget by less than about that)."""
+    the budget by less than about that, unless the budget ran out before any allowed
+    arrangement was evaluated: the equispaced scan goes on until it finds one)."""
 
     best: tuple[Candidate, ...]
     equispaced: Candidate
@@ -104,13 +105,15 @@ def in_sector(angle: float, sector: tuple[float, float]) -> bool:
     return (angle - a) % 360.0 <= (b - a) % 360.0
 
 
-def allowed(angles: Sequence[float], forbid: Sequence[tuple[float, float]]) -> bool:
-    """No beam in a forbidden sector and every two beams at least MIN_SEPARATION_DEG apart."""
+def allowed(angles: Sequence[float], forbid: Sequence[tuple[float, float]],
+            min_separation_deg: float = MIN_SEPARATION_DEG) -> bool:
+    """No beam in a forbidden sector and every two beams at least ``min_separation_deg``
+    apart."""
     if any(in_sector(a, s) for a in angles for s in forbid):
         return False
     ordered = sorted(a % 360.0 for a in angles)
     gaps = [b - a for a, b in zip(ordered, ordered[1:])] + [ordered[0] + 360.0 - ordered[-1]]
-    return len(ordered) < 2 or min(gaps) >= MIN_SEPARATION_DEG - 1e-9
+    return len(ordered) < 2 or min(gaps) >= min_separation_deg - 1e-9
 
 
 def equispaced(n: int, start: float) -> tuple[float, ...]:
@@ -182,13 +185,22 @@ def suggest_beams(engine: object, case: Case, n_beams: int,
                   forbid: Sequence[tuple[float, float]] = (), budget_s: float = 60.0,
                   keep: int = 3, objective: SearchObjective = SearchObjective(),
                   progress: Callable[[int, float], None] | None = None,
-                  cancel: threading.Event | None = None) -> SearchResult:
+                  cancel: threading.Event | None = None,
+                  min_separation_deg: float = MIN_SEPARATION_DEG) -> SearchResult:
     """Search ``n_beams``-field coplanar arrangements for ``case`` (its plan's isocentre) with
-    ``engine.preview``; ``progress(evaluated, best_value)`` after each evaluation."""
+    ``engine.preview``; ``progress(evaluated, best_value)`` after each evaluation. No two beams
+    come closer than ``min_separation_deg`` (at most 360 / ``n_beams``, the equispaced gap)."""
     if case.plan is None or not case.plan.beams:
         raise ValueError(f"case {case.name!r} has no plan (isocentre) to search beams for")
     if not 1 <= n_beams <= 36:
         raise ValueError(f"the number of beams must be 1..36, got {n_beams}")
+    if not 0.0 <= min_separation_deg <= 360.0 / n_beams:
+        raise ValueError(f"the minimum beam separation must be 0..{360.0 / n_beams:g} deg for "
+                         f"{n_beams} beams, got {min_separation_deg:g}")
+
+    def ok(angles: Sequence[float]) -> bool:
+        return allowed(angles, forbid, min_separation_deg)
+
     t0 = time.perf_counter()
     cache: dict[tuple[float, ...], Candidate] = {}
     slowest = 0.0
@@ -215,14 +227,16 @@ def suggest_beams(engine: object, case: Case, n_beams: int,
     period = 360.0 / n_beams
     starts = [k * SCAN_STEP_DEG for k in range(max(1, math.ceil(period / SCAN_STEP_DEG)))]
     for start in starts:
-        if out_of_time():
+        # a spent budget (the first preview also prepares the patient, which on a loaded
+        # machine can take it all) still lets the scan find one allowed arrangement
+        if out_of_time() and any(ok(c.gantry_deg) for c in cache.values()):
             break
         angles = equispaced(n_beams, start)
-        if not allowed(angles, forbid):
+        if not ok(angles):
             angles = nudge_out(angles, forbid)
-        if allowed(angles, forbid):
+        if ok(angles):
             evaluate(angles)
-    seeds = sorted((c for c in cache.values() if allowed(c.gantry_deg, forbid)),
+    seeds = sorted((c for c in cache.values() if ok(c.gantry_deg)),
                    key=lambda c: c.value)[:keep]
     for seed in seeds:
         current = seed
@@ -234,12 +248,12 @@ def suggest_beams(engine: object, case: Case, n_beams: int,
                     for delta in (step, -step):
                         angles = list(current.gantry_deg)
                         angles[i] = (angles[i] + delta) % 360.0
-                        if out_of_time() or not allowed(angles, forbid):
+                        if out_of_time() or not ok(angles):
                             continue
                         candidate = evaluate(angles)
                         if candidate.value < current.value - 1e-9:
                             current, improved = candidate, True
-    ranked = sorted((c for c in cache.values() if allowed(c.gantry_deg, forbid)),
+    ranked = sorted((c for c in cache.values() if ok(c.gantry_deg)),
                     key=lambda c: c.value)
     return SearchResult(tuple(ranked[:keep]), reference, len(cache),
                         time.perf_counter() - t0, objective.describe(), slowest)

@@ -68,6 +68,19 @@ def test_search_beats_or_ties_the_equispaced_plan_and_respects_the_sector(search
     assert 0.0 <= terms["scorecard"] <= 1.0 and "target D95 deficit (Gy)" in terms
 
 
+def test_a_minimum_separation_keeps_every_suggestion_spread_out():
+    case = make_case()
+    result = bs.suggest_beams(PhysicsDoseEngine(), case, 4, budget_s=6.0, keep=3,
+                              min_separation_deg=60.0)
+    for candidate in result.best:
+        angles = sorted(candidate.gantry_deg)
+        gaps = [b - a for a, b in zip(angles, angles[1:])] + [angles[0] + 360 - angles[-1]]
+        assert min(gaps) >= 60.0 - 1e-6, angles
+    assert not bs.allowed([0.0, 50.0, 180.0], [], min_separation_deg=60.0)
+    with pytest.raises(ValueError, match="minimum beam separation must be 0..90"):
+        bs.suggest_beams(PhysicsDoseEngine(), case, 4, budget_s=1.0, min_separation_deg=95.0)
+
+
 def test_score_rises_when_the_target_is_underdosed(search):
     case, _, _ = search
     engine = PhysicsDoseEngine()
@@ -89,7 +102,10 @@ def test_suggest_beams_command_writes_plans_and_summary(phantom_dicom, tiny_dose
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary == json.loads((out / "suggestions.json").read_text())
-    assert len(summary["suggestions"]) == 2 and summary["evaluated"] >= 2
+    # the first preview also prepares the patient: on a loaded machine it can take most of the
+    # 8 s, and the search then stops at the first allowed arrangement
+    assert 1 <= len(summary["suggestions"]) <= 2 and summary["evaluated"] >= 2
+    assert len(summary["suggestions"]) == 2 or summary["seconds"] >= 8.0
     for entry in summary["suggestions"]:
         plan = pydicom.dcmread(entry["plan"])
         angles = sorted(float(b.ControlPointSequence[0].GantryAngle) for b in plan.BeamSequence)

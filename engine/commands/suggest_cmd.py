@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from engine.beam_search import MIN_SEPARATION_DEG
 from engine.commands.bench_cmd import add_precision_argument
 from engine.errors import UserError
 
@@ -31,12 +32,7 @@ from engine.errors import UserError
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from engine.beam_search import (
-        MIN_SEPARATION_DEG,
-        parse_sector,
-        plan_with_angles,
-        suggest_beams,
-    )
+    from engine.beam_search import parse_sector, plan_with_angles, suggest_beams
     from engine.commands.bench_cmd import load_engine
     from engine.commands.predict_cmd import find_cases, load_case
     from engine.io.dicom_export import write_rtplan
@@ -70,14 +66,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = suggest_beams(engine, case, args.beams, forbid, args.budget, args.keep,
-                               progress=progress)
-    except ValueError as exc:
+                               progress=progress, min_separation_deg=args.min_separation)
+    except ValueError as exc:  # also a --min-separation above 360 / N
         raise UserError(str(exc)) from None
     finally:
         bar.close()
     if not result.best:
         raise UserError(f"no {args.beams}-beam arrangement keeps out of the forbidden sectors "
-                        f"{args.forbid} with beams {MIN_SEPARATION_DEG:g} deg apart")
+                        f"{args.forbid} with beams {args.min_separation:g} deg apart")
     args.out.mkdir(parents=True, exist_ok=True)
     entries = []
     for rank, candidate in enumerate(result.best, start=1):
@@ -127,6 +123,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=float, default=60.0,
                    help="search time in seconds (default 60)")
     p.add_argument("--keep", type=int, default=3, help="suggestions to write (default 3)")
+    p.add_argument("--min-separation", type=float, default=MIN_SEPARATION_DEG, metavar="DEG",
+                   help="closest two beams may come, degrees (default "
+                        f"{MIN_SEPARATION_DEG:g}; at most 360 / N)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--model", type=Path, help="model bundle folder (default: the shipped model)")
