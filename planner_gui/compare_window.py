@@ -28,6 +28,7 @@ from PySide6 import QtCore, QtGui, QtWidgets
 from engine.case import Case, Plan, Volume
 from engine.compare_report import diff_limit_gy, write_comparison_report
 from engine.plan_compare import PlanComparison, compare_doses
+from planner_gui.dvh_panel import dvh_plot_widget
 from planner_gui.metrics_panel import FAIL_COLOR, NOT_EVALUATED_COLOR, PASS_COLOR, _item
 from planner_gui.session import Session
 from planner_gui.views.display import (
@@ -146,12 +147,7 @@ class CompareWindow(QtWidgets.QWidget):
             self.panes[key].view_box.setYLink(first)
         self.panes["A-B"].color_bar.setColorMap(difference_colormap())
 
-        self.dvh_plot = pg.PlotWidget(background="#15191d")
-        self.dvh_plot.setLabel("bottom", "Dose", units="Gy")
-        self.dvh_plot.setLabel("left", "Volume", units="%")
-        self.dvh_plot.showGrid(x=True, y=True, alpha=0.25)
-        self.dvh_plot.setYRange(0, 102, padding=0)
-        self.dvh_legend = self.dvh_plot.addLegend(offset=(-10, 10), labelTextSize="8pt")
+        self.dvh_plot, self.dvh_legend = dvh_plot_widget()
         self.dvh_curves: dict[tuple[str, str], pg.PlotDataItem] = {}
         self.table = QtWidgets.QTableWidget(0, len(TABLE_COLUMNS))
         self.table.setHorizontalHeaderLabels(TABLE_COLUMNS)

@@ -20,18 +20,24 @@ def _reference_dvhs(case: Case) -> dict[str, DVH]:
     return {c.name: c for c in curves if c.volume_cc > 0}
 
 
+def dvh_plot_widget() -> tuple[pg.PlotWidget, pg.LegendItem]:
+    """An empty cumulative-DVH plot (dose in Gy, volume in %) and its legend, as every DVH view
+    of the planner draws it."""
+    plot = pg.PlotWidget(background="#15191d")
+    plot.setLabel("bottom", "Dose", units="Gy")
+    plot.setLabel("left", "Volume", units="%")
+    plot.showGrid(x=True, y=True, alpha=0.25)
+    plot.setYRange(0, 102, padding=0)
+    return plot, plot.addLegend(offset=(-10, 10), labelTextSize="8pt")
+
+
 class DvhPanel(QtWidgets.QWidget):
     """Cumulative DVHs of the latest result (solid) and of the reference dose (dashed)."""
 
     def __init__(self, session: Session, parent: QtWidgets.QWidget | None = None) -> None:
         super().__init__(parent)
         self.session = session
-        self.plot = pg.PlotWidget(background="#15191d")
-        self.plot.setLabel("bottom", "Dose", units="Gy")
-        self.plot.setLabel("left", "Volume", units="%")
-        self.plot.showGrid(x=True, y=True, alpha=0.25)
-        self.plot.setYRange(0, 102, padding=0)
-        self.legend = self.plot.addLegend(offset=(-10, 10), labelTextSize="8pt")
+        self.plot, self.legend = dvh_plot_widget()
         self.curves: dict[str, pg.PlotDataItem] = {}
         self.reference_curves: dict[str, pg.PlotDataItem] = {}
         self._reference: dict[str, DVH] = {}

@@ -106,7 +106,7 @@ def _unique(a: str, b: str) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.commands.predict_cmd import find_cases, load_case
+    from engine.commands.predict_cmd import load_one_patient
     from engine.compare_report import write_comparison_report
     from engine.plan_compare import compare_doses
 
@@ -114,15 +114,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: the report is a .pdf or a .png file")
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    found = find_cases(args.patient) if args.patient.exists() else []
-    if len(found) != 1:
-        raise UserError(f"{args.patient}: " + ("not one patient (a DICOM folder or a dataset "
-                                                "case file)" if args.patient.exists()
-                                                else "no such file or folder"))
-    try:
-        case = load_case(found[0])
-    except (ValueError, OSError) as exc:  # the readers' errors are ValueErrors naming the fault
-        raise UserError(f"{args.patient}: {exc}") from None
+    case = load_one_patient(args.patient)
     sides = [resolve_source(spec, case) for spec in (args.a, args.b)]
     engine = None
     if any(s.plan is not None for s in sides):

@@ -146,6 +146,19 @@ def load_case(source: CaseInput, meta_dir: Path | None = None) -> Case:
     raise ValueError(f"unknown case kind {source.kind!r}")
 
 
+def load_one_patient(path: Path) -> Case:
+    """The one patient at ``path`` (a DICOM folder or a dataset case file), or a UserError
+    saying why not: nothing there, several patients, or the reader's own fault."""
+    found = find_cases(path) if path.exists() else []
+    if len(found) != 1:
+        raise UserError(f"{path}: " + ("not one patient (a DICOM folder or a dataset case file)"
+                                       if path.exists() else "no such file or folder"))
+    try:
+        return load_case(found[0])
+    except (ValueError, OSError) as exc:  # the readers' errors are ValueErrors naming the fault
+        raise UserError(f"{path}: {exc}") from None
+
+
 def dataset_array(source: CaseInput, case: Case, dose_gy: np.ndarray) -> np.ndarray | None:
     """The CT-grid dose (Gy, [z, y, x]) in the dataset's own layout, None for DICOM cases.
 

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from engine.beam_search import parse_sector, plan_with_angles, suggest_beams
     from engine.commands.bench_cmd import load_engine
-    from engine.commands.predict_cmd import find_cases, load_case
+    from engine.commands.predict_cmd import load_one_patient
     from engine.io.dicom_export import write_rtplan
 
     try:
@@ -45,15 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--budget must be > 0 seconds, got {args.budget}")
     if args.keep < 1:
         raise UserError(f"--keep must be >= 1, got {args.keep}")
-    found = find_cases(args.patient) if args.patient.exists() else []
-    if len(found) != 1:
-        raise UserError(f"{args.patient}: " + ("not one patient (a DICOM folder or a dataset "
-                                                "case file)" if args.patient.exists()
-                                                else "no such file or folder"))
-    try:
-        case = load_case(found[0])
-    except (ValueError, OSError) as exc:  # the readers' errors are ValueErrors naming the fault
-        raise UserError(f"{args.patient}: {exc}") from None
+    case = load_one_patient(args.patient)
     if case.plan is None or not case.plan.beams:
         raise UserError(f"{case.name}: the patient has no plan to take the isocentre from")
     engine = load_engine(args.model, args.threads, precision=args.precision)
