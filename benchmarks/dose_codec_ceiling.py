@@ -21,9 +21,11 @@ and size where physics changes by more than 5 % of the prescription). Paths:
   by the constant bias only), and it stays in the sample the VAE decodes. This path adds that
   part of the engine's seed-0 noise to the true latent.
 
-Also each path's dose MAE against physics inside the body. A path whose change correlation is
-near 1 is not what keeps the model from following the beam. Prints one JSON line per pair and a
-summary; needs no physics environment.
+Also each path's dose MAE against physics inside the body, and with ``--validation DIR`` (the
+OpenKBP validation cases) each path's OpenKBP dose and DVH scores on the clinical doses: the
+best scores a model with this grid / VAE / codec can reach, whatever its DiT. A path whose
+change correlation is near 1 is not what keeps the model from following the beam. Prints one
+JSON line per pair and a summary; needs no physics environment.
 """
 
 from __future__ import annotations
@@ -42,8 +44,14 @@ import torch
 
 from engine import diffusion
 from engine.features.modalities import N_SLOTS, Slot, build_modalities
-from engine.io.openkbp import load_openkbp_npz
+from engine.io.openkbp import from_case_axes, load_openkbp_npz
 from engine.metrics.beam_change import beam_change_agreement
+from engine.metrics.benchmark_io import (
+    openkbp_references,
+    patient_sort_key,
+    read_openkbp_reference,
+)
+from engine.metrics.scores import CaseScore, openkbp_benchmark, openkbp_case_score
 from engine.models.dit import DiffKT3D
 from engine.physics.dose_calc import body_mask
 from engine.runtime import DoseEngine, default_model_path
@@ -123,6 +131,27 @@ def patient_rows(engine: DoseEngine, plans: list[Path], threshold_fraction: floa
     return rows
 
 
+def validation_floor(engine: DoseEngine, dataset: Path) -> dict:
+    """Per path: the OpenKBP dose and DVH scores of the clinical doses of every case in
+    ``dataset`` after the path, i.e. of a perfect DiT's predictions."""
+    refs = openkbp_references(dataset)
+    if not refs:
+        raise SystemExit(f"{dataset}: no OpenKBP cases")
+    scores: dict[str, list[CaseScore]] = {}
+    for pid, path in sorted(refs.items(), key=lambda kv: patient_sort_key(kv[0])):
+        ref = read_openkbp_reference(path)
+        for name, dose in dose_paths(engine, ref.case).items():
+            scores.setdefault(name, []).append(openkbp_case_score(
+                pid, ref.dose_gy, from_case_axes(dose), ref.masks, ref.possible_dose_mask,
+                ref.voxel_mm))
+    out = {}
+    for name, cases in scores.items():
+        total = openkbp_benchmark(cases)
+        out[name] = {"dose_score": round(total.dose_score, 3),
+                     "dvh_score": round(total.dvh_score, 3), "cases": len(cases)}
+    return out
+
+
 def summarize(rows: list[dict]) -> dict:
     """Per path: the mean of each figure over the pairs, and the change ratio."""
     out = {}
@@ -146,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", type=Path, default=DEFAULT_HELDOUT)
     p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     p.add_argument("--threshold-fraction", type=float, default=0.05)
+    p.add_argument("--validation", type=Path, default=None,
+                   help="also score each path on these OpenKBP cases' clinical doses")
     args = p.parse_args(argv)
     engine = DoseEngine.from_checkpoint(args.model or default_model_path(), device="cpu")
     t0 = time.perf_counter()
@@ -156,11 +187,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     if not rows:
         raise SystemExit(f"no patient in {args.heldout} has two accepted arrangements")
+    floor = validation_floor(engine, args.validation) if args.validation else None
     print(json.dumps({
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "load_average": os.getloadavg(), "seconds": round(time.perf_counter() - t0, 1),
         "model": str(args.model or default_model_path()), "pairs": len(rows),
-        "patients": len({r["case"] for r in rows}), "paths": summarize(rows)}, indent=1))
+        "patients": len({r["case"] for r in rows}), "paths": summarize(rows),
+        **({"validation_floor": floor} if floor else {})}, indent=1))
     return 0
 
 

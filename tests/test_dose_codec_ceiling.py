@@ -49,7 +49,7 @@ def test_engine_noise_is_the_engines_seed_0_dose_noise():
 def test_every_path_is_judged_on_every_pair(tmp_path, tiny_dose_bundle, capsys):
     data, heldout = _heldout(tmp_path, {"pt_201": 2})
     assert dc.main(["--model", str(tiny_dose_bundle), "--heldout", str(heldout),
-                    "--dataset", str(data)]) == 0
+                    "--dataset", str(data), "--validation", str(data)]) == 0
     lines = capsys.readouterr().out.splitlines()
     row = json.loads(lines[0])
     assert row["plans"] == ["pt_201_plan0", "pt_201_plan1"]
@@ -60,3 +60,7 @@ def test_every_path_is_judged_on_every_pair(tmp_path, tiny_dose_bundle, capsys):
     summary = json.loads("\n".join(lines[1:]))
     assert summary["pairs"] == 1
     assert set(summary["paths"]["vae_leak"]) >= {"correlation", "change_ratio", "mae_gy"}
+    # the OpenKBP scores of the clinical dose after each path: a perfect DiT's floor
+    floor = summary["validation_floor"]
+    assert set(floor) == set(dc.PATHS) and floor["grid"]["cases"] == 1
+    assert floor["grid"]["dose_score"] < floor["vae"]["dose_score"]
