@@ -182,3 +182,28 @@ def test_any2any_under_torchrun_matches_one_process(fitted):
     assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3, 4]
     for step in losses[1]:
         assert losses[0][step] == pytest.approx(losses[1][step], rel=1e-4)
+
+
+def test_dose_decoder_refines_the_decoder_only(fitted, capsys):
+    root, cfg = fitted
+    runs, data = root / "runs", root / "data"
+    assert _train("any2any", cfg, data, runs / "dd-base") == 0
+    base = load_dose_model(runs / "dd-base" / "model")
+    refine = _preset(root, "dd", init_from=runs / "dd-base" / "model")
+    text = open(refine).read().replace("[data]\n", "[data]\ncrop = [9, 16, 16]\n")
+    open(refine, "w").write(text)
+    assert _train("dose-decoder", refine, data, runs / "dd") == 0
+    evals = [e for e in read_events(runs / "dd") if e["type"] == "eval"]
+    assert evals and "val_body_mae_gy" in evals[-1]
+    refined = load_dose_model(runs / "dd" / "model")
+    old, new = base.vae.state_dict(), refined.vae.state_dict()
+    decoder = [k for k in old if k.startswith(("decoder.", "post_quant_conv."))]
+    assert any(not torch.equal(old[k], new[k]) for k in decoder)
+    # the encoder (every cached latent) and the DiT trained on those latents are untouched
+    assert all(torch.equal(old[k], new[k]) for k in old if k not in decoder)
+    assert all(torch.equal(a, b) for a, b in zip(base.dit.state_dict().values(),
+                                                  refined.dit.state_dict().values()))
+    # a depth crop would cut the causal decoder's context: refused before any compute
+    open(refine, "w").write(text.replace("crop = [9, 16, 16]", "crop = [5, 16, 16]"))
+    assert _train("dose-decoder", refine, data, runs / "dd-refused") == 2
+    assert "crops in-plane only" in capsys.readouterr().err

@@ -24,10 +24,10 @@ from pathlib import Path
 
 from engine.errors import UserError
 
-STAGES = ("vae", "cache", "distill", "any2any", "dose", "scardnft")
+STAGES = ("vae", "cache", "distill", "any2any", "dose", "dose-decoder", "scardnft")
 
 
-ALIASES = {"stage-a": "any2any", "stage-b": "dose"}
+ALIASES = {"stage-a": "any2any", "stage-b": "dose", "dose-decoder": "dose_decoder"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
