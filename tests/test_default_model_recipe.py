@@ -36,6 +36,8 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     env = dict(os.environ, OPENKBP=str(openkbp), PHYSICS=str(physics), N_TRAIN="4", N_VAL="1",
                VAE_STEPS="2", DISTILL_STEPS="2", A_STEPS="2", B_STEPS="2", C_STEPS="2",
                N_C="2", D_STEPS="2", D_DISTILL_STEPS="2", D_CROP="5, 16, 16", NICE="0",
+               E_STEPS="2", N_E_CLINICAL="2", N_E_PHYSICS="1", E_CROP="9, 16, 16",
+               PHYSICS_V2=str(physics),
                GPU_PRESET=str(REPO / "resources/presets/test-tiny.toml"),
                THREADS="1", PRESET=str(REPO / "resources/presets/test-tiny.toml"),
                CROP="5, 16, 16", PATH=f"{Path(sys.executable).parent}{os.pathsep}"
@@ -44,11 +46,17 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     out = subprocess.run(["bash", str(RECIPE), str(runs)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
-    bundle = runs / "stage-d" / "model"
+    bundle = runs / "stage-e" / "model"
     assert f"model bundle: {bundle}" in out.stdout
-    model = load_dose_model(bundle, "cpu")
-    assert json.loads((bundle / "bundle.json").read_text())["provenance"]["init_from"] == str(
-        runs / "stage-c/model")
+    stage_e = json.loads((bundle / "bundle.json").read_text())["provenance"]
+    assert stage_e["stage"] == "dose-decoder" and stage_e["init_from"] == str(
+        runs / "stage-d/model")
+    model = load_dose_model(runs / "stage-d" / "model", "cpu")
+    assert json.loads((runs / "stage-d/model/bundle.json").read_text())["provenance"][
+        "init_from"] == str(runs / "stage-c/model")
+    refined = load_dose_model(bundle, "cpu")                 # Stage D's DiT, a new decoder
+    assert all(a.equal(b) for a, b in zip(refined.dit.state_dict().values(),
+                                          model.dit.state_dict().values()))
     stage_c = runs / "stage-c" / "model"
     provenance = json.loads((stage_c / "bundle.json").read_text())["provenance"]
     assert provenance["stage"] == "dose" and provenance["init_from"] == str(runs / "stage-b/model")
@@ -68,7 +76,8 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     again = subprocess.run(["bash", str(RECIPE), str(runs)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
-    for stage in ("vae", "distill", "stage-a", "stage-b", "stage-c", "distill-d", "stage-d"):
+    for stage in ("vae", "distill", "stage-a", "stage-b", "stage-c", "distill-d", "stage-d",
+                  "stage-e"):
         starts = [line for line in (runs / stage / "events.jsonl").read_text().splitlines()
                   if '"type": "start"' in line]
         assert len(starts) == 1, stage

@@ -17,6 +17,12 @@
 #                                                         RUNS_DIR/cache-gpu) and a new preview
 #                                                         codec distilled on 33 x 128 x 128
 #                                                         crops; D_STEPS=0 (the default) skips it
+#   cache -> dose-decoder (Stage E, from Stage D)        on the CPU: the VAE decoder refined on
+#                                                         the true dose of the first N_E_CLINICAL
+#                                                         OpenKBP cases and the first N_E_PHYSICS
+#                                                         v2 physics plans (RUNS_DIR/data-e);
+#                                                         encoder and DiT unchanged; E_STEPS=0
+#                                                         (the default) skips it
 # Resumable: run the same command again after an interruption; a stage with checkpoints is
 # continued with --resume, a finished stage (its export exists) is skipped, and the latent
 # cache (RUNS_DIR/cache) skips the cases it already holds. To stop a stage early and still
@@ -38,6 +44,9 @@
 #   VAE_STEPS=800 DISTILL_STEPS=300 A_STEPS=300 B_STEPS=550 C_STEPS=600
 #   D_STEPS=0 D_DISTILL_STEPS=1000      Stage D (the shipped model: 2139 dose steps, see its card)
 #   GPU_PRESET=.../default-gpu.toml D_CROP="33, 128, 128"
+#   E_STEPS=0 N_E_CLINICAL=76 N_E_PHYSICS=185 E_CROP="97, 64, 80"   Stage E (the shipped model:
+#                                       574 steps); PHYSICS_V2=RUNS_DIR/physics-v2 restored from
+#                                       datasets/openkbp-physics-plans-v2 when missing
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
 #                                       (tests run the whole recipe with test-tiny and "5, 16, 16")
@@ -65,6 +74,10 @@ D_STEPS=${D_STEPS:-0}
 D_DISTILL_STEPS=${D_DISTILL_STEPS:-1000}
 GPU_PRESET=${GPU_PRESET:-$REPO/resources/presets/default-gpu.toml}
 D_CROP=${D_CROP:-33, 128, 128}
+E_STEPS=${E_STEPS:-0}
+N_E_CLINICAL=${N_E_CLINICAL:-76}
+N_E_PHYSICS=${N_E_PHYSICS:-185}
+E_CROP=${E_CROP:-97, 64, 80}
 
 # The case subsets: symlinks to the first N files of a folder, in name order.
 link_first() {  # FROM_DIR TO_DIR N
@@ -143,4 +156,22 @@ gpu cache cache-d "$RUNS/data-b" "${FITTED[@]}"
 [ -f "$RUNS/stage-d/model/bundle.json" ] || gpu dose stage-d "$RUNS/data-b" "${FITTED[@]}" \
     --set "model.codec_weights=\"$CODEC_D\"" --set "model.init_from=\"$RUNS/stage-c/model\"" \
     --set "run.max_steps=$D_STEPS"
-echo "model bundle: $RUNS/stage-d/model"
+if [ "$E_STEPS" -eq 0 ]; then echo "model bundle: $RUNS/stage-d/model"; exit 0; fi
+
+# Stage E (CPU): the decoder of Stage D's VAE refined on true doses (the cached dose latents of
+# the frozen encoder); v2 physics plans (objectives version 2) and OpenKBP cases.
+if [ ! -d "$RUNS/data-e" ]; then
+    if [ -z "${PHYSICS_V2:-}" ]; then
+        PHYSICS_V2="$RUNS/physics-v2"
+        [ -d "$PHYSICS_V2" ] || python -m engine.cli physics unpack \
+            "$REPO/datasets/openkbp-physics-plans-v2" "$OPENKBP/train" "$PHYSICS_V2"
+    fi
+    link_first "$OPENKBP/train" "$RUNS/data-e/train" "$N_E_CLINICAL"
+    link_first "$PHYSICS_V2" "$RUNS/data-e/train/physics" "$N_E_PHYSICS"
+    cp -a "$RUNS/data-a/validation" "$RUNS/data-e/"
+fi
+CACHE=$RUNS/cache-e train cache cache-e "$RUNS/data-e" "${FITTED[@]}"
+[ -f "$RUNS/stage-e/model/bundle.json" ] || CACHE=$RUNS/cache-e train dose-decoder stage-e \
+    "$RUNS/data-e" "${FITTED[@]}" --set "model.init_from=\"$RUNS/stage-d/model\"" \
+    --set "run.max_steps=$E_STEPS" --set "data.crop=[$E_CROP]" --set optim.lr=2e-4
+echo "model bundle: $RUNS/stage-e/model"
