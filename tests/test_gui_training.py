@@ -13,6 +13,7 @@ import tomllib
 
 from engine.cli import build_parser
 from planner_gui.training_run import (
+    STAGES,
     EventTail,
     PresetError,
     TrainRequest,
@@ -43,6 +44,12 @@ def tiny_dataset(openkbp_dir, tmp_path_factory):
         for src in sorted((openkbp_dir / split).glob("pt_*.npz"))[:count]:
             (root / split / src.name).symlink_to(src)
     return root
+
+
+def test_the_panel_offers_every_stage_the_trainer_has():
+    train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    stage = next(a for a in train._actions if a.dest == "stage")
+    assert set(STAGES) == {s for s in stage.choices if not s.startswith("stage-")}
 
 
 def test_command_is_the_cli_train_command_with_a_derived_preset(tmp_path):
