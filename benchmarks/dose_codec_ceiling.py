@@ -14,13 +14,6 @@ and size where physics changes by more than 5 % of the prescription). Paths:
   what any model on this grid can reach;
 - ``vae``: ``grid`` through the bundle's VAE (encode, decode): the 10-step prediction's ceiling;
 - ``preview``: VAE encode, the tiny codec's decode, linear resampling: the preview's ceiling;
-- ``vae_leak``: ``vae`` plus what the sampler leaves of its starting noise. The DiT's dose head
-  maps each token (``dim`` features) to a patch of ``prod(patch_size) x 16`` latent values
-  (256 -> 512 for ``cpu-small``), so its velocity spans at most ``dim`` of those directions; with
-  v-prediction the orthogonal part of the seed-0 noise is never removed by any sampler (it moves
-  by the constant bias only), and it stays in the sample the VAE decodes. This path adds that
-  part of the engine's seed-0 noise to the true latent.
-
 Also each path's dose MAE against physics inside the body, and with ``--validation DIR`` (the
 OpenKBP validation cases) each path's OpenKBP dose and DVH scores on the clinical doses: the
 best scores a model with this grid / VAE / codec can reach, whatever its DiT. A path whose
@@ -42,8 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import diffusion
-from engine.features.modalities import N_SLOTS, Slot, build_modalities
+from engine.features.modalities import Slot, build_modalities
 from engine.io.openkbp import from_case_axes, load_openkbp_npz
 from engine.metrics.beam_change import beam_change_agreement
 from engine.metrics.benchmark_io import (
@@ -52,41 +44,14 @@ from engine.metrics.benchmark_io import (
     read_openkbp_reference,
 )
 from engine.metrics.scores import CaseScore, openkbp_benchmark, openkbp_case_score
-from engine.models.dit import DiffKT3D
 from engine.physics.dose_calc import body_mask
 from engine.runtime import DoseEngine, default_model_path
 
 from .heldout_beam_sensitivity import DEFAULT_DATASET, DEFAULT_HELDOUT, heldout_patients
 
-PATHS = ("grid", "vae", "preview", "vae_leak")
+PATHS = ("grid", "vae", "preview")
 FIGURES = ("correlation", "sign_agreement", "physics_mean_abs_gy", "model_mean_abs_gy",
            "model_mean_abs_elsewhere_gy")
-
-
-def head_orthogonal_part(dit: DiffKT3D, latent: torch.Tensor) -> torch.Tensor:
-    """The part of a dose-slot latent ``[C, D, H, W]`` that the dose head's output cannot reach:
-    per whole token patch, the latent minus its projection onto the column space of
-    ``proj_outs[DOSE].weight``. Patches cut by the grid's far end get none (their few real rows
-    are spanned)."""
-    basis, _ = torch.linalg.qr(dit.proj_outs[Slot.DOSE].weight.detach().double())
-    pt, ph, pw = dit.config.patch_size
-    c, d, h, w = latent.shape
-    g = (d // pt, h // ph, w // pw)
-    whole = latent[:, :g[0] * pt, :g[1] * ph, :g[2] * pw].double()
-    # the head's patch order: (pt, ph, pw, channels) per token (engine.models.dit, step 5)
-    tokens = whole.reshape(c, g[0], pt, g[1], ph, g[2], pw).permute(1, 3, 5, 2, 4, 6, 0)
-    flat = tokens.reshape(-1, basis.shape[0])
-    rest = (flat - (flat @ basis) @ basis.T).reshape(tokens.shape)
-    out = torch.zeros(latent.shape, dtype=torch.float64)
-    out[:, :g[0] * pt, :g[1] * ph, :g[2] * pw] = rest.permute(6, 0, 3, 1, 4, 2, 5).reshape(
-        whole.shape)
-    return out.to(latent.dtype)
-
-
-def engine_noise(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """The dose slot of the engine's seed-``seed`` starting noise for latents of ``shape``."""
-    noise = diffusion.initial_noise((N_SLOTS, *shape), torch.Generator().manual_seed(seed))
-    return noise[Slot.DOSE]
 
 
 def dose_paths(engine: DoseEngine, case) -> dict[str, np.ndarray]:
@@ -98,8 +63,6 @@ def dose_paths(engine: DoseEngine, case) -> dict[str, np.ndarray]:
         latent = model.vae.encode(unit)
         units = {"grid": unit[0, 0].numpy(),
                  "vae": model.vae.decode(latent)[0, 0].float().numpy()}
-        leak = head_orthogonal_part(model.dit, engine_noise(tuple(latent.shape[1:])))
-        units["vae_leak"] = model.vae.decode(latent + leak[None])[0, 0].float().numpy()
         if model.codec is not None:
             units["preview"] = model.codec.decode(latent)[0, 0].float().numpy()
     norm, tf = inputs.normalization, inputs.transform

@@ -50,7 +50,7 @@ from engine.metrics.scorecard import (
     ScorecardResult,
     best_scorecard,
 )
-from engine.models.dit import any2any_velocity
+from engine.models.dit import any2any_velocity, strip_unreachable_noise
 from engine.resources import resources_dir
 
 log = logging.getLogger(__name__)
@@ -306,6 +306,8 @@ class DoseEngine:
                         should_cancel=cancel.is_set if cancel is not None else None)
                 except diffusion.SamplingCancelled as exc:
                     raise Cancelled(str(exc)) from exc
+                sample = strip_unreachable_noise(self.model.dit, sample, noise, target,
+                                                 self.model.prediction)
             with timer("decode"):
                 unit = self._decode(sample[:, Slot.DOSE], fast=fast)
         norm = grid.inputs.normalization

@@ -19,6 +19,8 @@ from engine.models.dit import (
     preset,
     rope_angles,
     rope_band_dims,
+    strip_unreachable_noise,
+    unreachable_part,
 )
 
 TINY = DiTConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=64, in_channels=4,
@@ -277,3 +279,45 @@ def test_bf16_autocast_keeps_the_fused_rms_norm(model):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 fast = model(x, s, mask)
     torch.testing.assert_close(fast.float(), reference, atol=0.05, rtol=0.05)
+
+
+NARROW = DiTConfig(dim=16, num_layers=1, num_heads=2, ffn_dim=32, in_channels=4,
+                   patch_size=(2, 2, 2), freq_dim=16)  # 16 features -> 32 values per token
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpm++2m"])
+def test_the_noise_a_head_cannot_reach_survives_sampling_and_is_stripped(solver):
+    torch.manual_seed(0)
+    narrow = DiffKT3D(NARROW).eval()
+    with torch.no_grad():
+        for p in narrow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        narrow.proj_outs[4].bias.zero_()  # then the sampler moves that part by nothing at all
+    clean, mask = _x(seed=3), _mask(2, 4)
+    noise = diffusion.initial_noise(clean.shape, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = diffusion.sample(any2any_velocity(narrow, clean, mask), noise, steps=3,
+                               solver=solver)
+    assert (out[:, 4] - noise[:, 4]).abs().mean() > 0.01  # the sampler did move the dose
+    leak = unreachable_part(narrow, 4, noise[:, 4])
+    torch.testing.assert_close(unreachable_part(narrow, 4, out[:, 4]), leak, atol=1e-5, rtol=0)
+    # a 16-wide head spans 16 of each token's 32 directions; the cut last depth patch
+    # (5 = 2 x 2 + 1) is left alone
+    assert 0.5 < leak[:, :, :4].norm() / noise[:, 4, :, :4, :6, :2].norm() < 0.9
+    assert leak[:, :, 4:].abs().max() == 0 and leak[..., 2:].abs().max() == 0
+
+    stripped = strip_unreachable_noise(narrow, out, noise, mask)
+    assert unreachable_part(narrow, 4, stripped[:, 4]).abs().max() < 1e-5
+    torch.testing.assert_close(stripped[:, 4], out[:, 4] - leak)
+    assert torch.equal(stripped[:, [0, 1, 2, 3, 5, 6]], out[:, [0, 1, 2, 3, 5, 6]])
+    # other parameterisations reach the noise through x_s: nothing to strip
+    assert torch.equal(strip_unreachable_noise(narrow, out, noise, mask, "epsilon"), out)
+
+
+def test_a_head_of_full_rank_or_of_zeros_reaches_everything_or_nothing(model):
+    latent = _x(seed=6)[:, 4, :, :4, :6, :2]
+    assert unreachable_part(model, 4, latent).abs().max() < 1e-5  # 32 features, 32 values
+    zero = DiffKT3D(TINY)
+    with torch.no_grad():
+        zero.proj_outs[4].weight.zero_()
+    torch.testing.assert_close(unreachable_part(zero, 4, latent), latent)

@@ -5,8 +5,10 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from engine.dose_model import load_dose_model
+from engine.features import Slot
 from engine.latest_wins import Cancelled, Status
 from engine.models.checkpoint import CheckpointError
 from engine.phantom import PhantomSpec, make_phantom
@@ -90,6 +92,16 @@ def test_seeds_give_zero_std_when_identical_and_positive_otherwise(engine, case)
     different = engine.predict(case, steps=2, seeds=(3, 4))
     assert same.std is not None and float(np.abs(same.std.array).max()) < 1e-4
     assert float(different.std.array.max()) > 0
+
+
+def test_noise_the_dose_head_cannot_reach_does_not_reach_the_dose(bundle, case):
+    # a dose head of zeros moves nothing but its bias: every seed must give the same dose
+    engine = DoseEngine.from_checkpoint(bundle, threads=2)
+    with torch.no_grad():
+        engine.model.dit.proj_outs[Slot.DOSE].weight.zero_()
+    result = engine.predict(case, steps=2, seeds=(3, 4))
+    assert float(np.abs(result.std.array).max()) < 1e-3
+    assert float(result.dose.array.max()) > 0
 
 
 def test_progress_and_cancel_between_steps(engine, case):

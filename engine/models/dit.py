@@ -458,6 +458,56 @@ class DiffKT3D(nn.Module):
         return slots, set(targeted.nonzero().flatten().tolist())
 
 
+def unreachable_part(model: DiffKT3D, slot: int, latent: Tensor) -> Tensor:
+    """The part of slot ``slot``'s latents ``[B, C, D, H, W]`` that the slot's head can never
+    produce: per whole token patch, the latent minus its projection onto the column space of
+    ``proj_outs[slot].weight`` (``C * prod(patch)`` rows, at most ``dim`` of them independent).
+
+    A v-prediction sample is ``noise - sum(ds * v)``, so this part of the starting noise passes to
+    the result untouched by the model; :func:`strip_unreachable_noise` removes it. Patches cut by
+    the grid's far end are left at zero (their few real rows are spanned).
+    """
+    c = model.config
+    pt, ph, pw = c.patch_size
+    batch, channels, d, h, w = latent.shape
+    g = (d // pt, h // ph, w // pw)
+    # an orthonormal basis of the head's column space (SVD, not QR: a rank-deficient head, e.g.
+    # an all-zero one, must span fewer directions than it has columns)
+    u, sv, _ = torch.linalg.svd(model.proj_outs[slot].weight.detach().double().cpu(),
+                                full_matrices=False)
+    rank = int((sv > sv.max() * 1e-9 * max(u.shape)).sum()) if sv.numel() else 0
+    basis = u[:, :rank].to(latent.device)
+    whole = latent[:, :, :g[0] * pt, :g[1] * ph, :g[2] * pw].double()
+    # the head's patch order per token: (pt, ph, pw, channels), as in forward step 5
+    tokens = whole.reshape(batch, channels, g[0], pt, g[1], ph, g[2], pw).permute(
+        0, 2, 4, 6, 3, 5, 7, 1)
+    flat = tokens.reshape(-1, basis.shape[0])
+    rest = (flat - (flat @ basis) @ basis.T).reshape(tokens.shape)
+    out = torch.zeros(latent.shape, dtype=torch.float64, device=latent.device)
+    out[:, :, :g[0] * pt, :g[1] * ph, :g[2] * pw] = rest.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(
+        whole.shape)
+    return out.to(latent.dtype)
+
+
+def strip_unreachable_noise(model: DiffKT3D, sample: Tensor, noise: Tensor, target_mask: Tensor,
+                            prediction: diffusion.Prediction = "v") -> Tensor:
+    """``sample`` [B, S, C, D, H, W] (a v-prediction model's ODE result from ``noise``) without
+    the starting noise its heads cannot reach (:func:`unreachable_part`), at the target slots.
+
+    The network never sees that noise leave: an Euler or DPM step adds ``ds * v`` and ``v`` lies
+    in the head's column space plus its bias, so the unreachable part of ``noise`` is still in the
+    result and the VAE decodes it as dose. Removing it leaves the head bias's learnt mean there.
+    Other parameterisations convert through ``x_s`` and are returned unchanged.
+    """
+    if prediction != "v":
+        return sample
+    out = sample.clone()
+    for slot in target_mask.any(dim=0).nonzero().flatten().tolist():
+        rows = target_mask[:, slot]
+        out[rows, slot] -= unreachable_part(model, slot, noise[rows, slot])
+    return out
+
+
 def noise_targets(x0: Tensor, noise: Tensor, s: Tensor, target_mask: Tensor) -> Tensor:
     """The training input of an Any2Any step: target slots at ``x_s``, every other slot clean.
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from engine import diffusion
 from engine.errors import UserError
-from engine.models.dit import any2any_velocity, noise_targets
+from engine.models.dit import any2any_velocity, noise_targets, strip_unreachable_noise
 
 from ..caches import Cache
 from ..config import TrainConfig
@@ -205,6 +205,8 @@ def flow_task(stage: str, model: nn.Module, cache: Cache, index: dict, cfg: Trai
                                             prediction=prediction)
                 sample = diffusion.sample(velocity, noise, steps=cfg.diffusion.sample_steps,
                                           solver=cfg.diffusion.solver, shift=cfg.diffusion.shift)
+                sample = strip_unreachable_noise(getattr(m, "dit", m), sample, noise, mask,
+                                                 prediction)
                 dose = decode_dose(sample[:, DOSE_SLOT])[0].float().cpu()
                 maes.append(body_mae_gy(dose, volumes, index["normalisation"]))
                 score = gdp_hmm_mae_on_grid(dose, volumes, index["normalisation"])
