@@ -24,9 +24,15 @@ setup: system $(VENV)/.installed
 run: setup
 	$(VENV)/bin/dosepilot demo
 
+# After a crash, the last test started and the project's frames of every thread (tests/conftest.py)
+CRASH_LOG := .pytest-crash.log
 test: setup
 	$(VENV)/bin/ruff check .
-	QT_QPA_PLATFORM=xcb $(XVFB) $(PY) -m pytest -q -p no:cacheprovider
+	QT_QPA_PLATFORM=xcb DOSEPILOT_CRASH_LOG=$(CRASH_LOG) $(XVFB) \
+	    $(PY) -m pytest -q -p no:cacheprovider -p no:faulthandler || { rc=$$?; \
+	    echo "--- pytest exited $$rc; the last test started ($(CRASH_LOG)):"; \
+	    awk '/^running /{b=""} {b=b $$0 "\n"} END{printf "%s", b}' $(CRASH_LOG) | \
+	    grep -v -e site-packages -e '<frozen' -e '^Extension modules' | head -n 80; exit $$rc; }
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 from pathlib import Path
 
@@ -12,6 +13,26 @@ os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+_crash_log = None
+
+
+def pytest_configure(config):
+    """With ``DOSEPILOT_CRASH_LOG`` set (``make test`` sets it), a native crash of the test
+    process (segfault, abort) leaves in that file the test that was running and every thread's
+    stack. CI keeps only the tail of the output, where faulthandler's report on stderr names no
+    test: the Makefile prints this file's end instead."""
+    global _crash_log
+    path = os.environ.get("DOSEPILOT_CRASH_LOG")
+    if path and _crash_log is None:
+        _crash_log = open(path, "w", encoding="utf-8")  # noqa: SIM115 - open until exit
+        faulthandler.enable(_crash_log, all_threads=True)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _crash_log is not None:
+        _crash_log.write(f"running {nodeid}\n")
+        _crash_log.flush()
 
 
 @pytest.fixture(scope="session")
