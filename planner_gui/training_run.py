@@ -22,7 +22,8 @@ from engine.durable import write_text
 from engine.resources import resources_dir
 
 # the stages of ``dosepilot train STAGE`` (trainer/cli.py), in the order a model is built
-STAGES = ("vae", "cache", "distill", "any2any", "dose", "dose-decoder", "scardnft")
+STAGES = ("vae", "cache", "distill", "any2any", "dose", "dose-decoder", "codec-decoder",
+          "scardnft")
 
 
 class PresetError(ValueError):

@@ -9,7 +9,8 @@ import torch
 pytest.importorskip("engine.features", reason="the stages need engine.features (model inputs)")
 
 from engine.cli import main  # noqa: E402
-from engine.dose_model import load_dose_model  # noqa: E402
+from engine.dose_model import load_dose_model, save_dose_model  # noqa: E402
+from engine.models.tiny_codec import TinyCodec, TinyCodecConfig  # noqa: E402
 from trainer.caches import Cache  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.events import read_events  # noqa: E402
@@ -184,7 +185,7 @@ def test_any2any_under_torchrun_matches_one_process(fitted):
         assert losses[0][step] == pytest.approx(losses[1][step], rel=1e-4)
 
 
-def test_dose_decoder_refines_the_decoder_only(fitted, capsys):
+def test_dose_and_codec_decoder_stages_refine_their_decoder_only(fitted, capsys):
     root, cfg = fitted
     runs, data = root / "runs", root / "data"
     assert _train("any2any", cfg, data, runs / "dd-base") == 0
@@ -207,3 +208,25 @@ def test_dose_decoder_refines_the_decoder_only(fitted, capsys):
     open(refine, "w").write(text.replace("crop = [9, 16, 16]", "crop = [5, 16, 16]"))
     assert _train("dose-decoder", refine, data, runs / "dd-refused") == 2
     assert "crops in-plane only" in capsys.readouterr().err
+
+    # codec-decoder: the same on the preview codec's decoder; the VAE, DiT and the codec's
+    # encoder (the preview's plates) stay
+    open(refine, "w").write(text)
+    assert _train("codec-decoder", refine, data, runs / "cd-none") == 2
+    assert "has no preview codec to refine" in capsys.readouterr().err
+    codec = TinyCodec(TinyCodecConfig(name="test", hidden=8, mid=4, encoder_blocks=1,
+                                      decoder_blocks=1))
+    base = load_dose_model(save_dose_model(runs / "cd-base", base.dit, base.vae, codec,
+                                           normalisation=base.normalisation))
+    open(refine, "w").write(text.replace(str(runs / "dd-base" / "model"), str(runs / "cd-base")))
+    assert _train("codec-decoder", refine, data, runs / "cd") == 0
+    evals = [e for e in read_events(runs / "cd") if e["type"] == "eval"]
+    assert evals and "val_body_mae_gy" in evals[-1]
+    coded = load_dose_model(runs / "cd" / "model")
+    assert coded.provenance["stage"] == "codec-decoder"
+    old, new = base.codec.state_dict(), coded.codec.state_dict()
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+    assert all(torch.equal(old[k], new[k]) for k in old if not k.startswith("decoder."))
+    for part in ("vae", "dit"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(base, part).state_dict().values(),
+                                                      getattr(coded, part).state_dict().values()))

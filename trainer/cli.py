@@ -24,10 +24,12 @@ from pathlib import Path
 
 from engine.errors import UserError
 
-STAGES = ("vae", "cache", "distill", "any2any", "dose", "dose-decoder", "scardnft")
+STAGES = ("vae", "cache", "distill", "any2any", "dose", "dose-decoder", "codec-decoder",
+          "scardnft")
 
 
-ALIASES = {"stage-a": "any2any", "stage-b": "dose", "dose-decoder": "dose_decoder"}
+ALIASES = {"stage-a": "any2any", "stage-b": "dose", "dose-decoder": "dose_decoder",
+           "codec-decoder": "codec_decoder"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -204,13 +204,16 @@ def build_codec(cfg: TrainConfig) -> TinyCodec | None:
 
 
 def export_model(dit: DiffKT3D, vae: WanVAE, run_dir: Path, cfg: TrainConfig, stage: str,
-                 normalisation: dict, extra_provenance: dict | None = None) -> Path:
-    """Write ``RUN_DIR/model``: the bundle the engine runtime loads (DiT + VAE + codec)."""
+                 normalisation: dict, extra_provenance: dict | None = None,
+                 codec: TinyCodec | None = None) -> Path:
+    """Write ``RUN_DIR/model``: the bundle the engine runtime loads (DiT + VAE + codec; the
+    codec is ``codec``, else the configured one of :func:`build_codec`)."""
     provenance = {"stage": stage, "steps": cfg.run.max_steps, "preset": cfg.source,
                   "init_from": cfg.model.init_from, **(extra_provenance or {})}
     cpu = {k: v.detach().cpu().contiguous() for k, v in dit.state_dict().items()}
     plain = DiffKT3D(dit.config)
     plain.load_state_dict(cpu)
-    return save_dose_model(Path(run_dir) / "model", plain, vae.cpu(), build_codec(cfg),
+    codec = codec.cpu() if codec is not None else build_codec(cfg)
+    return save_dose_model(Path(run_dir) / "model", plain, vae.cpu(), codec,
                            normalisation=normalisation, prediction=cfg.diffusion.prediction,
                            provenance=json.loads(json.dumps(provenance)))
