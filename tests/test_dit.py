@@ -318,6 +318,7 @@ def test_a_head_of_full_rank_or_of_zeros_reaches_everything_or_nothing(model):
     latent = _x(seed=6)[:, 4, :, :4, :6, :2]
     assert unreachable_part(model, 4, latent).abs().max() < 1e-5  # 32 features, 32 values
     zero = DiffKT3D(TINY)
-    with torch.no_grad():
+    assert unreachable_part(zero, 4, latent).abs().max() < 1e-5
+    with torch.no_grad():  # the cached basis must follow an in-place change of the weights
         zero.proj_outs[4].weight.zero_()
     torch.testing.assert_close(unreachable_part(zero, 4, latent), latent)

@@ -63,6 +63,7 @@ import dataclasses
 import functools
 import json
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -458,6 +459,24 @@ class DiffKT3D(nn.Module):
         return slots, set(targeted.nonzero().flatten().tolist())
 
 
+_BASES: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+
+
+def _column_basis(weight: Tensor) -> Tensor:
+    """An orthonormal basis (float64, CPU) of ``weight``'s column space, cached per weight and
+    its in-place version (an SVD costs ~20 ms, a preview's budget is 1 s). SVD, not QR: a
+    rank-deficient head, e.g. an all-zero one, spans fewer directions than it has columns."""
+    key = id(weight)
+    cached = _BASES.get(key)
+    if cached is not None and cached[0]() is weight and cached[1] == weight._version:
+        return cached[2]
+    u, sv, _ = torch.linalg.svd(weight.detach().double().cpu(), full_matrices=False)
+    rank = int((sv > sv.max() * 1e-9 * max(u.shape)).sum()) if sv.numel() else 0
+    _BASES[key] = (weakref.ref(weight, lambda _: _BASES.pop(key, None)), weight._version,
+                   u[:, :rank])
+    return u[:, :rank]
+
+
 def unreachable_part(model: DiffKT3D, slot: int, latent: Tensor) -> Tensor:
     """The part of slot ``slot``'s latents ``[B, C, D, H, W]`` that the slot's head can never
     produce: per whole token patch, the latent minus its projection onto the column space of
@@ -471,12 +490,7 @@ def unreachable_part(model: DiffKT3D, slot: int, latent: Tensor) -> Tensor:
     pt, ph, pw = c.patch_size
     batch, channels, d, h, w = latent.shape
     g = (d // pt, h // ph, w // pw)
-    # an orthonormal basis of the head's column space (SVD, not QR: a rank-deficient head, e.g.
-    # an all-zero one, must span fewer directions than it has columns)
-    u, sv, _ = torch.linalg.svd(model.proj_outs[slot].weight.detach().double().cpu(),
-                                full_matrices=False)
-    rank = int((sv > sv.max() * 1e-9 * max(u.shape)).sum()) if sv.numel() else 0
-    basis = u[:, :rank].to(latent.device)
+    basis = _column_basis(model.proj_outs[slot].weight).to(latent.device)
     whole = latent[:, :, :g[0] * pt, :g[1] * ph, :g[2] * pw].double()
     # the head's patch order per token: (pt, ph, pw, channels), as in forward step 5
     tokens = whole.reshape(batch, channels, g[0], pt, g[1], ph, g[2], pw).permute(
