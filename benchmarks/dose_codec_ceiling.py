@@ -66,8 +66,7 @@ def dose_paths(engine: DoseEngine, case) -> dict[str, np.ndarray]:
         if model.codec is not None:
             units["preview"] = model.codec.decode(latent)[0, 0].float().numpy()
     norm, tf = inputs.normalization, inputs.transform
-    return {path: tf.to_patient(norm.dose_to_gy(u), order=1 if path == "preview" else 3,
-                                fill=0.0, floor=0.0).array
+    return {path: tf.dose_to_patient(norm.dose_to_gy(u), order=1 if path == "preview" else 3).array
             for path, u in units.items()}
 
 

@@ -315,7 +315,7 @@ class DoseEngine:
         order = 1 if fast else 3
         with timer("to_patient"):
             transform = grid.inputs.transform
-            dose = transform.to_patient(gy.mean(axis=0), order=order, fill=0.0, floor=0.0)
+            dose = transform.dose_to_patient(gy.mean(axis=0), order=order)
             std = None
             if len(seeds) > 1:
                 std = transform.to_patient(gy.std(axis=0), order=1, fill=0.0)

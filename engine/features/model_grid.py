@@ -33,6 +33,11 @@ ISOCENTER_VOXEL: tuple[int, int, int] = tuple(n // 2 for n in MODEL_SHAPE)
 # their direct neighbours; the cubic B-spline prefilter's influence decays by 0.268 per voxel,
 # so 16 voxels leave under 1e-9 of a value's size
 BOX_MARGIN = {0: 1, 1: 1, 3: 16}
+# the falloff (mm, along z, y, x) of the dose the model grid leaves out, fitted on the shipped
+# model's predictions of OpenKBP training cases by benchmarks/beyond_grid_falloff.py (RESULTS.md):
+# superior-inferior only. Reference doses would carry in-plane too (an 80-160 mm falloff), but
+# the model's values at the lateral faces are too uncertain to be carried out
+BEYOND_GRID_FALLOFF_MM: tuple[float, float, float] = (5.0, 0.0, 0.0)
 
 
 def model_geometry(isocenter_mm: Sequence[float], shape: tuple[int, int, int] = MODEL_SHAPE,
@@ -113,21 +118,26 @@ class ModelGridTransform:
         """A patient-grid dose (Gy) on the model grid: cubic B-spline, clipped at 0."""
         return np.maximum(self.to_model(dose_gy, order=3, fill=0.0), np.float32(0.0))
 
-    def dose_to_patient(self, dose_gy: np.ndarray) -> Volume:
-        """A model-grid dose (Gy) back on the patient grid: cubic B-spline, clipped at 0.
+    def dose_to_patient(self, dose_gy: np.ndarray, order: int = 3) -> Volume:
+        """A model-grid dose (Gy) back on the patient grid: B-spline of ``order``, clipped at 0.
 
-        Patient voxels outside the model grid get 0 Gy: the model sees nothing there.
+        The model sees nothing beyond its grid, but the dose there is not 0 (the beams' exit and
+        scatter dose): patient voxels outside it get the nearest dose inside it, falling off by
+        :data:`BEYOND_GRID_FALLOFF_MM` (:func:`extend_beyond`).
         """
-        return self.to_patient(dose_gy, order=3, fill=0.0, floor=0.0)
+        return self.to_patient(dose_gy, order=order, fill=0.0, floor=0.0,
+                               beyond_mm=BEYOND_GRID_FALLOFF_MM)
 
     def to_patient(self, array: np.ndarray, order: int = 1, fill: float = 0.0,
-                   floor: float | None = None) -> Volume:
+                   floor: float | None = None,
+                   beyond_mm: Sequence[float] | None = None) -> Volume:
         """A model-grid array (e.g. a predicted dose, Gy) resampled back onto the patient grid.
 
-        Patient voxels outside the model grid get ``fill``; only the patient box around the
-        model grid is interpolated (the values of resampling the whole patient grid, to float32
-        rounding: the box is a grid of the same voxel positions). ``floor`` clips the
-        interpolated values from below (e.g. 0 Gy against B-spline overshoot).
+        Patient voxels outside the model grid get ``fill``, or with ``beyond_mm`` the values
+        of :func:`extend_beyond`; only the patient box around the model grid is interpolated
+        (the values of resampling the whole patient grid, to float32 rounding: the box is a grid
+        of the same voxel positions). ``floor`` clips the interpolated values from below (e.g.
+        0 Gy against B-spline overshoot).
         """
         out = np.full(self.patient.shape, fill, dtype=np.float32)
         box = self.patient_box()
@@ -135,4 +145,37 @@ class ModelGridTransform:
             part = resample(Volume(np.asarray(array, dtype=np.float32), self.model),
                             self.box_geometry(box), order=order, fill=fill).array
             out[box] = part if floor is None else np.maximum(part, np.float32(floor))
+            if beyond_mm is not None:
+                extend_beyond(out, self.patient, self.model, beyond_mm)
         return Volume(readonly(out), self.patient)
+
+
+def extend_beyond(array: np.ndarray, patient: Geometry, model: Geometry,
+                  falloff_mm: Sequence[float]) -> None:
+    """Fill, in place, the voxels of a patient-grid ``array`` outside the ``model`` grid: the
+    nearest voxel inside it times ``exp(-(dz/fz + dy/fy + dx/fx))``, ``d`` the distances
+    between the two (mm) along the patient axes ``(z, y, x)`` and ``f`` = ``falloff_mm`` per
+    axis (0: nothing carries along that axis).
+
+    Inside means between the second and the second-to-last model voxel centre, where a cubic
+    B-spline's values owe nothing to the fill beyond the grid's faces. The falloff is a product
+    of one factor per axis, so each axis is one pass over its outer slabs only (a 50 M-voxel CT
+    costs little more than its slabs). A grid that is not axial (``Geometry.axis_coordinates``)
+    is left as it is; one with no voxel inside is set to 0.
+    """
+    try:
+        coords = patient.axis_coordinates()
+    except ValueError:
+        return
+    for axis, (c, m, f) in enumerate(zip(coords, model.axis_coordinates(), falloff_mm)):
+        inside = np.nonzero((c >= m[1]) & (c <= m[-2]))[0]
+        if not inside.size:
+            array[...] = 0.0
+            return
+        view = np.moveaxis(array, axis, 0)
+        for outer, edge in ((np.arange(inside[0]), inside[0]),
+                            (np.arange(inside[-1] + 1, c.size), inside[-1])):
+            if outer.size:
+                gap = np.abs(c[outer] - c[edge])
+                factor = np.exp(-gap / f) if f > 0 else np.zeros_like(gap)
+                view[outer] = view[edge][None] * factor.astype(np.float32)[:, None, None]
