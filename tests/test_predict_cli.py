@@ -331,3 +331,26 @@ def test_solver_choice_reaches_the_engine_and_the_summary(tiny_dose_bundle, tmp_
                      "--out", str(out), "--steps", "3", "--solver", solver, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["solver"] == solver  # the engine's
         assert (out / "pt_7" / "dose.npy").is_file()
+
+
+def test_preview_option_runs_the_planners_preview(tiny_dose_bundle, tmp_path, capsys):
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    write_openkbp_npz(ref_dir / "pt_7.npz")
+    args = ["predict", str(ref_dir / "pt_7.npz"), "--model", str(tiny_dose_bundle), "--json"]
+    assert main([*args, "--out", str(tmp_path / "preview"), "--preview"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["preview"] is True and summary["steps"] == 1
+    assert main([*args, "--out", str(tmp_path / "one"), "--steps", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["preview"] is False
+    case = load_openkbp(ref_dir / "pt_7.npz")
+    expected = DoseEngine.from_checkpoint(tiny_dose_bundle, threads=1).preview(case)
+    preview = np.load(tmp_path / "preview" / "pt_7" / "dose.npy")
+    one_step = np.load(tmp_path / "one" / "pt_7" / "dose.npy")
+    np.testing.assert_allclose(to_case_axes(preview), expected.dose.array * (
+        to_case_axes(preview) > 0), atol=1e-4)
+    assert np.abs(preview - one_step).max() > 0.01  # the codec's decode, not the VAE's
+    rtdose = pydicom.dcmread(tmp_path / "preview" / "pt_7" / "dose.dcm")
+    assert rtdose.DoseComment == "DosePilot preview (1 steps)"
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "bad", "--preview", "--seeds", 2)
+    assert code == 2 and "takes no --steps, --seeds or --solver" in err

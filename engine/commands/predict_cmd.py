@@ -1,4 +1,5 @@
-"""``dosepilot predict PATH... [--steps N] [--seeds K] [--model CKPT] [--out DIR] [--json]``.
+"""``dosepilot predict PATH... [--steps N] [--seeds K] [--preview] [--model CKPT] [--out DIR]
+[--json]``.
 
 Predicts the dose of one or many cases with one model load. Each PATH is
 
@@ -197,7 +198,8 @@ def write_outputs(source: CaseInput, case: Case, result, out: Path, model: str) 
             case.refs, plan_sop_instance_uid=plan_uid, plan_path=str(out / "plan.dcm")))
         written.append("plan.dcm")
     write_rtdose(result.dose, case, out / "dose.dcm", plan_sop_instance_uid=plan_uid,
-                 description=f"DosePilot prediction ({result.steps} steps)")
+                 description=f"DosePilot {'preview' if result.kind == 'preview' else 'prediction'}"
+                             f" ({result.steps} steps)")
     write_dvh_csv(result, out / "dvh.csv")
     write_text(out / "metrics.json", json.dumps(metrics_document(case, result, model), indent=2))
     write_report_figure(case, result, out / "report.png")
@@ -229,8 +231,12 @@ def _progress_bar(total: int, enabled: bool):
 def predict_cases(engine, sources: list[CaseInput], out_dir: Path, steps: int,
                   seeds: tuple[int, ...], meta_dir: Path | None = None,
                   show_progress: bool = False,
-                  log: Callable[[str], None] = lambda s: None) -> Iterator[dict[str, Any]]:
-    """Predict and write each case; yields one summary per case (failures included)."""
+                  log: Callable[[str], None] = lambda s: None,
+                  preview: bool = False) -> Iterator[dict[str, Any]]:
+    """Predict and write each case; yields one summary per case (failures included).
+    ``preview``: the engine's 1-step preview instead (``steps`` and ``seeds`` unused)."""
+    if preview:
+        steps = 1
     used: set[str] = set()
     bar = _progress_bar(len(sources) * steps, show_progress)
     model = str(engine.model.path) if engine.model.path else None
@@ -252,7 +258,8 @@ def predict_cases(engine, sources: list[CaseInput], out_dir: Path, steps: int,
                 t_load = time.perf_counter()
                 case = load_case(source, meta_dir)
                 load_s = time.perf_counter() - t_load
-                result = engine.predict(case, steps=steps, seeds=seeds, progress=progress)
+                result = (engine.preview(case) if preview else
+                          engine.predict(case, steps=steps, seeds=seeds, progress=progress))
                 t_write = time.perf_counter()
                 files = write_outputs(source, case, result, out_dir / folder, model)
                 timings = {"load": load_s, **result.timings_s,
@@ -285,6 +292,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.preview and (args.steps != 10 or args.seeds != 1 or args.solver != "euler"):
+        raise UserError("--preview is the planner's 1-step preview: it takes no --steps, "
+                        "--seeds or --solver")
     sources: list[CaseInput] = []
     missing: list[dict[str, Any]] = []
     for path in args.paths:
@@ -317,11 +327,12 @@ def run(args: argparse.Namespace) -> int:
         log(f"{m['input']}: FAILED: {m['error']}")
     cases = list(missing)
     cases += predict_cases(engine, sources, out_dir, args.steps, seeds, args.meta_dir,
-                           show_progress=sys.stderr.isatty(), log=log)
+                           show_progress=sys.stderr.isatty(), log=log, preview=args.preview)
     failed = sum(c["status"] != "ok" for c in cases)
     summary = {"model": str(engine.model.path), "device": str(engine.device),
-               "threads": engine.threads, "steps": args.steps, "solver": engine.solver,
-               "seeds": list(seeds),
+               "threads": engine.threads, "preview": args.preview,
+               "steps": 1 if args.preview else args.steps, "solver": engine.solver,
+               "seeds": [0] if args.preview else list(seeds),
                "out": str(out_dir), "n_cases": len(cases), "n_failed": failed,
                "timings_s": {"load_model": load_model_s,
                              "total": time.perf_counter() - t0},
@@ -347,6 +358,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "per step like euler)")
     p.add_argument("--seeds", type=int, default=1,
                    help="number of seeds; more than one adds the mean and its uncertainty")
+    p.add_argument("--preview", action="store_true",
+                   help="the 1-step preview the planner shows while a beam is dragged (the "
+                        "model's preview codec decodes it), e.g. to score it with evaluate")
     p.add_argument("--model", type=Path, help="model bundle folder (default: the shipped model)")
     p.add_argument("--out", type=Path, default=Path("predictions"),
                    help="output folder (default: ./predictions)")
