@@ -37,6 +37,7 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
                VAE_STEPS="2", DISTILL_STEPS="2", A_STEPS="2", B_STEPS="2", C_STEPS="2",
                N_C="2", D_STEPS="2", D_DISTILL_STEPS="2", D_CROP="5, 16, 16", NICE="0",
                E_STEPS="2", N_E_CLINICAL="2", N_E_PHYSICS="1", E_CROP="9, 16, 16",
+               F_STEPS="2", F_CODEC_STEPS="2", N_F_CLINICAL="3", N_F_PHYSICS="1",
                PHYSICS_V2=str(physics),
                GPU_PRESET=str(REPO / "resources/presets/test-tiny.toml"),
                THREADS="1", PRESET=str(REPO / "resources/presets/test-tiny.toml"),
@@ -46,8 +47,18 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     out = subprocess.run(["bash", str(RECIPE), str(runs)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
+    final = runs / "stage-f-codec" / "model"
+    assert f"model bundle: {final}" in out.stdout
+    stage_f = json.loads((final / "bundle.json").read_text())["provenance"]
+    assert stage_f["stage"] == "codec-decoder" and stage_f["init_from"] == str(
+        runs / "stage-f/model")
+    assert json.loads((runs / "stage-f/model/bundle.json").read_text())["provenance"][
+        "init_from"] == str(runs / "stage-e/model")
+    shipped, decoder = load_dose_model(final, "cpu"), load_dose_model(runs / "stage-f/model")
+    assert all(a.equal(b) for a, b in zip(shipped.vae.state_dict().values(),
+                                          decoder.vae.state_dict().values()))
+    assert len(list((runs / "data-f" / "train").glob("pt_*.npz"))) == 3
     bundle = runs / "stage-e" / "model"
-    assert f"model bundle: {bundle}" in out.stdout
     stage_e = json.loads((bundle / "bundle.json").read_text())["provenance"]
     assert stage_e["stage"] == "dose-decoder" and stage_e["init_from"] == str(
         runs / "stage-d/model")
@@ -77,7 +88,7 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
                            capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     for stage in ("vae", "distill", "stage-a", "stage-b", "stage-c", "distill-d", "stage-d",
-                  "stage-e"):
+                  "stage-e", "stage-f", "stage-f-codec"):
         starts = [line for line in (runs / stage / "events.jsonl").read_text().splitlines()
                   if '"type": "start"' in line]
         assert len(starts) == 1, stage

@@ -23,6 +23,13 @@
 #                                                         v2 physics plans (RUNS_DIR/data-e);
 #                                                         encoder and DiT unchanged; E_STEPS=0
 #                                                         (the default) skips it
+#   cache -> [dose-decoder] -> codec-decoder (Stage F,   on the CPU: both decoders refined on the
+#            from Stage E)                                first N_F_CLINICAL OpenKBP cases and
+#                                                         N_F_PHYSICS v2 plans (RUNS_DIR/data-f):
+#                                                         the VAE's further (F_STEPS, 0 = keep
+#                                                         Stage E's), then the preview codec's
+#                                                         (F_CODEC_STEPS); F_CODEC_STEPS=0 (the
+#                                                         default) skips Stage F
 # Resumable: run the same command again after an interruption; a stage with checkpoints is
 # continued with --resume, a finished stage (its export exists) is skipped, and the latent
 # cache (RUNS_DIR/cache) skips the cases it already holds. To stop a stage early and still
@@ -47,6 +54,8 @@
 #   E_STEPS=0 N_E_CLINICAL=76 N_E_PHYSICS=185 E_CROP="97, 64, 80"   Stage E (the shipped model:
 #                                       574 steps); PHYSICS_V2=RUNS_DIR/physics-v2 restored from
 #                                       datasets/openkbp-physics-plans-v2 when missing
+#   F_STEPS=0 F_CODEC_STEPS=0 N_F_CLINICAL=120 N_F_PHYSICS=130   Stage F (the shipped model: see
+#                                       its card); crops E_CROP
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
 #                                       (tests run the whole recipe with test-tiny and "5, 16, 16")
@@ -78,6 +87,10 @@ E_STEPS=${E_STEPS:-0}
 N_E_CLINICAL=${N_E_CLINICAL:-76}
 N_E_PHYSICS=${N_E_PHYSICS:-185}
 E_CROP=${E_CROP:-97, 64, 80}
+F_STEPS=${F_STEPS:-0}
+F_CODEC_STEPS=${F_CODEC_STEPS:-0}
+N_F_CLINICAL=${N_F_CLINICAL:-120}
+N_F_PHYSICS=${N_F_PHYSICS:-130}
 
 # The case subsets: symlinks to the first N files of a folder, in name order.
 link_first() {  # FROM_DIR TO_DIR N
@@ -160,12 +173,15 @@ if [ "$E_STEPS" -eq 0 ]; then echo "model bundle: $RUNS/stage-d/model"; exit 0; 
 
 # Stage E (CPU): the decoder of Stage D's VAE refined on true doses (the cached dose latents of
 # the frozen encoder); v2 physics plans (objectives version 2) and OpenKBP cases.
-if [ ! -d "$RUNS/data-e" ]; then
+physics_v2() {  # the v2 plans: PHYSICS_V2, else restored from the packed set
     if [ -z "${PHYSICS_V2:-}" ]; then
         PHYSICS_V2="$RUNS/physics-v2"
         [ -d "$PHYSICS_V2" ] || python -m engine.cli physics unpack \
             "$REPO/datasets/openkbp-physics-plans-v2" "$OPENKBP/train" "$PHYSICS_V2"
     fi
+}
+if [ ! -d "$RUNS/data-e" ]; then
+    physics_v2
     link_first "$OPENKBP/train" "$RUNS/data-e/train" "$N_E_CLINICAL"
     link_first "$PHYSICS_V2" "$RUNS/data-e/train/physics" "$N_E_PHYSICS"
     cp -a "$RUNS/data-a/validation" "$RUNS/data-e/"
@@ -174,4 +190,27 @@ CACHE=$RUNS/cache-e train cache cache-e "$RUNS/data-e" "${FITTED[@]}"
 [ -f "$RUNS/stage-e/model/bundle.json" ] || CACHE=$RUNS/cache-e train dose-decoder stage-e \
     "$RUNS/data-e" "${FITTED[@]}" --set "model.init_from=\"$RUNS/stage-d/model\"" \
     --set "run.max_steps=$E_STEPS" --set "data.crop=[$E_CROP]" --set optim.lr=2e-4
-echo "model bundle: $RUNS/stage-e/model"
+if [ "$F_CODEC_STEPS" -eq 0 ]; then echo "model bundle: $RUNS/stage-e/model"; exit 0; fi
+
+# Stage F (CPU): more cases for the decoders. The cache is of Stage E's bundle (its encoder is
+# the one every latent came from; the preset's VAE weights would bring back the old decoder).
+if [ ! -d "$RUNS/data-f" ]; then
+    physics_v2
+    link_first "$OPENKBP/train" "$RUNS/data-f/train" "$N_F_CLINICAL"
+    link_first "$PHYSICS_V2" "$RUNS/data-f/train/physics" "$N_F_PHYSICS"
+    cp -a "$RUNS/data-a/validation" "$RUNS/data-f/"
+fi
+FROM=$RUNS/stage-e/model
+F_CROPS=(--set "data.crop=[$E_CROP]")
+CACHE=$RUNS/cache-f train cache cache-f "$RUNS/data-f" --set "model.init_from=\"$FROM\""
+if [ "$F_STEPS" -gt 0 ]; then
+    [ -f "$RUNS/stage-f/model/bundle.json" ] || CACHE=$RUNS/cache-f train dose-decoder stage-f \
+        "$RUNS/data-f" --set "model.init_from=\"$FROM\"" --set "run.max_steps=$F_STEPS" \
+        "${F_CROPS[@]}" --set optim.lr=2e-4
+    FROM=$RUNS/stage-f/model
+fi
+# the codec's decoder reads only the encoder's latents: the VAE decoder it ships with is FROM's
+[ -f "$RUNS/stage-f-codec/model/bundle.json" ] || CACHE=$RUNS/cache-f train codec-decoder \
+    stage-f-codec "$RUNS/data-f" --set "model.init_from=\"$FROM\"" \
+    --set "run.max_steps=$F_CODEC_STEPS" "${F_CROPS[@]}" --set optim.lr=3e-4
+echo "model bundle: $RUNS/stage-f-codec/model"
