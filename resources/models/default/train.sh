@@ -54,8 +54,9 @@
 #   E_STEPS=0 N_E_CLINICAL=76 N_E_PHYSICS=185 E_CROP="97, 64, 80"   Stage E (the shipped model:
 #                                       574 steps); PHYSICS_V2=RUNS_DIR/physics-v2 restored from
 #                                       datasets/openkbp-physics-plans-v2 when missing
-#   F_STEPS=0 F_CODEC_STEPS=0 N_F_CLINICAL=120 N_F_PHYSICS=130   Stage F (the shipped model: see
-#                                       its card); crops E_CROP
+#   F_STEPS=0 F_CODEC_STEPS=0 N_F_CLINICAL=120 N_F_PHYSICS=130   Stage F (the shipped model:
+#                                       F_CODEC_STEPS=6000 with F_STEPS=0; 900 more VAE decoder
+#                                       steps scored worse, see its card); crops E_CROP
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
 #                                       (tests run the whole recipe with test-tiny and "5, 16, 16")
