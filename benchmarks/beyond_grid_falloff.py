@@ -39,13 +39,14 @@ from engine.metrics.benchmark_io import (
     patient_sort_key,
     read_openkbp_prediction,
 )
+from engine.metrics.scores import openkbp_dose_score
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "openkbp" / "train"
 
 
 def round_trip_scores(path: Path, falloffs: list[tuple[float, float, float]],
                       prediction: Path | None = None) -> list[float]:
-    """Per falloff: sum |reference - dose| over the possible-dose mask / its voxels (Gy), the
+    """Per falloff: the OpenKBP dose score of the dose inside the possible-dose mask (Gy), the
     dose being the reference's round trip or, with ``prediction`` (an OpenKBP-format
     prediction), that prediction's voxels inside the grid extended."""
     case = load_openkbp_npz(path)
@@ -64,7 +65,8 @@ def round_trip_scores(path: Path, falloffs: list[tuple[float, float, float]],
         else:
             dose = predicted.copy()
             extend_beyond(dose, case.geometry, transform.model, falloff)
-        scores.append(float(np.abs(dose - reference)[mask].sum() / np.count_nonzero(mask)))
+        # as `dosepilot predict` writes it: nothing outside the possible-dose mask
+        scores.append(openkbp_dose_score(reference, np.where(mask, dose, 0.0), mask))
     return scores
 
 
