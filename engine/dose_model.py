@@ -1,7 +1,8 @@
 """A DiffKT3D dose model loaded from one bundle: DiT + frozen VAE + tiny preview codec.
 
-The bundle (``engine.models.checkpoint``) holds three components — ``dit`` (DiffKT3D), ``vae``
-(WanVAE) and, optionally, ``tiny_codec`` (TinyCodec) — plus the modality normalisation that the
+The bundle (``engine.models.checkpoint``) holds its components — ``dit`` (DiffKT3D), ``vae``
+(WanVAE) and, optionally, ``tiny_codec`` (TinyCodec) and ``refiner`` (DoseRefiner, the
+correction of the decoded dose around the targets) — plus the modality normalisation that the
 features were built with (``bundle.json["normalisation"]``) and the prediction type. Everything
 needed to rebuild the networks travels with the weights.
 """
@@ -18,6 +19,7 @@ from torch import nn
 from engine.models import checkpoint
 from engine.models.checkpoint import CheckpointError, Component
 from engine.models.dit import DiffKT3D, DiTConfig
+from engine.models.dose_refiner import DoseRefiner, RefinerConfig
 from engine.models.tiny_codec import TinyCodec, TinyCodecConfig
 from engine.models.vae import VAEConfig, WanVAE
 
@@ -32,10 +34,15 @@ def _build_codec(config: dict) -> TinyCodec:
     return TinyCodec(TinyCodecConfig.from_dict(config))
 
 
+def _build_refiner(config: dict) -> DoseRefiner:
+    return DoseRefiner(RefinerConfig.from_dict(config))
+
+
 ARCHITECTURES: dict = {
     **checkpoint.ARCHITECTURES,
     "WanVAE": _build_vae,
     "TinyCodec": _build_codec,
+    "DoseRefiner": _build_refiner,
 }
 
 
@@ -50,9 +57,10 @@ class DoseModel:
     prediction: str = "v"
     provenance: dict = field(default_factory=dict)
     path: Path | None = None
+    refiner: DoseRefiner | None = None
 
     def to(self, device: torch.device | str) -> DoseModel:
-        for module in (self.dit, self.vae, self.codec):
+        for module in (self.dit, self.vae, self.codec, self.refiner):
             if module is not None:
                 module.to(device)
         return self
@@ -69,8 +77,9 @@ class DoseModel:
 
 def save_dose_model(path: str | Path, dit: DiffKT3D, vae: WanVAE, codec: TinyCodec | None, *,
                     normalisation: dict, prediction: str = "v",
-                    provenance: dict | None = None) -> Path:
-    """Write the three networks and their metadata as one bundle folder (atomically)."""
+                    provenance: dict | None = None,
+                    refiner: DoseRefiner | None = None) -> Path:
+    """Write the networks and their metadata as one bundle folder (atomically)."""
     components = {
         "dit": Component("DiffKT3D", dit.config.to_dict(), dit.state_dict()),
         "vae": Component("WanVAE", vae.config.to_dict(), vae.state_dict()),
@@ -78,6 +87,9 @@ def save_dose_model(path: str | Path, dit: DiffKT3D, vae: WanVAE, codec: TinyCod
     if codec is not None:
         components["tiny_codec"] = Component("TinyCodec", codec.config.to_dict(),
                                              codec.state_dict())
+    if refiner is not None:
+        components["refiner"] = Component("DoseRefiner", refiner.config.to_dict(),
+                                          refiner.state_dict())
     return checkpoint.save_bundle(path, components, normalisation=normalisation,
                                   prediction=prediction, provenance=provenance,
                                   architectures=ARCHITECTURES)
@@ -96,7 +108,8 @@ def load_dose_model(path: str | Path, device: torch.device | str = "cpu") -> Dos
     if missing:
         raise CheckpointError(f"bundle {path}: {checkpoint.BUNDLE_JSON}: not a dose model, it "
                               f"lacks {missing} (has {sorted(comps)})")
-    expected = {"dit": "DiffKT3D", "vae": "WanVAE", "tiny_codec": "TinyCodec"}
+    expected = {"dit": "DiffKT3D", "vae": "WanVAE", "tiny_codec": "TinyCodec",
+                "refiner": "DoseRefiner"}
     for name, kind in expected.items():
         if name in comps and comps[name]["kind"] != kind:
             raise CheckpointError(f"bundle {path}: {checkpoint.BUNDLE_JSON}: component {name!r} "
@@ -112,8 +125,12 @@ def load_dose_model(path: str | Path, device: torch.device | str = "cpu") -> Dos
     if dit.config.in_channels != vae.config.z_dim:
         raise CheckpointError(f"bundle {path}: DiT in_channels {dit.config.in_channels} != VAE "
                               f"z_dim {vae.config.z_dim}")
+    refiner = None
+    if "refiner" in comps:
+        refiner = _load(_build_refiner(comps["refiner"]["config"]), states["refiner"])
     model = DoseModel(dit=dit, vae=vae, codec=codec,
                       normalisation=document.get("normalisation", {}),
                       prediction=document.get("prediction", "v"),
-                      provenance=document.get("provenance", {}), path=Path(path))
+                      provenance=document.get("provenance", {}), path=Path(path),
+                      refiner=refiner)
     return model.to(device)

@@ -10,8 +10,10 @@ request:
 * per plan, the beam and angle plates are rebuilt (tens of ms) and encoded — through the tiny
   codec for a preview, through the VAE for a full prediction — and cached by the plan value;
 * the DiT runs 1 step (preview) or N steps (prediction, several seeds batched), the dose latent
-  is decoded (tiny codec / VAE), mapped back onto the CT grid through the kept transform, and
-  DVHs, metrics and the scorecard are computed on the CT grid.
+  is decoded (tiny codec / VAE), corrected around the targets by the bundle's refiner when it
+  has one (:mod:`engine.models.dose_refiner`; its target geometry is built once per case and
+  isocentre), mapped back onto the CT grid through the kept transform, and DVHs, metrics and
+  the scorecard are computed on the CT grid.
 
 :class:`AsyncDoseEngine` is the asyncio face for the GUI: one worker thread, latest-wins
 (:mod:`engine.latest_wins`), a running prediction cancelled between steps.
@@ -51,6 +53,7 @@ from engine.metrics.scorecard import (
     best_scorecard,
 )
 from engine.models.dit import any2any_velocity, strip_unreachable_noise
+from engine.models.dose_refiner import TargetGeometry, target_geometry
 from engine.resources import resources_dir
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,7 @@ class _GridState:
     inputs: ModelInputs
     ptv_model: np.ndarray
     condition_latents: torch.Tensor  # [4, C, d, h, w], slots CT, PTV, OAR, body
+    refiner_geometry: TargetGeometry | None  # None: the model has no refiner
 
 
 @dataclass
@@ -245,8 +249,15 @@ class DoseEngine:
                                           workers=self.threads)
             with timer("encode"):
                 cond = self._encode(inputs.volumes[list(CONDITION_SLOTS)], fast=False)
+            geometry = None
+            if self.model.refiner is not None:
+                with timer("features"):
+                    geometry = target_geometry(
+                        inputs.normalization.ptv_to_gy(inputs[Slot.PTV]),
+                        inputs[Slot.BODY] > 0.0, inputs.transform.model.spacing,
+                        self.model.refiner.config)
             grid = _GridState(inputs=inputs, ptv_model=inputs[Slot.PTV] > -1.0,
-                              condition_latents=cond)
+                              condition_latents=cond, refiner_geometry=geometry)
             state.grids[iso] = grid
         return grid
 
@@ -310,8 +321,11 @@ class DoseEngine:
                                                  self.model.prediction)
             with timer("decode"):
                 unit = self._decode(sample[:, Slot.DOSE], fast=fast)
-        norm = grid.inputs.normalization
-        gy = norm.dose_to_gy(unit)
+            norm = grid.inputs.normalization
+            gy = norm.dose_to_gy(unit)
+            if grid.refiner_geometry is not None:
+                with timer("refine"):
+                    gy = self.model.refiner.refine(gy, grid.refiner_geometry)
         order = 1 if fast else 3
         with timer("to_patient"):
             transform = grid.inputs.transform

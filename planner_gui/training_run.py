@@ -23,7 +23,7 @@ from engine.resources import resources_dir
 
 # the stages of ``dosepilot train STAGE`` (trainer/cli.py), in the order a model is built
 STAGES = ("vae", "cache", "distill", "any2any", "dose", "dose-decoder", "codec-decoder",
-          "scardnft")
+          "dose-refiner", "scardnft")
 
 
 class PresetError(ValueError):

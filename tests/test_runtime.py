@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from engine.dose_model import load_dose_model
 from engine.features import Slot
@@ -102,6 +103,30 @@ def test_noise_the_dose_head_cannot_reach_does_not_reach_the_dose(bundle, case):
     result = engine.predict(case, steps=2, seeds=(3, 4))
     assert float(np.abs(result.std.array).max()) < 1e-3
     assert float(result.dose.array.max()) > 0
+
+
+def test_the_bundles_refiner_corrects_the_dose_around_the_targets(bundle, case):
+    from engine.models.dose_refiner import DoseRefiner, RefinerConfig
+
+    plain = DoseEngine.from_checkpoint(bundle, threads=2)
+    refined = DoseEngine(load_dose_model(bundle), threads=2)
+    refiner = DoseRefiner(RefinerConfig(hidden=4, band_mm=8.0))
+    with torch.no_grad():  # adds 5 Gy wherever it corrects
+        for p in refiner.parameters():
+            p.zero_()
+        refiner.net[-1].bias.fill_(5.0 / refiner.config.reference_gy)
+    refined.model.refiner = refiner.eval()
+    before, after = plain.preview(case), refined.preview(case)
+    assert "refine" in after.timings_s and "refine" not in before.timings_s
+    change = after.dose.array - before.dose.array
+    target = np.logical_or.reduce([t.mask for t in case.targets])
+    assert float(np.median(change[target])) == pytest.approx(5.0, abs=0.05)
+    body = case.external.mask
+    distance = ndimage.distance_transform_edt(~target, sampling=case.geometry.spacing)
+    far = body & (distance > 30.0)
+    assert far.any() and float(np.abs(change[far]).max()) < 1e-4  # beyond the band: as it was
+    full = refined.predict(case, steps=2, seeds=(0,))
+    assert "refine" in full.timings_s
 
 
 def test_progress_and_cancel_between_steps(engine, case):

@@ -3,6 +3,7 @@ and the refusals that must come before any compute."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,11 +11,15 @@ pytest.importorskip("engine.features", reason="the stages need engine.features (
 
 from engine.cli import main  # noqa: E402
 from engine.dose_model import load_dose_model, save_dose_model  # noqa: E402
+from engine.models.dose_refiner import RefinerConfig  # noqa: E402
 from engine.models.tiny_codec import TinyCodec, TinyCodecConfig  # noqa: E402
 from trainer.caches import Cache  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+from trainer.data import scan_dataset  # noqa: E402
+from trainer.distributed import DistContext  # noqa: E402
 from trainer.events import read_events  # noqa: E402
 from trainer.stages.common import build_vae, vae_config  # noqa: E402
+from trainer.stages.dose_refiner import SAMPLES, _sample_cases  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 TINY = load_config("test-tiny").source
@@ -230,3 +235,37 @@ def test_dose_and_codec_decoder_stages_refine_their_decoder_only(fitted, capsys)
     for part in ("vae", "dit"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(base, part).state_dict().values(),
                                                       getattr(coded, part).state_dict().values()))
+
+
+def test_dose_refiner_stage_fits_on_the_bundles_own_previews(fitted, tiny_dose_bundle):
+    root, _ = fitted
+    data, runs = root / "data", root / "runs"
+    text = open(TINY).read().replace("[model]\n", f'[model]\ninit_from = "{tiny_dose_bundle}"\n')
+    text = text.replace("max_steps = 4", "max_steps = 40").replace("eval_every = 2",
+                                                                   "eval_every = 20")
+    text = text.replace("lr = 1e-3", "lr = 1e-2")
+    preset = root / "refiner.toml"
+    preset.write_text(text)
+    assert _train("dose-refiner", str(preset), data, runs / "ref") == 0
+    samples = sorted((runs / "ref" / "refiner-samples").glob("*.npz"))
+    assert [p.stem.split("__")[-1] for p in samples] == ["pt_1", "pt_10", "pt_100", "pt_201"]
+    with np.load(samples[0]) as z:
+        assert z["inputs"].shape == (SAMPLES, 6) and z["error"].shape == (SAMPLES,)
+    # the random bundle's preview is far from the reference dose: the fit must do better than
+    # no correction on the validation case
+    evals = [e for e in read_events(runs / "ref") if e["type"] == "eval"]
+    assert evals[-1]["val_l1_gy"] < 0.8 * evals[-1]["val_l1_uncorrected_gy"]
+    base, refined = load_dose_model(tiny_dose_bundle), load_dose_model(runs / "ref" / "model")
+    assert refined.refiner is not None and refined.provenance["stage"] == "dose-refiner"
+    for part in ("dit", "vae", "codec"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(base, part).state_dict().values(),
+                                                      getattr(refined, part).state_dict().values()))
+    # sampling resumes: a case already sampled is not redone, a missing one is
+    kept = samples[1].stat().st_mtime_ns
+    samples[0].unlink()
+    refs = list(scan_dataset(data, 0.34).cases)
+    _sample_cases(refs, tiny_dose_bundle, samples[0].parent, RefinerConfig(),
+                  DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), 1)
+    assert samples[0].exists() and samples[1].stat().st_mtime_ns == kept
+    # a bundle is required
+    assert _train("dose-refiner", TINY, data, runs / "ref-none") == 2

@@ -7,6 +7,9 @@ Stages, in the order a model is built (seed §B.3, §B.5, §B.7):
 * ``distill``: train the tiny preview codec against the frozen VAE;
 * ``any2any``: Stage A, random subsets of modalities as targets;
 * ``dose``: Stage B, dose as the only target;
+* ``dose-decoder`` / ``codec-decoder``: refine the VAE's / preview codec's decoder on true doses;
+* ``dose-refiner``: fit the correction of the decoded dose around the targets on the bundle's
+  own previews;
 * ``scardnft``: LoRA post-training with the scorecard + MAE reward.
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m engine.cli train ...`` (see
@@ -25,11 +28,11 @@ from pathlib import Path
 from engine.errors import UserError
 
 STAGES = ("vae", "cache", "distill", "any2any", "dose", "dose-decoder", "codec-decoder",
-          "scardnft")
+          "dose-refiner", "scardnft")
 
 
 ALIASES = {"stage-a": "any2any", "stage-b": "dose", "dose-decoder": "dose_decoder",
-           "codec-decoder": "codec_decoder"}
+           "codec-decoder": "codec_decoder", "dose-refiner": "dose_refiner"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

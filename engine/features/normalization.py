@@ -67,6 +67,11 @@ class Normalization:
     def ptv(self, prescription_gy: np.ndarray) -> np.ndarray:
         return _to_unit(prescription_gy, 0.0, self.ptv_max_gy)
 
+    def ptv_to_gy(self, unit: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`ptv`: the PTV channel back to prescriptions in Gy (float32)."""
+        x = np.clip(np.asarray(unit, dtype=np.float32), -1.0, 1.0)
+        return (x + np.float32(1.0)) * np.float32(self.ptv_max_gy / 2.0)
+
     def oar(self, code: np.ndarray) -> np.ndarray:
         return _to_unit(code, 0.0, self.oar_max_code)
 

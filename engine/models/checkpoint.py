@@ -64,6 +64,7 @@ ARCHITECTURES: dict[str, str | Callable[[dict], nn.Module]] = {
     "DiffKT3D": "engine.models.dit:DiffKT3D:DiTConfig",
     "WanVAE": "engine.models.vae:WanVAE:VAEConfig",
     "TinyCodec": "engine.models.tiny_codec:TinyCodec:TinyCodecConfig",
+    "DoseRefiner": "engine.models.dose_refiner:DoseRefiner:RefinerConfig",
 }
 
 

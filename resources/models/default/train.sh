@@ -30,6 +30,12 @@
 #                                                         Stage E's), then the preview codec's
 #                                                         (F_CODEC_STEPS); F_CODEC_STEPS=0 (the
 #                                                         default) skips Stage F
+#   dose-refiner (Stage G, from Stage F)                 on the CPU: the correction of the
+#                                                         decoded dose around the targets, fitted
+#                                                         on Stage F's own previews of every
+#                                                         OpenKBP training case ($OPENKBP/train,
+#                                                         its val split for the loss curve);
+#                                                         G_STEPS=0 (the default) skips it
 # Resumable: run the same command again after an interruption; a stage with checkpoints is
 # continued with --resume, a finished stage (its export exists) is skipped, and the latent
 # cache (RUNS_DIR/cache) skips the cases it already holds. To stop a stage early and still
@@ -57,6 +63,8 @@
 #   F_STEPS=0 F_CODEC_STEPS=0 N_F_CLINICAL=120 N_F_PHYSICS=130   Stage F (the shipped model:
 #                                       F_CODEC_STEPS=6000 with F_STEPS=0; 900 more VAE decoder
 #                                       steps scored worse, see its card); crops E_CROP
+#   G_STEPS=0                           Stage G (the shipped model: 3000, run as 2 torchrun
+#                                       processes of 1 thread; one process computes the same)
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
 #                                       (tests run the whole recipe with test-tiny and "5, 16, 16")
@@ -92,6 +100,7 @@ F_STEPS=${F_STEPS:-0}
 F_CODEC_STEPS=${F_CODEC_STEPS:-0}
 N_F_CLINICAL=${N_F_CLINICAL:-120}
 N_F_PHYSICS=${N_F_PHYSICS:-130}
+G_STEPS=${G_STEPS:-0}
 
 # The case subsets: symlinks to the first N files of a folder, in name order.
 link_first() {  # FROM_DIR TO_DIR N
@@ -214,4 +223,12 @@ fi
 [ -f "$RUNS/stage-f-codec/model/bundle.json" ] || CACHE=$RUNS/cache-f train codec-decoder \
     stage-f-codec "$RUNS/data-f" --set "model.init_from=\"$FROM\"" \
     --set "run.max_steps=$F_CODEC_STEPS" "${F_CROPS[@]}" --set optim.lr=3e-4
-echo "model bundle: $RUNS/stage-f-codec/model"
+if [ "$G_STEPS" -eq 0 ]; then echo "model bundle: $RUNS/stage-f-codec/model"; exit 0; fi
+
+# Stage G (CPU): the dose refiner, on the previews of Stage F's bundle (the stage makes them
+# itself with the engine, resumable; no latent cache)
+[ -f "$RUNS/stage-g/model/bundle.json" ] || train dose-refiner stage-g "$OPENKBP/train" \
+    --set "model.init_from=\"$RUNS/stage-f-codec/model\"" --set "run.max_steps=$G_STEPS" \
+    --set data.batch_size=16 --set optim.lr=1e-3 --set run.eval_every=250 \
+    --set run.checkpoint_every=250
+echo "model bundle: $RUNS/stage-g/model"

@@ -1,0 +1,130 @@
+"""The dose refiner: its target geometry, its correction, and the bundle that carries it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.dose_model import load_dose_model, save_dose_model
+from engine.models.checkpoint import CheckpointError
+from engine.models.dose_refiner import (
+    FEATURES,
+    DoseRefiner,
+    RefinerConfig,
+    refiner_inputs,
+    target_geometry,
+)
+
+SPACING = (2.0, 2.5, 2.5)
+SHAPE = (20, 24, 40)
+
+
+def _two_targets() -> tuple[np.ndarray, np.ndarray]:
+    """A 70 Gy box and a 56 Gy box side by side along x, inside a body box."""
+    rx = np.zeros(SHAPE, np.float32)
+    rx[5:15, 8:16, 6:14] = 70.0
+    rx[5:15, 8:16, 26:34] = 56.0
+    body = np.zeros(SHAPE, bool)
+    body[1:19, 2:22, 2:38] = True
+    return rx, body
+
+
+def _row(geometry, zyx) -> np.ndarray:
+    flat = np.ravel_multi_index(zyx, geometry.shape)
+    where = np.flatnonzero(geometry.index == flat)
+    assert where.size == 1, f"voxel {zyx} is not corrected"
+    return geometry.features[where[0]]
+
+
+def test_target_geometry_distances_and_prescriptions():
+    rx, body = _two_targets()
+    config = RefinerConfig(near_mm=10.0, band_mm=20.0)
+    geometry = target_geometry(rx, body, SPACING, config)
+    assert geometry.features.shape == (len(geometry.index), len(FEATURES) - 1)
+    # the centre of the 70 Gy box: 4 x-voxels (10 mm) from its surface along x, deeper along z
+    centre = _row(geometry, (10, 12, 10))
+    np.testing.assert_allclose(centre[:3], [1.0, 1.0, 1.0])       # rx, nearest rx, max rx / 70
+    assert centre[3] == pytest.approx(-1.0)                        # -10 mm / near 10 mm, clipped
+    # 3 voxels (7.5 mm) outside the 56 Gy box along +x: nearest target is the 56 Gy one, and
+    # the primary (70 Gy) target is 23 voxels away, beyond the band: clipped at +band
+    outside = _row(geometry, (10, 12, 36))
+    np.testing.assert_allclose(outside[:3], [0.0, 56 / 70, 1.0], rtol=1e-6)
+    assert outside[3] == pytest.approx(7.5 / 10.0)
+    assert outside[4] == pytest.approx(20.0 / 10.0)
+    # inside the 56 Gy box, 1 voxel from its x edge: negative distance to the targets, positive
+    # (outside) to the primary target
+    edge = _row(geometry, (10, 12, 26))
+    assert edge[3] == pytest.approx(-2.5 / 10.0) and edge[4] > 0
+
+
+def test_target_geometry_keeps_body_voxels_within_the_band():
+    rx, body = _two_targets()
+    geometry = target_geometry(rx, body, SPACING, RefinerConfig(band_mm=5.0))
+    zyx = np.unravel_index(geometry.index, SHAPE)
+    assert body[zyx].all()
+    # a body voxel 15 mm from both targets (y = 2, 6 voxels of 2.5 mm below y = 8) is left out
+    assert np.ravel_multi_index((10, 2, 10), SHAPE) not in set(geometry.index.tolist())
+    assert np.ravel_multi_index((10, 6, 10), SHAPE) in set(geometry.index.tolist())
+    with pytest.raises(ValueError, match="target with a prescription"):
+        target_geometry(np.zeros(SHAPE, np.float32), body, SPACING, RefinerConfig())
+
+
+def _constant_refiner(gy: float, config: RefinerConfig | None = None) -> DoseRefiner:
+    """A refiner that adds ``gy`` everywhere it corrects."""
+    refiner = DoseRefiner(config)
+    with torch.no_grad():
+        for p in refiner.parameters():
+            p.zero_()
+        refiner.net[-1].bias.fill_(gy / refiner.config.reference_gy)
+    return refiner.eval()
+
+
+def test_refine_corrects_only_its_voxels_and_clips_at_zero():
+    rx, body = _two_targets()
+    config = RefinerConfig(band_mm=5.0)
+    geometry = target_geometry(rx, body, SPACING, config)
+    doses = np.stack([np.full(SHAPE, 10.0, np.float32), np.full(SHAPE, 2.0, np.float32)])
+    before = doses.copy()
+    out = _constant_refiner(-3.0, config).refine(doses, geometry)
+    np.testing.assert_array_equal(doses, before)                   # the input is not modified
+    corrected = np.zeros(SHAPE, bool)
+    corrected.flat[geometry.index] = True
+    np.testing.assert_allclose(out[0][corrected], 7.0)
+    np.testing.assert_allclose(out[1][corrected], 0.0)             # 2 - 3 Gy, clipped at 0
+    np.testing.assert_array_equal(out[:, ~corrected], before[:, ~corrected])
+    with pytest.raises(ValueError, match="dose grid"):
+        _constant_refiner(1.0).refine(np.zeros((4, 4, 4), np.float32), geometry)
+
+
+def test_refiner_inputs_put_the_dose_first_in_reference_units():
+    rx, body = _two_targets()
+    config = RefinerConfig(reference_gy=50.0)
+    geometry = target_geometry(rx, body, SPACING, config)
+    dose = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
+    rows = refiner_inputs(dose, geometry, config)
+    np.testing.assert_allclose(rows[:, 0], dose.ravel()[geometry.index] / 50.0)
+    np.testing.assert_array_equal(rows[:, 1:], geometry.features)
+
+
+def test_bundle_carries_the_refiner_and_refuses_mismatched_weights(tiny_dose_bundle, tmp_path):
+    model = load_dose_model(tiny_dose_bundle)
+    assert model.refiner is None
+    refiner = DoseRefiner(RefinerConfig(hidden=8))
+    with torch.no_grad():
+        refiner.net[0].weight.normal_()
+    path = save_dose_model(tmp_path / "refined", model.dit, model.vae, model.codec,
+                           normalisation=model.normalisation, refiner=refiner)
+    loaded = load_dose_model(path)
+    assert loaded.refiner is not None and loaded.refiner.config == refiner.config
+    for a, b in zip(refiner.state_dict().values(), loaded.refiner.state_dict().values()):
+        assert torch.equal(a, b)
+    # weights of another width than the config says: refused when saved and when loaded
+    wide = DoseRefiner(RefinerConfig(hidden=16))
+    with pytest.raises(CheckpointError, match="refiner"):
+        from engine.models.checkpoint import Component, save_bundle
+        save_bundle(tmp_path / "bad", {"refiner": Component(
+            "DoseRefiner", RefinerConfig(hidden=8).to_dict(), wide.state_dict())},
+            normalisation=model.normalisation)
+    with pytest.raises(ValueError, match="unknown refiner config keys"):
+        RefinerConfig.from_dict({"hidden": 8, "depth": 3})

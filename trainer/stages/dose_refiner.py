@@ -1,0 +1,152 @@
+"""Stage ``dose-refiner``: fit a bundle's dose refiner on its own previews of the dataset.
+
+The refiner (:mod:`engine.models.dose_refiner`) corrects the decoded dose around the targets,
+where the latents are too coarse for a PTV's edge. It learns what *this* bundle gets wrong, so
+its inputs are the bundle's own predictions, made by the engine exactly as the planner makes
+them (1-step previews, tiny codec):
+
+1. **Samples** (resumable, ``RUN_DIR/refiner-samples/KEY.npz``, the case's cache key): for
+   every case, the ``init_from`` bundle's preview (without a refiner) and the reference dose go
+   onto the model grid; of the voxels the refiner corrects, ``SAMPLES`` are kept (a quarter
+   drawn from inside the targets, which the DVH metrics weigh) with their input rows and the
+   error ``reference - preview`` (Gy). Ranks split the cases; a case already sampled is not redone.
+2. **Fit** (the shared loop: checkpoints, resume, events): each step draws ``VOXELS_PER_CASE``
+   rows of every case of the batch; the loss is the L1 (Gy) between the refiner's correction
+   and the error, the dose score's own measure.
+3. **Export**: ``RUN_DIR/model``, the bundle with the refiner added (DiT, VAE and codec as they
+   were).
+
+The previews are 1-step; the N-step prediction goes through the same refiner (its blur at the
+target edges is the same decoders'). Needs ``[model] init_from`` and a dataset with doses.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.dose_model import load_dose_model, save_dose_model
+from engine.errors import UserError
+from engine.features import Slot, build_modalities
+from engine.models.dose_refiner import (
+    DoseRefiner,
+    RefinerConfig,
+    refiner_inputs,
+    target_geometry,
+)
+
+from .. import loop
+from ..caches import case_key
+from ..config import TrainConfig
+from ..data import CaseRef, load_case, scan_dataset
+from ..distributed import DistContext, barrier
+
+SAMPLES = 40_000
+TARGET_SHARE = 0.25
+VOXELS_PER_CASE = 1024
+
+
+def case_samples(engine, case, config: RefinerConfig, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Input rows ``(n, len(FEATURES))`` and errors ``(n,)`` (Gy) of up to :data:`SAMPLES`
+    voxels the refiner corrects in ``case`` (which must have a reference dose)."""
+    inputs = build_modalities(case, workers=1)
+    transform = inputs.transform
+    preview = transform.dose_to_model(engine.preview(case).dose.array)
+    reference = transform.dose_to_model(case.dose.array)
+    geometry = target_geometry(inputs.normalization.ptv_to_gy(inputs[Slot.PTV]),
+                               inputs[Slot.BODY] > 0.0, transform.model.spacing, config)
+    n = len(geometry.index)
+    inside = np.flatnonzero(geometry.features[:, 0] > 0)
+    n_inside = min(len(inside), int(SAMPLES * TARGET_SHARE))
+    rows = np.concatenate([rng.choice(n, min(n, SAMPLES - n_inside), replace=False),
+                           rng.choice(inside, n_inside, replace=False)])
+    error = (reference.ravel() - preview.ravel())[geometry.index[rows]]
+    return refiner_inputs(preview, geometry, config)[rows], error.astype(np.float32)
+
+
+def _sample_cases(refs: list[CaseRef], bundle: Path, out: Path, config: RefinerConfig,
+                  ctx: DistContext, threads: int) -> None:
+    """Write the samples of this rank's share of ``refs`` that are not there yet."""
+    from engine.runtime import DoseEngine
+
+    mine = [r for i, r in enumerate(refs) if i % ctx.world_size == ctx.rank
+            and not (out / f"{case_key(r.name)}.npz").exists()]
+    if not mine:
+        return
+    model = load_dose_model(bundle)
+    model.refiner = None  # the refiner learns to correct the bundle's uncorrected preview
+    engine = DoseEngine(model, device="cpu", threads=threads)
+    for i, ref in enumerate(mine):
+        case = load_case(ref)
+        if case.dose is None:
+            raise UserError(f"dose-refiner: case {ref.name} ({ref.path}) has no reference dose")
+        rng = np.random.default_rng(zlib.crc32(ref.name.encode()))
+        rows, error = case_samples(engine, case, config, rng)
+        tmp = out / f".{case_key(ref.name)}.tmp.npz"
+        np.savez(tmp, inputs=rows, error=error)
+        tmp.replace(out / f"{case_key(ref.name)}.npz")
+        if ctx.is_main:
+            print(f"dose-refiner: sampled {ref.name} ({i + 1}/{len(mine)} on this process)",
+                  flush=True)
+
+
+def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: DistContext) -> dict:
+    if not cfg.model.init_from:
+        raise UserError("dose-refiner fits a model bundle's refiner: set [model] init_from")
+    bundle = Path(cfg.model.init_from)
+    base = load_dose_model(bundle)  # checks the bundle before the long sampling
+    manifest = scan_dataset(data_dir, cfg.data.val_fraction)
+    config = RefinerConfig()
+    samples = Path(run_dir) / "refiner-samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    _sample_cases(list(manifest.cases), bundle, samples, config, ctx, cfg.run.threads)
+    barrier(ctx)
+
+    cached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def load(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in cached:
+            with np.load(samples / f"{case_key(name)}.npz") as z:
+                cached[name] = torch.from_numpy(z["inputs"]), torch.from_numpy(z["error"])
+        return cached[name]
+
+    refiner = DoseRefiner(config).to(ctx.device)
+
+    def loss(m, names, gens):
+        rows, errors = [], []
+        for name, g in zip(names, gens):
+            x, e = load(name)
+            pick = torch.randint(len(e), (VOXELS_PER_CASE,), generator=g)
+            rows.append(x[pick])
+            errors.append(e[pick])
+        value = (m(torch.cat(rows).to(ctx.device)) - torch.cat(errors).to(ctx.device)).abs()
+        value = value.mean()
+        return value, {"l1_gy": value.item()}
+
+    def evaluate(m, names):
+        before, after = [], []
+        with torch.no_grad():
+            for name in names:
+                x, e = load(name)
+                e = e.to(ctx.device)
+                before.append(float(e.abs().mean()))
+                after.append(float((m(x.to(ctx.device)) - e).abs().mean()))
+        return {"val_l1_gy": sum(after) / len(after),
+                "val_l1_uncorrected_gy": sum(before) / len(before)}
+
+    def export(out_dir: Path) -> Path:
+        provenance = {**base.provenance, "stage": "dose-refiner", "steps": cfg.run.max_steps,
+                      "preset": cfg.source, "init_from": str(bundle), "data": str(data_dir)}
+        return save_dose_model(out_dir / "model", base.dit, base.vae, base.codec,
+                               normalisation=base.normalisation, prediction=base.prediction,
+                               provenance=provenance, refiner=refiner.cpu().eval())
+
+    train = [c.name for c in manifest.train]
+    task = loop.Task(stage="dose-refiner", model=refiner, params=list(refiner.parameters()),
+                     train_items=train, val_items=[c.name for c in manifest.val], loss=loss,
+                     evaluate=evaluate, export=export, data_signature=loop.data_signature(train))
+    return loop.run(task, cfg, run_dir, ctx, resume=resume)
