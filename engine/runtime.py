@@ -53,7 +53,7 @@ from engine.metrics.scorecard import (
     best_scorecard,
 )
 from engine.models.dit import any2any_velocity, strip_unreachable_noise
-from engine.models.dose_refiner import TargetGeometry, target_geometry
+from engine.models.dose_refiner import RefinerConfig, TargetGeometry, target_geometry
 from engine.resources import resources_dir
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,13 @@ class _Timer:
 PRECISIONS = ("fp32", "bf16")
 
 
+def refiner_geometry(inputs: ModelInputs, config: RefinerConfig) -> TargetGeometry:
+    """The target geometry a dose refiner corrects on, from a case's model-grid inputs."""
+    norm = inputs.normalization
+    return target_geometry(norm.ptv_to_gy(inputs[Slot.PTV]), inputs[Slot.BODY] > 0.0,
+                           inputs.transform.model.spacing, config)
+
+
 class DoseEngine:
     """Dose previews and predictions for cases, with caches keyed by content."""
 
@@ -252,10 +259,7 @@ class DoseEngine:
             geometry = None
             if self.model.refiner is not None:
                 with timer("features"):
-                    geometry = target_geometry(
-                        inputs.normalization.ptv_to_gy(inputs[Slot.PTV]),
-                        inputs[Slot.BODY] > 0.0, inputs.transform.model.spacing,
-                        self.model.refiner.config)
+                    geometry = refiner_geometry(inputs, self.model.refiner.config)
             grid = _GridState(inputs=inputs, ptv_model=inputs[Slot.PTV] > -1.0,
                               condition_latents=cond, refiner_geometry=geometry)
             state.grids[iso] = grid
@@ -279,6 +283,12 @@ class DoseEngine:
                 self._plates.popitem(last=False)
         self._plates.move_to_end(key)
         return latents
+
+    def model_inputs(self, case: Case, plan: Plan | None = None) -> ModelInputs:
+        """The model-grid inputs of ``case`` under ``plan`` (default: the case's), built with
+        this model's normalisation and cached per case and isocentre as for a prediction."""
+        with self._lock, torch.inference_mode(), self._autocast():
+            return self._grid_state(self._case_state(case), plan or case.plan, _Timer()).inputs
 
     def _scorecard(self, state: _CaseState, dose: np.ndarray) -> ScorecardResult | None:
         if not state.scorecard_chosen:

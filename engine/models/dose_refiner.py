@@ -89,11 +89,14 @@ class TargetGeometry:
     features: np.ndarray
 
 
-def _signed_distance(mask: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
-    """Distance (mm) to the surface of ``mask``: positive outside, negative inside."""
-    outside = ndimage.distance_transform_edt(~mask, sampling=spacing_mm)
+def _signed_distance(mask: np.ndarray, spacing_mm: tuple[float, float, float]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Distance (mm) to the surface of ``mask`` (positive outside, negative inside) and, per
+    voxel, the index ``(3, *shape)`` of the nearest ``mask`` voxel (its own inside)."""
+    outside, nearest = ndimage.distance_transform_edt(~mask, sampling=spacing_mm,
+                                                      return_indices=True)
     inside = ndimage.distance_transform_edt(mask, sampling=spacing_mm)
-    return np.where(mask, -inside, outside)
+    return np.where(mask, -inside, outside), nearest
 
 
 def target_geometry(prescription_gy: np.ndarray, body: np.ndarray,
@@ -115,15 +118,11 @@ def target_geometry(prescription_gy: np.ndarray, body: np.ndarray,
     if not targets.any():
         raise ValueError("the refiner needs a target with a prescription on the model grid")
     top = rx.max()
-    # the nearest target voxel of every voxel (its own index inside a target)
-    outside, nearest = ndimage.distance_transform_edt(~targets, sampling=spacing_mm,
-                                                      return_indices=True)
-    distance = np.where(targets, -ndimage.distance_transform_edt(targets, sampling=spacing_mm),
-                        outside)
+    distance, nearest = _signed_distance(targets, spacing_mm)
     keep = np.asarray(body, dtype=bool) & (distance <= config.band_mm)
     index = np.flatnonzero(keep)
     near_rx = rx[tuple(n.ravel()[index] for n in nearest)]
-    primary = _signed_distance(rx >= top, spacing_mm).ravel()[index]
+    primary = _signed_distance(rx >= top, spacing_mm)[0].ravel()[index]
     ref, lo = config.reference_gy, -config.near_mm
     features = np.stack([
         rx.ravel()[index] / ref,

@@ -28,15 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.case import Case
 from engine.dose_model import load_dose_model, save_dose_model
 from engine.errors import UserError
-from engine.features import Slot, build_modalities
-from engine.models.dose_refiner import (
-    DoseRefiner,
-    RefinerConfig,
-    refiner_inputs,
-    target_geometry,
-)
+from engine.models.dose_refiner import DoseRefiner, RefinerConfig, refiner_inputs
+from engine.runtime import DoseEngine, refiner_geometry
 
 from .. import loop
 from ..caches import case_key
@@ -49,16 +45,16 @@ TARGET_SHARE = 0.25
 VOXELS_PER_CASE = 1024
 
 
-def case_samples(engine, case, config: RefinerConfig, rng: np.random.Generator
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def case_samples(engine: DoseEngine, case: Case, config: RefinerConfig,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Input rows ``(n, len(FEATURES))`` and errors ``(n,)`` (Gy) of up to :data:`SAMPLES`
     voxels the refiner corrects in ``case`` (which must have a reference dose)."""
-    inputs = build_modalities(case, workers=1)
-    transform = inputs.transform
-    preview = transform.dose_to_model(engine.preview(case).dose.array)
-    reference = transform.dose_to_model(case.dose.array)
-    geometry = target_geometry(inputs.normalization.ptv_to_gy(inputs[Slot.PTV]),
-                               inputs[Slot.BODY] > 0.0, transform.model.spacing, config)
+    preview = engine.preview(case).dose.array
+    inputs = engine.model_inputs(case)        # what the preview was built from (cached)
+    # the preview comes back from the CT grid: a cubic round trip, 0.05-0.12 Gy in the body
+    preview = inputs.transform.dose_to_model(preview)
+    reference = inputs.transform.dose_to_model(case.dose.array)
+    geometry = refiner_geometry(inputs, config)
     n = len(geometry.index)
     inside = np.flatnonzero(geometry.features[:, 0] > 0)
     n_inside = min(len(inside), int(SAMPLES * TARGET_SHARE))
@@ -71,8 +67,6 @@ def case_samples(engine, case, config: RefinerConfig, rng: np.random.Generator
 def _sample_cases(refs: list[CaseRef], bundle: Path, out: Path, config: RefinerConfig,
                   ctx: DistContext, threads: int) -> None:
     """Write the samples of this rank's share of ``refs`` that are not there yet."""
-    from engine.runtime import DoseEngine
-
     mine = [r for i, r in enumerate(refs) if i % ctx.world_size == ctx.rank
             and not (out / f"{case_key(r.name)}.npz").exists()]
     if not mine:
