@@ -76,6 +76,8 @@ def test_views_show_ct_and_contours(qtbot, aloop, gui_settings, case):
         assert count_color(axial, color) > 20, f"{name} outline missing"
     for view in (window.coronal, window.sagittal):
         assert count_color(grab_rgb(view.plot), (255, 0, 0)) > 20
+    # no pyqtgraph context menu (axis ranges, export) on the slices: it is never built
+    assert all(view.view_box.menu is None for view in window.slice_views)
     shot = window.view3d.plotter.screenshot(return_img=True)
     assert shot.std() > 5, "3D view is blank"
     # hiding a structure removes its outline everywhere

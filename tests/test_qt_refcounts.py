@@ -1,8 +1,12 @@
-"""The Qt bindings' lost references to None and True (planner_gui._refcount_guard).
+"""The Qt bindings keep their references (why pyproject excludes PySide6 6.12).
 
-PySide6 6.12 on Python 3.11 drops a reference to ``None`` on every void call and to ``True`` on
-every signal emission. Each test runs in a fresh interpreter because without the guard the
-process aborts ("Fatal Python error: bool_dealloc" / "none_dealloc") once a count reaches zero.
+PySide6 6.12.0 on CPython 3.11 drops a reference to ``None`` on every void call and to ``True``
+on every signal emission, and the same fault in its call path frees other objects early: in the
+test suite it ended in segfaults in ``Shiboken::BindingManager::unregisterWrapper`` when a
+widget holding ``QWidgetAction``s (pyqtgraph's menus) was destroyed, one run in five. 6.11.3
+loses nothing. The check runs in a fresh interpreter, where the counts of ``None`` and ``True``
+are small enough that the lost references abort the process ("Fatal Python error:
+bool_dealloc" / "none_dealloc").
 """
 
 from __future__ import annotations
@@ -13,13 +17,11 @@ import textwrap
 
 import pytest
 
-from planner_gui._refcount_guard import _GUARD, protect_singletons
-
-# Emit a signal and call a void method more often than True and None have references in a
-# fresh interpreter (about 600 and 5,000 with QtCore imported).
+# More signal emissions and void calls than True and None have references in a fresh
+# interpreter (about 600 and 5,000 with QtCore imported).
 CALLS = 100_000
-EXHAUST = textwrap.dedent("""
-    {prelude}
+EXHAUST = textwrap.dedent(f"""
+    import sys
     from PySide6 import QtCore
     app = QtCore.QCoreApplication([])
 
@@ -28,41 +30,20 @@ EXHAUST = textwrap.dedent("""
 
     source = Source()
     source.changed.connect(lambda value: None)
-    for i in range({calls}):
+    none0, true0 = sys.getrefcount(None), sys.getrefcount(True)
+    for i in range({CALLS}):
         source.changed.emit(i)
-    for i in range({calls}):
+    for i in range({CALLS}):
         source.setObjectName("x")
-    print("survived")
+    print(none0 - sys.getrefcount(None), true0 - sys.getrefcount(True))
 """)
 
-needs_guard = pytest.mark.skipif(sys.version_info >= (3, 12),
-                                 reason="None and True are immortal from Python 3.12 on")
 
-
-def _run(prelude: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", EXHAUST.format(prelude=prelude, calls=CALLS)],
-                          capture_output=True, text=True, timeout=120)
-
-
-@needs_guard
-def test_the_bindings_still_lose_references_without_the_guard():
-    """The bug the guard exists for (when this starts passing, the bindings are fixed and the
-    guard can go)."""
-    proc = _run("")
-    assert proc.returncode != 0 and "survived" not in proc.stdout
-    assert "dealloc" in proc.stderr, proc.stderr[-2000:]
-
-
-@needs_guard
-def test_importing_planner_gui_protects_none_true_and_false():
-    proc = _run("import planner_gui")
+@pytest.mark.skipif(sys.version_info >= (3, 12),
+                    reason="None and True are immortal from Python 3.12 on")
+def test_signals_and_void_calls_keep_their_references():
+    proc = subprocess.run([sys.executable, "-c", EXHAUST], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "survived"
-
-
-@needs_guard
-def test_protection_is_applied_once():
-    protect_singletons()
-    protect_singletons()
-    for obj in (None, True, False):
-        assert _GUARD <= sys.getrefcount(obj) < 2 * _GUARD
+    lost_none, lost_true = (int(n) for n in proc.stdout.split())
+    assert lost_none < 10 and lost_true < 10, (lost_none, lost_true)

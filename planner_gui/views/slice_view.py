@@ -78,8 +78,8 @@ class SliceView(QtWidgets.QWidget):
         self.beam_rays: list[BeamRay] = []
         self._rect = QtCore.QRectF(0, 0, 1, 1)
 
-        self.view_box = SliceViewBox(lockAspect=True, invertY=orientation == "axial")
-        self.view_box.setMenuEnabled(False)
+        self.view_box = SliceViewBox(lockAspect=True, invertY=orientation == "axial",
+                                     enableMenu=False)
         self.plot = pg.PlotWidget(viewBox=self.view_box, background="k")
         self.plot.hideAxis("left")
         self.plot.hideAxis("bottom")
