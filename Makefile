@@ -24,15 +24,18 @@ setup: system $(VENV)/.installed
 run: setup
 	$(VENV)/bin/dosepilot demo
 
-# After a crash, the last test started and the project's frames of every thread (tests/conftest.py)
+# Two pytest-xdist workers (tests/conftest.py: one crash log each). After a crash, each worker's
+# last test started and the project's frames of every thread.
 CRASH_LOG := .pytest-crash.log
+TEST_WORKERS ?= 2
 test: setup
 	$(VENV)/bin/ruff check .
-	QT_QPA_PLATFORM=xcb DOSEPILOT_CRASH_LOG=$(CRASH_LOG) $(XVFB) \
-	    $(PY) -m pytest -q -p no:cacheprovider -p no:faulthandler || { rc=$$?; \
-	    echo "--- pytest exited $$rc; the last test started ($(CRASH_LOG)):"; \
-	    awk '/^running /{b=""} {b=b $$0 "\n"} END{printf "%s", b}' $(CRASH_LOG) | \
-	    grep -v -e site-packages -e '<frozen' -e '^Extension modules' | head -n 80; exit $$rc; }
+	rm -f $(CRASH_LOG).*
+	QT_QPA_PLATFORM=xcb DOSEPILOT_CRASH_LOG=$(CRASH_LOG) $(XVFB) $(PY) -m pytest -q \
+	    -p no:cacheprovider -p no:faulthandler -n $(TEST_WORKERS) --dist worksteal || { rc=$$?; \
+	    for log in $(CRASH_LOG).*; do echo "--- pytest exited $$rc; the last test started ($$log):"; \
+	    awk '/^running /{b=""} {b=b $$0 "\n"} END{printf "%s", b}' $$log | \
+	    grep -v -e site-packages -e '<frozen' -e '^Extension modules' | head -n 80; done; exit $$rc; }
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -12,8 +12,8 @@ request:
 * the DiT runs 1 step (preview) or N steps (prediction, several seeds batched), the dose latent
   is decoded (tiny codec / VAE), corrected around the targets by the bundle's refiner when it
   has one (:mod:`engine.models.dose_refiner`; its target geometry is built once per case and
-  isocentre), mapped back onto the CT grid through the kept transform, and DVHs, metrics and
-  the scorecard are computed on the CT grid.
+  isocentre, the beam plate's values it reads once per plan), mapped back onto the CT grid
+  through the kept transform, and DVHs, metrics and the scorecard are computed on the CT grid.
 
 :class:`AsyncDoseEngine` is the asyncio face for the GUI: one worker thread, latest-wins
 (:mod:`engine.latest_wins`), a running prediction cancelled between steps.
@@ -53,7 +53,12 @@ from engine.metrics.scorecard import (
     best_scorecard,
 )
 from engine.models.dit import any2any_velocity, strip_unreachable_noise
-from engine.models.dose_refiner import RefinerConfig, TargetGeometry, target_geometry
+from engine.models.dose_refiner import (
+    RefinerConfig,
+    TargetGeometry,
+    beam_fraction,
+    target_geometry,
+)
 from engine.resources import resources_dir
 
 log = logging.getLogger(__name__)
@@ -121,9 +126,17 @@ class _GridState:
     """What is fixed for one case and isocentre: the model inputs and condition latents."""
 
     inputs: ModelInputs
-    ptv_model: np.ndarray
     condition_latents: torch.Tensor  # [4, C, d, h, w], slots CT, PTV, OAR, body
     refiner_geometry: TargetGeometry | None  # None: the model has no refiner
+
+
+@dataclass
+class _PlanState:
+    """What is fixed for one plan: its plates' latents and, for a refiner that reads the beam
+    plate, the plate's values at the refiner's voxels."""
+
+    plate_latents: torch.Tensor  # [2, C, d, h, w], slots beam plate, angle plate
+    refiner_beam: np.ndarray | None
 
 
 @dataclass
@@ -158,6 +171,13 @@ class _Timer:
 PRECISIONS = ("fp32", "bf16")
 
 
+def model_plates(inputs: ModelInputs, plan: Plan, workers: int
+                 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Beam plate, angle plate and the number of angles summed (:func:`plan_plates`) of ``plan``
+    on the model grid of ``inputs``, around its PTV slot's targets."""
+    return plan_plates(inputs[Slot.PTV] > -1.0, inputs.transform.model, plan, workers=workers)
+
+
 def refiner_geometry(inputs: ModelInputs, config: RefinerConfig) -> TargetGeometry:
     """The target geometry a dose refiner corrects on, from a case's model-grid inputs."""
     norm = inputs.normalization
@@ -185,7 +205,7 @@ class DoseEngine:
         self.normalization = Normalization.from_dict(model.normalisation or {})
         self.solver = solver
         self._cases: OrderedDict[int, _CaseState] = OrderedDict()
-        self._plates: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._plates: OrderedDict[tuple, _PlanState] = OrderedDict()
         self._max_cases, self._max_plans = max_cases, max_plans
         self._lock = threading.Lock()  # one inference at a time per engine
 
@@ -260,29 +280,30 @@ class DoseEngine:
             if self.model.refiner is not None:
                 with timer("features"):
                     geometry = refiner_geometry(inputs, self.model.refiner.config)
-            grid = _GridState(inputs=inputs, ptv_model=inputs[Slot.PTV] > -1.0,
-                              condition_latents=cond, refiner_geometry=geometry)
+            grid = _GridState(inputs=inputs, condition_latents=cond, refiner_geometry=geometry)
             state.grids[iso] = grid
         return grid
 
-    def _plate_latents(self, state: _CaseState, grid: _GridState, plan: Plan, fast: bool,
-                       timer: _Timer) -> torch.Tensor:
+    def _plan_state(self, state: _CaseState, grid: _GridState, plan: Plan, fast: bool,
+                    timer: _Timer) -> _PlanState:
         key = (id(state.case), plan.beams, plan.patient_position, fast)
-        latents = self._plates.get(key)
-        if latents is None:
+        planned = self._plates.get(key)
+        if planned is None:
             with timer("features"):
                 norm = grid.inputs.normalization
                 # no more threads than inference (the GUI keeps a core for its event loop)
-                beam, angle, n_angles = plan_plates(grid.ptv_model, grid.inputs.transform.model,
-                                                    plan, workers=self.threads)
+                beam, angle, n_angles = model_plates(grid.inputs, plan, self.threads)
                 plates = np.stack([norm.beam_plate(beam, n_angles), norm.binary(angle)])
+                refiner_beam = None
+                if grid.refiner_geometry is not None and self.model.refiner.config.beam_plate:
+                    refiner_beam = beam_fraction(beam, n_angles, grid.refiner_geometry)
             with timer("encode"):
-                latents = self._encode(plates, fast=fast)
-            self._plates[key] = latents
+                planned = _PlanState(self._encode(plates, fast=fast), refiner_beam)
+            self._plates[key] = planned
             while len(self._plates) > self._max_plans:
                 self._plates.popitem(last=False)
         self._plates.move_to_end(key)
-        return latents
+        return planned
 
     def model_inputs(self, case: Case, plan: Plan | None = None) -> ModelInputs:
         """The model-grid inputs of ``case`` under ``plan`` (default: the case's), built with
@@ -307,8 +328,8 @@ class DoseEngine:
         with self._lock, torch.inference_mode(), self._autocast():
             state = self._case_state(case)
             grid = self._grid_state(state, plan, timer)
-            plates = self._plate_latents(state, grid, plan, fast, timer)
-            clean, target, present = self._assemble(grid, plates, len(seeds))
+            planned = self._plan_state(state, grid, plan, fast, timer)
+            clean, target, present = self._assemble(grid, planned.plate_latents, len(seeds))
             noise = torch.stack([
                 diffusion.initial_noise(clean.shape[1:], torch.Generator().manual_seed(seed))
                 for seed in seeds]).to(self.device)
@@ -335,7 +356,8 @@ class DoseEngine:
             gy = norm.dose_to_gy(unit)
             if grid.refiner_geometry is not None:
                 with timer("refine"):
-                    gy = self.model.refiner.refine(gy, grid.refiner_geometry)
+                    gy = self.model.refiner.refine(gy, grid.refiner_geometry,
+                                                   planned.refiner_beam)
         order = 1 if fast else 3
         with timer("to_patient"):
             transform = grid.inputs.transform

@@ -21,9 +21,15 @@ def pytest_configure(config):
     """With ``DOSEPILOT_CRASH_LOG`` set (``make test`` sets it), a native crash of the test
     process (segfault, abort) leaves in that file the test that was running and every thread's
     stack. CI keeps only the tail of the output, where faulthandler's report on stderr names no
-    test: the Makefile prints this file's end instead."""
+    test: the Makefile prints this file's end instead. Under pytest-xdist each worker keeps its
+    own file, ``<path>.<worker>`` (``gw0``, ``gw1``, ...)."""
     global _crash_log
     path = os.environ.get("DOSEPILOT_CRASH_LOG")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if path and worker:
+        path = f"{path}.{worker}"
+    elif path and getattr(config.option, "numprocesses", None):
+        return  # the xdist controller runs no test
     if path and _crash_log is None:
         _crash_log = open(path, "w", encoding="utf-8")  # noqa: SIM115 - open until exit
         faulthandler.enable(_crash_log, all_threads=True)

@@ -38,6 +38,7 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
                N_C="2", D_STEPS="2", D_DISTILL_STEPS="2", D_CROP="5, 16, 16", NICE="0",
                E_STEPS="2", N_E_CLINICAL="2", N_E_PHYSICS="1", E_CROP="9, 16, 16",
                F_STEPS="2", F_CODEC_STEPS="2", N_F_CLINICAL="3", N_F_PHYSICS="1", G_STEPS="2",
+               H_STEPS="2", N_H_CLINICAL="1", N_H_PHYSICS="1",
                PHYSICS_V2=str(physics),
                GPU_PRESET=str(REPO / "resources/presets/test-tiny.toml"),
                THREADS="1", PRESET=str(REPO / "resources/presets/test-tiny.toml"),
@@ -47,13 +48,17 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     out = subprocess.run(["bash", str(RECIPE), str(runs)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
-    refined = runs / "stage-g" / "model"
-    assert f"model bundle: {refined}" in out.stdout
-    stage_g = json.loads((refined / "bundle.json").read_text())["provenance"]
+    beam_aware = runs / "stage-h" / "model"
+    assert out.stdout.strip().endswith(f"model bundle: {beam_aware}")
     final = runs / "stage-f-codec" / "model"
-    assert stage_g["stage"] == "dose-refiner" and stage_g["init_from"] == str(final)
-    assert load_dose_model(refined).refiner is not None
-    assert len(list((runs / "stage-g" / "refiner-samples").glob("*.npz"))) == 4
+    for stage, beam_plate, samples in (("stage-g", False, 4), ("stage-h", True, 2)):
+        provenance = json.loads((runs / stage / "model/bundle.json").read_text())["provenance"]
+        assert provenance["stage"] == "dose-refiner" and provenance["init_from"] == str(final)
+        assert load_dose_model(runs / stage / "model").refiner.config.beam_plate is beam_plate
+        assert len(list((runs / stage / "refiner-samples").glob("*.npz"))) == samples
+    # Stage H: the first clinical case and the first physics plan
+    assert sorted(p.name for p in (runs / "data-h" / "train").rglob("*.npz")) == sorted(
+        [train[0].name, f"{train[0].stem}_plan0.npz"])
     stage_f = json.loads((final / "bundle.json").read_text())["provenance"]
     assert stage_f["stage"] == "codec-decoder" and stage_f["init_from"] == str(
         runs / "stage-f/model")
@@ -93,7 +98,7 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
                            capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     for stage in ("vae", "distill", "stage-a", "stage-b", "stage-c", "distill-d", "stage-d",
-                  "stage-e", "stage-f", "stage-f-codec", "stage-g"):
+                  "stage-e", "stage-f", "stage-f-codec", "stage-g", "stage-h"):
         starts = [line for line in (runs / stage / "events.jsonl").read_text().splitlines()
                   if '"type": "start"' in line]
         assert len(starts) == 1, stage

@@ -12,6 +12,7 @@ from engine.models.dose_refiner import (
     FEATURES,
     DoseRefiner,
     RefinerConfig,
+    beam_fraction,
     refiner_inputs,
     target_geometry,
 )
@@ -128,3 +129,28 @@ def test_bundle_carries_the_refiner_and_refuses_mismatched_weights(tiny_dose_bun
             normalisation=model.normalisation)
     with pytest.raises(ValueError, match="unknown refiner config keys"):
         RefinerConfig.from_dict({"hidden": 8, "depth": 3})
+
+
+def test_the_beam_plate_is_a_seventh_input_in_beams_per_angle():
+    rx, body = _two_targets()
+    config = RefinerConfig(beam_plate=True)
+    assert config.features == FEATURES + ("beam_fraction",)
+    assert RefinerConfig.from_dict(config.to_dict()) == config
+    geometry = target_geometry(rx, body, SPACING, config)
+    plate = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
+    beam = beam_fraction(plate, 4.0, geometry)
+    np.testing.assert_allclose(beam, plate.ravel()[geometry.index] / 4.0)
+    dose = np.full(SHAPE, 35.0, np.float32)
+    rows = refiner_inputs(dose, geometry, config, beam)
+    assert rows.shape == (len(geometry.index), 7)
+    np.testing.assert_array_equal(rows[:, -1], beam)
+    np.testing.assert_array_equal(rows[:, :6], refiner_inputs(dose, geometry, RefinerConfig()))
+    with pytest.raises(ValueError, match="beam plate"):
+        refiner_inputs(dose, geometry, config)
+    with pytest.raises(ValueError, match="beam plate grid"):
+        beam_fraction(plate[:-1], 4.0, geometry)
+    refiner = DoseRefiner(config)
+    assert refiner.net[0].in_features == 7
+    with pytest.raises(ValueError, match="beam plate"):
+        refiner.refine(dose, geometry)
+    assert refiner.refine(dose, geometry, beam).shape == SHAPE

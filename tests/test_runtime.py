@@ -129,6 +129,34 @@ def test_the_bundles_refiner_corrects_the_dose_around_the_targets(bundle, case):
     assert "refine" in full.timings_s
 
 
+def test_a_beam_plate_refiner_corrects_along_the_plans_beams(bundle, case):
+    from engine.models.dose_refiner import DoseRefiner, RefinerConfig
+
+    plain = DoseEngine.from_checkpoint(bundle, threads=2)
+    refined = DoseEngine(load_dose_model(bundle), threads=2)
+    refiner = DoseRefiner(RefinerConfig(hidden=2, band_mm=40.0, beam_plate=True))
+    with torch.no_grad():  # correction = 70 Gy * silu(silu(beam fraction)): 0 where no beam
+        for p in refiner.parameters():
+            p.zero_()
+        refiner.net[0].weight[0, -1] = 1.0
+        refiner.net[2].weight[0, 0] = 1.0
+        refiner.net[4].weight[0, 0] = 1.0
+    refined.model.refiner = refiner.eval()
+    left = case.plan.with_beams(case.plan.beams[:1])
+    right = left.with_gantry(0, (left.beams[0].gantry_deg + 180.0) % 360.0)
+    change = {}
+    for name, plan in (("left", left), ("right", right), ("left again", left)):
+        change[name] = refined.preview(case, plan).dose.array - plain.preview(case, plan).dose.array
+    target = np.logical_or.reduce([t.mask for t in case.targets])
+    # inside the target every beam passes (fraction ~1): 70 * silu(silu(1)) = 34.6 Gy
+    assert float(np.median(change["left"][target])) == pytest.approx(34.6, abs=3.0)
+    # outside it, each beam's path is corrected and the opposite side is not
+    only_left = (change["left"] > 5.0) & (np.abs(change["right"]) < 0.5) & ~target
+    only_right = (change["right"] > 5.0) & (np.abs(change["left"]) < 0.5) & ~target
+    assert only_left.sum() > 50 and only_right.sum() > 50
+    np.testing.assert_array_equal(change["left again"], change["left"])  # the plan's own cache
+
+
 def test_progress_and_cancel_between_steps(engine, case):
     seen = []
     engine.predict(case, steps=3, progress=lambda i, n: seen.append((i, n)))

@@ -51,6 +51,8 @@ def test_gradient_checkpointing_reaches_the_dit():
     ({"diffusion": {"solver": "ddim"}}, r"solver = 'ddim' is not one of"),
     ({"scardnft": {"group_size": 1}}, r"group_size must be >= 2"),
     ({"scardnft": {"train_timesteps": 20}}, r"train_timesteps \(20\) cannot exceed"),
+    ({"refiner": {"band_mm": 0}}, r"\[refiner\] band_mm must be > 0"),
+    ({"refiner": {"beam_plate": "yes"}}, r"\[refiner\] beam_plate must be true or false"),
 ])
 def test_invalid_presets_are_refused_with_a_clear_message(raw, message):
     with pytest.raises(ConfigError, match=message):
@@ -82,6 +84,7 @@ def test_set_overrides_are_validated_like_the_file():
                                     "data.grid=[13, 32, 32]", "model.dit=cpu-base"])
     assert (cfg.run.max_steps, cfg.optim.lr, cfg.data.flip_lr) == (7, 2e-3, True)
     assert cfg.data.grid == (13, 32, 32) and cfg.model.dit == "cpu-base"
+    assert load_config("test-tiny", ["refiner.beam_plate=true"]).refiner.beam_plate
     with pytest.raises(ConfigError, match=r"--set 'max_steps=3': expected section.key=value"):
         load_config("test-tiny", ["max_steps=3"])
     with pytest.raises(ConfigError, match=r"with --set run.max_steps=0.*max_steps must be > 0"):

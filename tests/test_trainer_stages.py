@@ -19,7 +19,7 @@ from trainer.data import scan_dataset  # noqa: E402
 from trainer.distributed import DistContext  # noqa: E402
 from trainer.events import read_events  # noqa: E402
 from trainer.stages.common import build_vae, vae_config  # noqa: E402
-from trainer.stages.dose_refiner import SAMPLES, _sample_cases  # noqa: E402
+from trainer.stages.dose_refiner import SAMPLES, _sample_cases, plans_by_patient  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 TINY = load_config("test-tiny").source
@@ -264,8 +264,28 @@ def test_dose_refiner_stage_fits_on_the_bundles_own_previews(fitted, tiny_dose_b
     kept = samples[1].stat().st_mtime_ns
     samples[0].unlink()
     refs = list(scan_dataset(data, 0.34).cases)
-    _sample_cases(refs, tiny_dose_bundle, samples[0].parent, RefinerConfig(),
-                  DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), 1)
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    _sample_cases(refs, tiny_dose_bundle, samples[0].parent, RefinerConfig(), ctx, 1)
     assert samples[0].exists() and samples[1].stat().st_mtime_ns == kept
+    # samples of another refiner config are redone: with the beam plate, a 7th column
+    _sample_cases(refs, tiny_dose_bundle, samples[0].parent, RefinerConfig(beam_plate=True), ctx, 1)
+    assert samples[1].stat().st_mtime_ns != kept
+    with np.load(samples[1]) as z:
+        assert z["inputs"].shape == (SAMPLES, 7)
+        assert np.all(z["inputs"][:, -1] >= 0) and np.ptp(z["inputs"][:, -1]) > 0
     # a bundle is required
     assert _train("dose-refiner", TINY, data, runs / "ref-none") == 2
+
+
+def test_the_refiner_stage_weighs_patients_not_plans(openkbp_dir, tmp_path):
+    """A patient's physics plans join its clinical plan: the fit draws the patient, then a plan."""
+    first, second = sorted((openkbp_dir / "train").glob("pt_*.npz"))[:2]
+    (tmp_path / "train" / "physics").mkdir(parents=True)
+    for path in (first, second):
+        (tmp_path / "train" / path.name).symlink_to(path)
+    for k in (0, 3):
+        (tmp_path / "train" / "physics" / f"{first.stem}_plan{k}.npz").symlink_to(first)
+    plans = plans_by_patient(scan_dataset(tmp_path, 0.0).train)
+    assert plans == {first.stem: [f"train/physics/{first.stem}_plan0",
+                                  f"train/physics/{first.stem}_plan3", f"train/{first.stem}"],
+                     second.stem: [f"train/{second.stem}"]}

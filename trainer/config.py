@@ -17,6 +17,7 @@ Sections and their meaning:
 * ``[vae_adapt]`` seed §E.2: ``frozen`` (default), ``decoder_lora`` or ``decoder_finetune``.
 * ``[lora]`` rank/alpha of the post-training adapters.
 * ``[scardnft]`` DiffusionNFT post-training (group size, beta, KL weight, reward weights).
+* ``[refiner]`` the dose refiner of the ``dose-refiner`` stage (width, band, beam plate input).
 """
 
 from __future__ import annotations
@@ -147,6 +148,15 @@ class ScardNFTConfig:
 
 
 @dataclass(frozen=True)
+class RefinerTrainConfig:
+    """The dose refiner the ``dose-refiner`` stage fits (``engine.models.dose_refiner``)."""
+
+    hidden: int = 32                # width of its two hidden layers
+    band_mm: float = 60.0           # voxels farther outside every target are not corrected
+    beam_plate: bool = False        # the plan's beam plate is an input
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -158,6 +168,7 @@ class TrainConfig:
     vae_adapt: VAEAdaptConfig = field(default_factory=VAEAdaptConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     scardnft: ScardNFTConfig = field(default_factory=ScardNFTConfig)
+    refiner: RefinerTrainConfig = field(default_factory=RefinerTrainConfig)
     source: str = ""                # where the preset came from (for messages and provenance)
 
     def to_dict(self) -> dict:
@@ -178,7 +189,8 @@ _POSITIVE = {("run", "max_steps"), ("run", "log_every"), ("run", "eval_every"),
              ("optim", "eps"), ("data", "batch_size"), ("diffusion", "shift"),
              ("diffusion", "timesteps"), ("diffusion", "sample_steps"), ("vae_adapt", "lora_rank"),
              ("lora", "rank"), ("lora", "alpha"), ("scardnft", "group_size"),
-             ("scardnft", "beta"), ("scardnft", "adv_clip_max"), ("scardnft", "train_timesteps")}
+             ("scardnft", "beta"), ("scardnft", "adv_clip_max"), ("scardnft", "train_timesteps"),
+             ("refiner", "hidden"), ("refiner", "band_mm")}
 _NON_NEGATIVE = {("run", "seed"), ("run", "threads"), ("model", "dit_dim"), ("model", "dit_layers"),
                  ("model", "dit_heads"), ("model", "dit_ffn_dim"), ("optim", "weight_decay"),
                  ("optim", "warmup_steps"), ("optim", "grad_clip"), ("data", "val_cases"),

@@ -17,14 +17,20 @@ Features (:data:`FEATURES`; doses divided by ``reference_gy``, distances by ``ne
 3. the case's highest prescription;
 4. the signed distance to the surface of all targets (mm, negative inside), clipped to
    ``[-near_mm, band_mm]``;
-5. the same for the highest-prescription target.
+5. the same for the highest-prescription target;
+6. with ``beam_plate`` set: the plan's beam plate at the voxel divided by the number of gantry
+   angles summed (:func:`beam_fraction`; about 1 inside the targets, where every beam passes,
+   and the share of the beams whose path crosses the voxel outside them, inverse-square
+   weighted). The DiT sees the same plate only through latents of 8 x 20 x 20 mm; here the
+   correction can follow a beam's edge at the model grid's resolution.
 
 Features 1-5 depend on the case and isocentre only (:func:`target_geometry`, computed once per
-case), feature 0 on each prediction. Voxels farther than ``band_mm`` outside every target, or
-outside the body, keep their dose: that bounds the cost (a preview must stay under 1 s) and
-leaves the low-dose bath, which the correction was not fitted for, to the model. Trained by the
-trainer's ``dose-refiner`` stage (:mod:`trainer.stages.dose_refiner`) on the bundle's own
-previews of the training cases, so it corrects what this bundle's decoders get wrong.
+case), feature 6 on the plan, feature 0 on each prediction. Voxels farther than ``band_mm``
+outside every target, or outside the body, keep their dose: that bounds the cost (a preview
+must stay under 1 s) and leaves the low-dose bath, which the correction was not fitted for, to
+the model. Trained by the trainer's ``dose-refiner`` stage (:mod:`trainer.stages.dose_refiner`)
+on the bundle's own previews of the training cases, so it corrects what this bundle's decoders
+get wrong; with the beam plate, on plans of several beam arrangements per patient.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from torch import nn
 
 FEATURES: tuple[str, ...] = ("dose", "prescription", "nearest_prescription", "max_prescription",
                              "distance_to_targets", "distance_to_primary")
+BEAM_FEATURE = "beam_fraction"
 N_GEOMETRY = len(FEATURES) - 1
 # rows of the network evaluated at once: keeps the hidden activations (rows x hidden floats)
 # in cache; one 1M-row call is 3x slower on a 2-core VM
@@ -51,17 +58,24 @@ class RefinerConfig:
 
     ``hidden``: width of the two hidden layers; ``reference_gy``: dose scale of the features;
     ``near_mm``: the depth inside a target beyond which the distance features saturate;
-    ``band_mm``: voxels farther than this outside every target are not corrected.
+    ``band_mm``: voxels farther than this outside every target are not corrected;
+    ``beam_plate``: the plan's beam plate is an input (feature 6 of the module docstring).
     """
 
     hidden: int = 32
     reference_gy: float = 70.0
     near_mm: float = 30.0
     band_mm: float = 60.0
+    beam_plate: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden < 1 or self.reference_gy <= 0 or self.near_mm <= 0 or self.band_mm <= 0:
             raise ValueError(f"invalid refiner config {self}")
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The names of the network's inputs, in order."""
+        return FEATURES + (BEAM_FEATURE,) if self.beam_plate else FEATURES
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,32 +148,52 @@ def target_geometry(prescription_gy: np.ndarray, body: np.ndarray,
     return TargetGeometry(shape=tuple(rx.shape), index=index, features=features)
 
 
-def refiner_inputs(dose_gy: np.ndarray, geometry: TargetGeometry,
-                   config: RefinerConfig) -> np.ndarray:
-    """The network's input rows ``(len(geometry.index), len(FEATURES))`` for one dose (Gy)."""
+def beam_fraction(beam_plate: np.ndarray, n_angles: float,
+                  geometry: TargetGeometry) -> np.ndarray:
+    """Feature 6 of the voxels of ``geometry``: the summed beam plate on the model grid
+    (:func:`engine.features.plates.plan_plates`) divided by the number of angles it sums."""
+    plate = np.asarray(beam_plate, dtype=np.float32)
+    if plate.shape != geometry.shape:
+        raise ValueError(f"beam plate grid {plate.shape} != the refiner geometry's "
+                         f"{geometry.shape}")
+    return plate.ravel()[geometry.index] / np.float32(max(float(n_angles), 1.0))
+
+
+def refiner_inputs(dose_gy: np.ndarray, geometry: TargetGeometry, config: RefinerConfig,
+                   beam: np.ndarray | None = None) -> np.ndarray:
+    """The network's input rows ``(len(geometry.index), len(config.features))`` for one dose
+    (Gy); ``beam``: :func:`beam_fraction` of the plan, required when ``config.beam_plate``."""
     dose = np.asarray(dose_gy, dtype=np.float32).ravel()[geometry.index] / config.reference_gy
-    return np.concatenate([dose[:, None], geometry.features], axis=1)
+    columns = [dose[:, None], geometry.features]
+    if config.beam_plate:
+        if beam is None or beam.shape != geometry.index.shape:
+            raise ValueError("this refiner reads the plan's beam plate: pass beam_fraction(...) "
+                             "of the plan for the geometry's voxels")
+        columns.append(np.asarray(beam, dtype=np.float32)[:, None])
+    return np.concatenate(columns, axis=1)
 
 
 class DoseRefiner(nn.Module):
-    """The correction network: ``len(FEATURES)`` -> hidden -> hidden -> 1, SiLU; it works in
-    ``reference_gy`` units like its inputs (so an optimizer step moves Gy-sized corrections)."""
+    """The correction network: ``len(config.features)`` -> hidden -> hidden -> 1, SiLU; it works
+    in ``reference_gy`` units like its inputs (so an optimizer step moves Gy-sized corrections)."""
 
     def __init__(self, config: RefinerConfig | None = None) -> None:
         super().__init__()
         self.config = config or RefinerConfig()
         h = self.config.hidden
-        self.net = nn.Sequential(nn.Linear(len(FEATURES), h), nn.SiLU(), nn.Linear(h, h),
-                                 nn.SiLU(), nn.Linear(h, 1))
+        self.net = nn.Sequential(nn.Linear(len(self.config.features), h), nn.SiLU(),
+                                 nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 1))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Corrections (Gy) ``[N]`` for input rows ``[N, len(FEATURES)]``."""
         return self.net(inputs).squeeze(-1) * self.config.reference_gy
 
     @torch.inference_mode()
-    def refine(self, dose_gy: np.ndarray, geometry: TargetGeometry) -> np.ndarray:
+    def refine(self, dose_gy: np.ndarray, geometry: TargetGeometry,
+               beam: np.ndarray | None = None) -> np.ndarray:
         """``dose_gy`` ``(..., z, y, x)`` on the model grid, corrected around the targets (a new
-        float32 array, clipped at 0 Gy; voxels outside ``geometry`` unchanged)."""
+        float32 array, clipped at 0 Gy; voxels outside ``geometry`` unchanged). ``beam``: the
+        plan's :func:`beam_fraction` when the config reads the beam plate."""
         doses = np.array(dose_gy, dtype=np.float32)  # a copy: the caller's dose stays as it was
         if doses.shape[-3:] != geometry.shape:
             raise ValueError(f"dose grid {doses.shape[-3:]} != the refiner geometry's "
@@ -167,7 +201,7 @@ class DoseRefiner(nn.Module):
         param = next(self.parameters())
         flat = doses.reshape(-1, int(np.prod(geometry.shape)))
         for row in flat:
-            rows = torch.from_numpy(refiner_inputs(row, geometry, self.config))
+            rows = torch.from_numpy(refiner_inputs(row, geometry, self.config, beam))
             correction = torch.cat([self(chunk.to(param.device, param.dtype)).float().cpu()
                                     for chunk in rows.split(CHUNK)])
             row[geometry.index] = np.maximum(row[geometry.index] + correction.numpy(), 0.0)

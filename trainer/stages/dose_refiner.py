@@ -9,20 +9,27 @@ them (1-step previews, tiny codec):
    every case, the ``init_from`` bundle's preview (without a refiner) and the reference dose go
    onto the model grid; of the voxels the refiner corrects, ``SAMPLES`` are kept (a quarter
    drawn from inside the targets, which the DVH metrics weigh) with their input rows and the
-   error ``reference - preview`` (Gy). Ranks split the cases; a case already sampled is not redone.
-2. **Fit** (the shared loop: checkpoints, resume, events): each step draws ``VOXELS_PER_CASE``
-   rows of every case of the batch; the loss is the L1 (Gy) between the refiner's correction
-   and the error, the dose score's own measure.
+   error ``reference - preview`` (Gy). Ranks split the cases; a case already sampled with the
+   same refiner config (``[refiner]``: band, beam plate) is not redone.
+2. **Fit** (the shared loop: checkpoints, resume, events): a batch is drawn by patient, so every
+   patient weighs the same (one with several plans gives one of them, at random: the physics
+   plans teach what a beam does without the clinical plans' style being outvoted by them);
+   each step draws ``VOXELS_PER_CASE`` rows of every case of the batch; the loss is the L1 (Gy)
+   between the refiner's correction and the error, the dose score's own measure.
 3. **Export**: ``RUN_DIR/model``, the bundle with the refiner added (DiT, VAE and codec as they
    were).
 
 The previews are 1-step; the N-step prediction goes through the same refiner (its blur at the
-target edges is the same decoders'). Needs ``[model] init_from`` and a dataset with doses.
+target edges is the same decoders'). Needs ``[model] init_from`` and a dataset with doses; a
+refiner that reads the beam plate (``[refiner] beam_plate``) learns what a beam does only from a
+dataset with several beam arrangements per patient (the physics plans).
 """
 
 from __future__ import annotations
 
+import json
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +38,8 @@ import torch
 from engine.case import Case
 from engine.dose_model import load_dose_model, save_dose_model
 from engine.errors import UserError
-from engine.models.dose_refiner import DoseRefiner, RefinerConfig, refiner_inputs
-from engine.runtime import DoseEngine, refiner_geometry
+from engine.models.dose_refiner import DoseRefiner, RefinerConfig, beam_fraction, refiner_inputs
+from engine.runtime import DoseEngine, model_plates, refiner_geometry
 
 from .. import loop
 from ..caches import case_key
@@ -46,42 +53,85 @@ VOXELS_PER_CASE = 1024
 
 
 def case_samples(engine: DoseEngine, case: Case, config: RefinerConfig,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Input rows ``(n, len(FEATURES))`` and errors ``(n,)`` (Gy) of up to :data:`SAMPLES`
-    voxels the refiner corrects in ``case`` (which must have a reference dose)."""
-    preview = engine.preview(case).dose.array
-    inputs = engine.model_inputs(case)        # what the preview was built from (cached)
+                 rng: np.random.Generator, anatomy: Case | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Input rows ``(n, len(config.features))`` and errors ``(n,)`` (Gy) of up to
+    :data:`SAMPLES` voxels the refiner corrects in ``case`` (which must have a reference dose).
+
+    ``anatomy``: a case with the same CT and structures that ``engine`` has already seen (an
+    earlier plan of the patient), whose cached condition latents the preview reuses."""
+    anatomy = anatomy or case
+    preview = engine.preview(anatomy, case.plan).dose.array
+    inputs = engine.model_inputs(anatomy, case.plan)  # what the preview was built from (cached)
     # the preview comes back from the CT grid: a cubic round trip, 0.05-0.12 Gy in the body
     preview = inputs.transform.dose_to_model(preview)
     reference = inputs.transform.dose_to_model(case.dose.array)
     geometry = refiner_geometry(inputs, config)
+    beam = None
+    if config.beam_plate:
+        plate, _, n_angles = model_plates(inputs, case.plan, engine.threads)
+        beam = beam_fraction(plate, n_angles, geometry)
     n = len(geometry.index)
     inside = np.flatnonzero(geometry.features[:, 0] > 0)
     n_inside = min(len(inside), int(SAMPLES * TARGET_SHARE))
     rows = np.concatenate([rng.choice(n, min(n, SAMPLES - n_inside), replace=False),
                            rng.choice(inside, n_inside, replace=False)])
     error = (reference.ravel() - preview.ravel())[geometry.index[rows]]
-    return refiner_inputs(preview, geometry, config)[rows], error.astype(np.float32)
+    return refiner_inputs(preview, geometry, config, beam)[rows], error.astype(np.float32)
+
+
+def plans_by_patient(cases: Iterable[CaseRef]) -> dict[str, list[str]]:
+    """Patient -> the names of its cases (its clinical plan and its physics plans), in order."""
+    plans: dict[str, list[str]] = {}
+    for case in cases:
+        plans.setdefault(case.group, []).append(case.name)
+    return plans
+
+
+def _same_anatomy(a: Case, b: Case) -> bool:
+    """Whether two cases hold the same CT and structures (two plans of one patient)."""
+    return (a.ct.geometry == b.ct.geometry and np.array_equal(a.ct.array, b.ct.array)
+            and [(s.name, s.prescription_gy) for s in a.structures]
+            == [(s.name, s.prescription_gy) for s in b.structures]
+            and all(np.array_equal(x.mask, y.mask) for x, y in zip(a.structures, b.structures)))
+
+
+def _sampled(path: Path, config: RefinerConfig) -> bool:
+    """Whether ``path`` holds samples made for ``config``."""
+    if not path.exists():
+        return False
+    with np.load(path) as z:
+        return "config" in z and json.loads(str(z["config"])) == config.to_dict()
 
 
 def _sample_cases(refs: list[CaseRef], bundle: Path, out: Path, config: RefinerConfig,
                   ctx: DistContext, threads: int) -> None:
-    """Write the samples of this rank's share of ``refs`` that are not there yet."""
-    mine = [r for i, r in enumerate(refs) if i % ctx.world_size == ctx.rank
-            and not (out / f"{case_key(r.name)}.npz").exists()]
+    """Write the samples of the cases of ``refs`` that are not there yet, split between ranks.
+
+    The ranks list what is missing before any of them writes (a barrier), then each takes a
+    contiguous run of it (in name order, a patient's plans are neighbours), so consecutive plans
+    of one patient share the engine's condition latents and a resumed run splits what is left
+    evenly."""
+    pending = [r for r in refs if not _sampled(out / f"{case_key(r.name)}.npz", config)]
+    barrier(ctx)
+    mine = pending[ctx.rank * len(pending) // ctx.world_size:
+                   (ctx.rank + 1) * len(pending) // ctx.world_size]
     if not mine:
         return
     model = load_dose_model(bundle)
     model.refiner = None  # the refiner learns to correct the bundle's uncorrected preview
     engine = DoseEngine(model, device="cpu", threads=threads)
+    anatomy = None
     for i, ref in enumerate(mine):
         case = load_case(ref)
         if case.dose is None:
             raise UserError(f"dose-refiner: case {ref.name} ({ref.path}) has no reference dose")
         rng = np.random.default_rng(zlib.crc32(ref.name.encode()))
-        rows, error = case_samples(engine, case, config, rng)
+        if anatomy is None or not _same_anatomy(anatomy, case):
+            anatomy = case
+        rows, error = case_samples(engine, case, config, rng, anatomy)
         tmp = out / f".{case_key(ref.name)}.tmp.npz"
-        np.savez(tmp, inputs=rows, error=error)
+        np.savez(tmp, inputs=rows, error=error, config=json.dumps(config.to_dict()))
         tmp.replace(out / f"{case_key(ref.name)}.npz")
         if ctx.is_main:
             print(f"dose-refiner: sampled {ref.name} ({i + 1}/{len(mine)} on this process)",
@@ -94,7 +144,8 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     bundle = Path(cfg.model.init_from)
     base = load_dose_model(bundle)  # checks the bundle before the long sampling
     manifest = scan_dataset(data_dir, cfg.data.val_fraction)
-    config = RefinerConfig()
+    config = RefinerConfig(hidden=cfg.refiner.hidden, band_mm=cfg.refiner.band_mm,
+                           beam_plate=cfg.refiner.beam_plate)
     samples = Path(run_dir) / "refiner-samples"
     samples.mkdir(parents=True, exist_ok=True)
     _sample_cases(list(manifest.cases), bundle, samples, config, ctx, cfg.run.threads)
@@ -110,10 +161,14 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
 
     refiner = DoseRefiner(config).to(ctx.device)
 
-    def loss(m, names, gens):
+    plans = plans_by_patient(manifest.train)
+
+    def loss(m, patients, gens):
         rows, errors = [], []
-        for name, g in zip(names, gens):
-            x, e = load(name)
+        for patient, g in zip(patients, gens):
+            names = plans[patient]
+            pick = int(torch.randint(len(names), (1,), generator=g)) if len(names) > 1 else 0
+            x, e = load(names[pick])
             pick = torch.randint(len(e), (VOXELS_PER_CASE,), generator=g)
             rows.append(x[pick])
             errors.append(e[pick])
@@ -139,7 +194,7 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
                                normalisation=base.normalisation, prediction=base.prediction,
                                provenance=provenance, refiner=refiner.cpu().eval())
 
-    train = [c.name for c in manifest.train]
+    train = list(plans)
     task = loop.Task(stage="dose-refiner", model=refiner, params=list(refiner.parameters()),
                      train_items=train, val_items=[c.name for c in manifest.val], loss=loss,
                      evaluate=evaluate, export=export, data_signature=loop.data_signature(train))

@@ -36,6 +36,13 @@
 #                                                         OpenKBP training case ($OPENKBP/train,
 #                                                         its val split for the loss curve);
 #                                                         G_STEPS=0 (the default) skips it
+#   dose-refiner (Stage H, from Stage F)                 on the CPU: Stage G's refiner reading
+#                                                         the plan's beam plate too, fitted on
+#                                                         Stage F's previews of the first
+#                                                         N_H_CLINICAL OpenKBP training cases and
+#                                                         the first N_H_PHYSICS v2 physics plans
+#                                                         (RUNS_DIR/data-h; patients weigh the
+#                                                         same); H_STEPS=0 (the default) skips it
 # Resumable: run the same command again after an interruption; a stage with checkpoints is
 # continued with --resume, a finished stage (its export exists) is skipped, and the latent
 # cache (RUNS_DIR/cache) skips the cases it already holds. To stop a stage early and still
@@ -63,8 +70,11 @@
 #   F_STEPS=0 F_CODEC_STEPS=0 N_F_CLINICAL=120 N_F_PHYSICS=130   Stage F (the shipped model:
 #                                       F_CODEC_STEPS=6000 with F_STEPS=0; 900 more VAE decoder
 #                                       steps scored worse, see its card); crops E_CROP
-#   G_STEPS=0                           Stage G (the shipped model: 3000, run as 2 torchrun
-#                                       processes of 1 thread; one process computes the same)
+#   G_STEPS=0                           Stage G (3000 for the model shipped before Stage H, run
+#                                       as 2 torchrun processes of 1 thread; one process computes
+#                                       the same)
+#   H_STEPS=0 N_H_CLINICAL=169 N_H_PHYSICS=400   Stage H (the shipped model: H_STEPS=3000 with
+#                                       G_STEPS=0, 2 torchrun processes of 1 thread)
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
 #                                       (tests run the whole recipe with test-tiny and "5, 16, 16")
@@ -101,6 +111,9 @@ F_CODEC_STEPS=${F_CODEC_STEPS:-0}
 N_F_CLINICAL=${N_F_CLINICAL:-120}
 N_F_PHYSICS=${N_F_PHYSICS:-130}
 G_STEPS=${G_STEPS:-0}
+H_STEPS=${H_STEPS:-0}
+N_H_CLINICAL=${N_H_CLINICAL:-169}
+N_H_PHYSICS=${N_H_PHYSICS:-400}
 
 # The case subsets: symlinks to the first N files of a folder, in name order.
 link_first() {  # FROM_DIR TO_DIR N
@@ -223,12 +236,27 @@ fi
 [ -f "$RUNS/stage-f-codec/model/bundle.json" ] || CACHE=$RUNS/cache-f train codec-decoder \
     stage-f-codec "$RUNS/data-f" --set "model.init_from=\"$FROM\"" \
     --set "run.max_steps=$F_CODEC_STEPS" "${F_CROPS[@]}" --set optim.lr=3e-4
-if [ "$G_STEPS" -eq 0 ]; then echo "model bundle: $RUNS/stage-f-codec/model"; exit 0; fi
+if [ "$G_STEPS" -eq 0 ] && [ "$H_STEPS" -eq 0 ]; then
+    echo "model bundle: $RUNS/stage-f-codec/model"; exit 0
+fi
 
-# Stage G (CPU): the dose refiner, on the previews of Stage F's bundle (the stage makes them
+# Stages G and H (CPU): a dose refiner on the previews of Stage F's bundle (the stage makes them
 # itself with the engine, resumable; no latent cache)
-[ -f "$RUNS/stage-g/model/bundle.json" ] || train dose-refiner stage-g "$OPENKBP/train" \
-    --set "model.init_from=\"$RUNS/stage-f-codec/model\"" --set "run.max_steps=$G_STEPS" \
-    --set data.batch_size=16 --set optim.lr=1e-3 --set run.eval_every=250 \
-    --set run.checkpoint_every=250
-echo "model bundle: $RUNS/stage-g/model"
+REFINER=(--set "model.init_from=\"$RUNS/stage-f-codec/model\"" --set data.batch_size=16
+         --set optim.lr=1e-3 --set run.eval_every=250 --set run.checkpoint_every=250)
+if [ "$G_STEPS" -gt 0 ]; then
+    [ -f "$RUNS/stage-g/model/bundle.json" ] || train dose-refiner stage-g "$OPENKBP/train" \
+        "${REFINER[@]}" --set "run.max_steps=$G_STEPS"
+    if [ "$H_STEPS" -eq 0 ]; then echo "model bundle: $RUNS/stage-g/model"; exit 0; fi
+fi
+# Stage H: the refiner reads the beam plate; the v2 plans (several arrangements per patient)
+# teach it what a beam does
+if [ ! -d "$RUNS/data-h" ]; then
+    physics_v2
+    link_first "$OPENKBP/train" "$RUNS/data-h/train" "$N_H_CLINICAL"
+    link_first "$PHYSICS_V2" "$RUNS/data-h/train/physics" "$N_H_PHYSICS"
+    cp -a "$RUNS/data-a/validation" "$RUNS/data-h/"
+fi
+[ -f "$RUNS/stage-h/model/bundle.json" ] || train dose-refiner stage-h "$RUNS/data-h" \
+    "${REFINER[@]}" --set "run.max_steps=$H_STEPS" --set refiner.beam_plate=true
+echo "model bundle: $RUNS/stage-h/model"
