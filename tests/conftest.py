@@ -25,7 +25,8 @@ def pytest_configure(config):
     own file, ``<path>.<worker>`` (``gw0``, ``gw1``, ...)."""
     global _crash_log
     path = os.environ.get("DOSEPILOT_CRASH_LOG")
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    # config.workerinput, not the environment: a pytest a test starts inherits PYTEST_XDIST_WORKER
+    worker = getattr(config, "workerinput", {}).get("workerid")
     if path and worker:
         path = f"{path}.{worker}"
     elif path and getattr(config.option, "numprocesses", None):

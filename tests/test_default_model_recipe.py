@@ -51,7 +51,8 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     beam_aware = runs / "stage-h" / "model"
     assert out.stdout.strip().endswith(f"model bundle: {beam_aware}")
     final = runs / "stage-f-codec" / "model"
-    for stage, beam_plate, samples in (("stage-g", False, 4), ("stage-h", True, 2)):
+    # Stage G: the 4 OpenKBP cases; Stage H: a clinical case, a physics plan, the validation case
+    for stage, beam_plate, samples in (("stage-g", False, 4), ("stage-h", True, 3)):
         provenance = json.loads((runs / stage / "model/bundle.json").read_text())["provenance"]
         assert provenance["stage"] == "dose-refiner" and provenance["init_from"] == str(final)
         assert load_dose_model(runs / stage / "model").refiner.config.beam_plate is beam_plate
