@@ -203,12 +203,15 @@ physics_v2() {  # the v2 plans: PHYSICS_V2, else restored from the packed set
             "$REPO/datasets/openkbp-physics-plans-v2" "$OPENKBP/train" "$PHYSICS_V2"
     fi
 }
-if [ ! -d "$RUNS/data-e" ]; then
-    physics_v2
-    link_first "$OPENKBP/train" "$RUNS/data-e/train" "$N_E_CLINICAL"
-    link_first "$PHYSICS_V2" "$RUNS/data-e/train/physics" "$N_E_PHYSICS"
-    cp -a "$RUNS/data-a/validation" "$RUNS/data-e/"
-fi
+mixed_data() {  # DIR N_CLINICAL N_PHYSICS: OpenKBP cases + v2 plans, Stage A's validation
+    if [ ! -d "$1" ]; then
+        physics_v2
+        link_first "$OPENKBP/train" "$1/train" "$2"
+        link_first "$PHYSICS_V2" "$1/train/physics" "$3"
+        cp -a "$RUNS/data-a/validation" "$1/"
+    fi
+}
+mixed_data "$RUNS/data-e" "$N_E_CLINICAL" "$N_E_PHYSICS"
 CACHE=$RUNS/cache-e train cache cache-e "$RUNS/data-e" "${FITTED[@]}"
 [ -f "$RUNS/stage-e/model/bundle.json" ] || CACHE=$RUNS/cache-e train dose-decoder stage-e \
     "$RUNS/data-e" "${FITTED[@]}" --set "model.init_from=\"$RUNS/stage-d/model\"" \
@@ -217,12 +220,7 @@ if [ "$F_CODEC_STEPS" -eq 0 ]; then echo "model bundle: $RUNS/stage-e/model"; ex
 
 # Stage F (CPU): more cases for the decoders. The cache is of Stage E's bundle (its encoder is
 # the one every latent came from; the preset's VAE weights would bring back the old decoder).
-if [ ! -d "$RUNS/data-f" ]; then
-    physics_v2
-    link_first "$OPENKBP/train" "$RUNS/data-f/train" "$N_F_CLINICAL"
-    link_first "$PHYSICS_V2" "$RUNS/data-f/train/physics" "$N_F_PHYSICS"
-    cp -a "$RUNS/data-a/validation" "$RUNS/data-f/"
-fi
+mixed_data "$RUNS/data-f" "$N_F_CLINICAL" "$N_F_PHYSICS"
 FROM=$RUNS/stage-e/model
 F_CROPS=(--set "data.crop=[$E_CROP]")
 CACHE=$RUNS/cache-f train cache cache-f "$RUNS/data-f" --set "model.init_from=\"$FROM\""
@@ -251,12 +249,7 @@ if [ "$G_STEPS" -gt 0 ]; then
 fi
 # Stage H: the refiner reads the beam plate; the v2 plans (several arrangements per patient)
 # teach it what a beam does
-if [ ! -d "$RUNS/data-h" ]; then
-    physics_v2
-    link_first "$OPENKBP/train" "$RUNS/data-h/train" "$N_H_CLINICAL"
-    link_first "$PHYSICS_V2" "$RUNS/data-h/train/physics" "$N_H_PHYSICS"
-    cp -a "$RUNS/data-a/validation" "$RUNS/data-h/"
-fi
+mixed_data "$RUNS/data-h" "$N_H_CLINICAL" "$N_H_PHYSICS"
 [ -f "$RUNS/stage-h/model/bundle.json" ] || train dose-refiner stage-h "$RUNS/data-h" \
     "${REFINER[@]}" --set "run.max_steps=$H_STEPS" --set refiner.beam_plate=true
 echo "model bundle: $RUNS/stage-h/model"
