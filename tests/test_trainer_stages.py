@@ -11,7 +11,7 @@ pytest.importorskip("engine.features", reason="the stages need engine.features (
 
 from engine.cli import main  # noqa: E402
 from engine.dose_model import load_dose_model, save_dose_model  # noqa: E402
-from engine.models.dose_refiner import RefinerConfig  # noqa: E402
+from engine.models.dose_refiner import DoseRefiner, RefinerConfig  # noqa: E402
 from engine.models.tiny_codec import TinyCodec, TinyCodecConfig  # noqa: E402
 from trainer.caches import Cache  # noqa: E402
 from trainer.config import load_config  # noqa: E402
@@ -275,6 +275,54 @@ def test_dose_refiner_stage_fits_on_the_bundles_own_previews(fitted, tiny_dose_b
         assert np.all(z["inputs"][:, -1] >= 0) and np.ptp(z["inputs"][:, -1]) > 0
     # a bundle is required
     assert _train("dose-refiner", TINY, data, runs / "ref-none") == 2
+
+
+def test_scardnft_scores_with_the_bundles_refiner_and_ships_it(fitted):
+    root, cfg = fitted
+    runs, data = root / "runs", root / "data"
+    assert _train("any2any", cfg, data, runs / "nft-base") == 0
+    base = load_dose_model(runs / "nft-base" / "model")
+    refiner = DoseRefiner(RefinerConfig(beam_plate=True))
+    with torch.no_grad():
+        refiner.net[-1].bias.fill_(2.0)          # +140 Gy on every voxel near the targets
+    with_refiner = save_dose_model(root / "nft-refined", base.dit, base.vae, base.codec,
+                                   normalisation=base.normalisation, refiner=refiner)
+    maes = {}
+    for name, bundle in (("plain", runs / "nft-base" / "model"), ("refined", with_refiner)):
+        assert _train("scardnft", _preset(root, f"nft-{name}", init_from=bundle), data,
+                      runs / f"nft-{name}") == 0
+        maes[name] = next(e["mae_gy"] for e in read_events(runs / f"nft-{name}")
+                          if e["type"] == "train")
+    # the same rollouts (seed, weights), scored after the refiner's +140 Gy: a far larger MAE
+    assert maes["refined"] > maes["plain"] + 10.0
+    shipped = load_dose_model(runs / "nft-refined" / "model")
+    assert shipped.provenance["stage"] == "scardnft" and shipped.refiner is not None
+    assert shipped.refiner.config == refiner.config
+    assert all(torch.equal(x, y) for x, y in zip(shipped.refiner.state_dict().values(),
+                                                  refiner.state_dict().values()))
+    assert load_dose_model(runs / "nft-plain" / "model").refiner is None
+
+
+def test_the_refiner_reads_a_cached_case_as_the_engine_reads_the_case(openkbp_dir):
+    from engine.features import Normalization, build_modalities
+    from engine.io.openkbp import load_openkbp
+    from engine.models.dose_refiner import beam_fraction
+    from engine.runtime import model_plates, refiner_geometry
+    from trainer.stages.scardnft import refiner_case
+
+    case = load_openkbp(openkbp_dir / "train" / "pt_1.npz")
+    inputs = build_modalities(case)
+    config = RefinerConfig(beam_plate=True)
+    refiner = DoseRefiner(config)
+    geometry, beam = refiner_case(refiner, np.asarray(inputs.volumes),
+                                  inputs.transform.model.spacing, Normalization())
+    engine_geometry = refiner_geometry(inputs, config)
+    np.testing.assert_array_equal(geometry.index, engine_geometry.index)
+    np.testing.assert_allclose(geometry.features, engine_geometry.features, atol=1e-5)
+    plate, _, n_angles = model_plates(inputs, case.plan, workers=1)
+    engine_beam = beam_fraction(plate, n_angles, engine_geometry)
+    assert engine_beam.max() > 0.5                  # the beams cross the band
+    np.testing.assert_allclose(beam, np.minimum(engine_beam, 2.0), atol=1e-5)
 
 
 def test_the_refiner_stage_weighs_patients_not_plans(openkbp_dir, tmp_path):

@@ -89,3 +89,9 @@ class Normalization:
     def beam_plate(self, plate: np.ndarray, n_angles: float) -> np.ndarray:
         return _to_unit(np.asarray(plate, dtype=np.float32) / max(float(n_angles), 1.0), 0.0,
                         self.beam_plate_max)
+
+    def beam_plate_per_angle(self, unit: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`beam_plate`: the plate divided by the number of gantry angles
+        (float32; values above ``beam_plate_max`` come back as ``beam_plate_max``)."""
+        x = np.clip(np.asarray(unit, dtype=np.float32), -1.0, 1.0)
+        return (x + np.float32(1.0)) * np.float32(self.beam_plate_max / 2.0)

@@ -21,6 +21,7 @@ from engine.errors import UserError
 from engine.models import checkpoint as bundles
 from engine.models.dit import SLOT_NAMES, DiffKT3D, DiTConfig
 from engine.models.dit import preset as dit_preset
+from engine.models.dose_refiner import DoseRefiner
 from engine.models.tiny_codec import TinyCodec, TinyCodecConfig
 from engine.models.vae import VAEConfig, WanVAE
 
@@ -203,11 +204,23 @@ def build_codec(cfg: TrainConfig) -> TinyCodec | None:
     return codec
 
 
+def build_refiner(cfg: TrainConfig) -> DoseRefiner | None:
+    """The ``init_from`` bundle's dose refiner, else None."""
+    bundle = _init_bundle(cfg)
+    if bundle is None:
+        return None
+    document, states = _read_bundle(bundle)
+    if "refiner" not in document["components"]:
+        return None
+    return bundles.build_component(document, states, "refiner", ARCHITECTURES).eval()
+
+
 def export_model(dit: DiffKT3D, vae: WanVAE, run_dir: Path, cfg: TrainConfig, stage: str,
                  normalisation: dict, extra_provenance: dict | None = None,
-                 codec: TinyCodec | None = None) -> Path:
-    """Write ``RUN_DIR/model``: the bundle the engine runtime loads (DiT + VAE + codec; the
-    codec is ``codec``, else the configured one of :func:`build_codec`)."""
+                 codec: TinyCodec | None = None, refiner: DoseRefiner | None = None) -> Path:
+    """Write ``RUN_DIR/model``: the bundle the engine runtime loads (DiT + VAE + codec, and
+    ``refiner`` when given; the codec is ``codec``, else the configured one of
+    :func:`build_codec`)."""
     provenance = {"stage": stage, "steps": cfg.run.max_steps, "preset": cfg.source,
                   "init_from": cfg.model.init_from, **(extra_provenance or {})}
     cpu = {k: v.detach().cpu().contiguous() for k, v in dit.state_dict().items()}
@@ -216,4 +229,5 @@ def export_model(dit: DiffKT3D, vae: WanVAE, run_dir: Path, cfg: TrainConfig, st
     codec = codec.cpu() if codec is not None else build_codec(cfg)
     return save_dose_model(Path(run_dir) / "model", plain, vae.cpu(), codec,
                            normalisation=normalisation, prediction=cfg.diffusion.prediction,
-                           provenance=json.loads(json.dumps(provenance)))
+                           provenance=json.loads(json.dumps(provenance)),
+                           refiner=refiner.cpu() if refiner is not None else None)

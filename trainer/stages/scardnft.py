@@ -4,14 +4,18 @@ One optimizer step, for each case of this rank's share of the global batch:
 
 1. rollouts: ``group_size`` deterministic 10-step samples from different initial noises, with
    the *old* policy (a soft copy of the trainable parameters);
-2. rewards ``R = w_s * scorecard total - w_m * MAE`` on the decoded dose; advantages
-   normalised within each case's group (std over the global batch: gathered across ranks);
+2. rewards ``R = w_s * scorecard total - w_m * MAE`` on the dose the engine would show: the
+   rollout without the starting noise the dose head cannot reach, decoded by the VAE and, when
+   the bundle has one, corrected by its dose refiner; advantages normalised within each case's
+   group (std over the global batch: gathered across ranks);
 3. the DiffusionNFT loss (:mod:`trainer.nft`) on ``train_timesteps`` of the sampler's
    timesteps per rollout, with fresh noise, against the old policy and the frozen base (KL);
 4. after the optimizer step the old policy moves towards the trained one (soft update).
 
 Only the LoRA adapters (attention and FFN linears) and the modulation MLPs train; the base is
-frozen. The run exports the adapter and the merged model.
+frozen. The run exports the adapter and the merged model, with the start bundle's codec and
+refiner: post-training is the recipe's last stage, and the refiner it was scored with ships
+with it.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import PeftModel
 from torch import nn
 
 from engine import diffusion
+from engine.features import Normalization, Slot
+from engine.models.dose_refiner import DoseRefiner, TargetGeometry, beam_fraction, target_geometry
 
 from .. import lora, nft
 from ..config import TrainConfig
@@ -36,13 +43,17 @@ from ..loop import Task
 Velocity = Callable[[nn.Module, torch.Tensor, torch.Tensor, list[Any]], torch.Tensor]
 # reward(x0 [K, ...] samples of one case, item) -> (reward [K], mae_gy [K])
 Reward = Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
+# finish(sample [K, ...], noise [K, ...]) -> sample: the sampler's post-processing
+Finish = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def nft_task(policy: PeftModel, velocity: Velocity, reward: Reward,
              sample_shape: tuple[int, ...], train_items: Sequence[Any],
              val_items: Sequence[Any], cfg: TrainConfig, ctx: DistContext,
-             export: Callable[[Path], Path] | None = None, data_signature: str = "") -> Task:
-    """The ScardNFT task for a LoRA-wrapped ``policy`` (see the module docstring)."""
+             export: Callable[[Path], Path] | None = None, data_signature: str = "",
+             finish: Finish | None = None) -> Task:
+    """The ScardNFT task for a LoRA-wrapped ``policy`` (see the module docstring); ``finish``
+    post-processes every rollout as inference does (rewards and the loss see the result)."""
     sc = cfg.scardnft
     policy.to(ctx.device)  # before the old-policy snapshot copies the trainable values
     params = lora.trainable_parameters(policy)
@@ -52,8 +63,9 @@ def nft_task(policy: PeftModel, velocity: Velocity, reward: Reward,
 
     def rollout(model: nn.Module, item: Any, noise: torch.Tensor) -> torch.Tensor:
         reps = [item] * noise.shape[0]
-        return diffusion.sample(lambda x, s: velocity(model, x, s, reps), noise,
-                                solver=cfg.diffusion.solver, sigmas=sigmas)
+        x0 = diffusion.sample(lambda x, s: velocity(model, x, s, reps), noise,
+                              solver=cfg.diffusion.solver, sigmas=sigmas)
+        return finish(x0, noise) if finish is not None else x0
 
     def loss(model: nn.Module, items: list[Any], gens: list[torch.Generator]):
         raw = getattr(model, "module", model)
@@ -135,6 +147,20 @@ def scorecard_template(name: str):
         raise UserError(f"[scardnft] scorecard {name!r}: {exc}") from None
 
 
+def refiner_case(refiner: DoseRefiner, volumes: np.ndarray, spacing_mm: tuple[float, ...],
+                 norm: Normalization) -> tuple[TargetGeometry, np.ndarray | None]:
+    """The target geometry and beam values ``refiner.refine`` takes, from a case's cached
+    model-grid stack ``[7, z, y, x]`` (``spacing_mm`` along z, y, x): what the engine builds
+    from the case itself (the cached beam plate is clipped at the normalisation's maximum,
+    which only voxels crossed by more than twice the plan's beams reach)."""
+    geometry = target_geometry(norm.ptv_to_gy(volumes[Slot.PTV]), volumes[Slot.BODY] > 0.0,
+                               tuple(spacing_mm), refiner.config)
+    beam = None
+    if refiner.config.beam_plate:
+        beam = beam_fraction(norm.beam_plate_per_angle(volumes[Slot.BEAM_PLATE]), 1.0, geometry)
+    return geometry, beam
+
+
 def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: DistContext) -> dict:
     """ScardNFT on a Stage B model (``[model] init_from``) over the latent cache of ``data_dir``."""
     from functools import lru_cache
@@ -142,13 +168,14 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     from engine.case import Structure
     from engine.errors import UserError
     from engine.metrics.scorecard import BoundScorecard
-    from engine.models.dit import DiffKT3D
+    from engine.models.dit import DiffKT3D, unreachable_part
 
     from .. import loop
     from ..data import scan_dataset
     from .common import (
         DOSE_SLOT,
         build_dit,
+        build_refiner,
         build_vae,
         cache_for,
         dit_lora_targets,
@@ -174,6 +201,7 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
         raise UserError(f"the latent cache {cache.folder} was built from other cases than "
                         f"{data_dir}; run `dosepilot train cache` for this dataset")
     dit: DiffKT3D = build_dit(cfg).requires_grad_(False)
+    refiner = build_refiner(cfg)
     targets, modulation = dit_lora_targets(dit)
     policy = lora.attach_lora(dit, targets, cfg.lora.rank, cfg.lora.alpha, modulation)
     geometry = grid_geometry(tuple(index["grid"]))
@@ -191,8 +219,15 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
                                 prescription_gy=s["prescription_gy"])
                       for k, s in enumerate(vols.structure_info)]
         body = vols.volumes[3] > 0
+        refine = None
+        if refiner is not None:
+            try:
+                refine = refiner_case(refiner, vols.volumes.numpy(), geometry.spacing,
+                                      Normalization.from_dict(norm))
+            except ValueError as exc:
+                raise UserError(f"case {name}: {exc}") from None
         return (BoundScorecard(template, structures, geometry),
-                dose_to_gy(vols.volumes[DOSE_SLOT], norm), body)
+                dose_to_gy(vols.volumes[DOSE_SLOT], norm), body, refine)
 
     def velocity(model, x_t, sigma, items):
         x = torch.stack([conditions(it.name) for it in items]).clone()
@@ -202,10 +237,17 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
         pred = model(x, sigma, mask)[:, DOSE_SLOT]
         return diffusion.to_velocity(pred.float(), x_t, sigma, prediction)
 
+    def finish(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        # as the engine's strip_unreachable_noise: LoRA leaves the heads alone, so the part
+        # of the noise they cannot reach is the base model's
+        return x0 - unreachable_part(dit, DOSE_SLOT, noise) if prediction == "v" else x0
+
     def reward(x0, item):
-        card, ref, body = case_scoring(item.name)
+        card, ref, body, refine = case_scoring(item.name)
         with torch.no_grad():
             doses = dose_to_gy(vae.decode(x0.float())[:, 0], norm)
+        if refine is not None:
+            doses = torch.from_numpy(refiner.refine(doses.numpy(), *refine))
         totals = torch.tensor([card.score(d.numpy()).total for d in doses])
         mae = torch.stack([(d - ref).abs()[body].mean() for d in doses])
         sc = cfg.scardnft
@@ -220,8 +262,10 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
         lora.save_adapter(policy, Path(out_dir) / "lora")
         merged = lora.merged_copy(policy)
         return export_model(merged, vae, out_dir, cfg, "scardnft", norm,
-                            {"data": str(data_dir), "lora_rank": cfg.lora.rank})
+                            {"data": str(data_dir), "lora_rank": cfg.lora.rank},
+                            refiner=refiner)
 
     task = nft_task(policy, velocity, reward, latent_shape, train, val, cfg, ctx,
-                    export=export, data_signature=loop.data_signature([t.name for t in train]))
+                    export=export, data_signature=loop.data_signature([t.name for t in train]),
+                    finish=finish)
     return loop.run(task, cfg, run_dir, ctx, resume=resume)
