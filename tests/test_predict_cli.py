@@ -342,7 +342,8 @@ def test_preview_option_runs_the_planners_preview(tiny_dose_bundle, tmp_path, ca
     summary = json.loads(capsys.readouterr().out)
     assert summary["preview"] is True and summary["steps"] == 1
     assert main([*args, "--out", str(tmp_path / "one"), "--steps", "1"]) == 0
-    assert json.loads(capsys.readouterr().out)["preview"] is False
+    one = json.loads(capsys.readouterr().out)
+    assert one["preview"] is False and one["decoder"] == "vae"   # this bundle has no refiner
     case = load_openkbp(ref_dir / "pt_7.npz")
     expected = DoseEngine.from_checkpoint(tiny_dose_bundle, threads=1).preview(case)
     preview = np.load(tmp_path / "preview" / "pt_7" / "dose.npy")
@@ -354,3 +355,5 @@ def test_preview_option_runs_the_planners_preview(tiny_dose_bundle, tmp_path, ca
     assert rtdose.DoseComment == "DosePilot preview (1 steps)"
     code, _, err = run_cli(capsys, *args, "--out", tmp_path / "bad", "--preview", "--seeds", 2)
     assert code == 2 and "takes no --steps, --seeds or --solver" in err
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "bad", "--preview", "--full-vae")
+    assert code == 2 and "--full-vae is for full predictions" in err

@@ -1,5 +1,5 @@
-"""``dosepilot predict PATH... [--steps N] [--seeds K] [--preview] [--model CKPT] [--out DIR]
-[--json]``.
+"""``dosepilot predict PATH... [--steps N] [--seeds K] [--preview | --full-vae] [--model CKPT]
+[--out DIR] [--json]``.
 
 Predicts the dose of one or many cases with one model load. Each PATH is
 
@@ -310,7 +310,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("nothing to predict: " + "; ".join(f"{m['input']}: {m['error']}"
                                                            for m in missing))
     t0 = time.perf_counter()
-    engine = load_engine(args.model, args.threads, precision=args.precision)
+    if args.preview and args.full_vae:
+        raise UserError("--full-vae is for full predictions; --preview always takes the codec")
+    engine = load_engine(args.model, args.threads, precision=args.precision,
+                         full_vae=args.full_vae)
     engine.solver = args.solver
     load_model_s = time.perf_counter() - t0
     out_dir: Path = args.out
@@ -332,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"model": str(engine.model.path), "device": str(engine.device),
                "threads": engine.threads, "preview": args.preview,
                "steps": 1 if args.preview else args.steps, "solver": engine.solver,
+               "decoder": "codec" if args.preview or engine.codec_predictions else "vae",
                "seeds": [0] if args.preview else list(seeds),
                "out": str(out_dir), "n_cases": len(cases), "n_failed": failed,
                "timings_s": {"load_model": load_model_s,
@@ -361,6 +365,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preview", action="store_true",
                    help="the 1-step preview the planner shows while a beam is dragged (the "
                         "model's preview codec decodes it), e.g. to score it with evaluate")
+    p.add_argument("--full-vae", action="store_true",
+                   help="encode the plates and decode the dose with the full VAE (the default "
+                        "only for bundles without a dose refiner; with one, a prediction takes "
+                        "the preview's codec like the refiner was fitted on)")
     p.add_argument("--model", type=Path, help="model bundle folder (default: the shipped model)")
     p.add_argument("--out", type=Path, default=Path("predictions"),
                    help="output folder (default: ./predictions)")
