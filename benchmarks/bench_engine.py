@@ -12,6 +12,10 @@ decode of the same latent (the VAE latent of the demo patient's dose).
 
     python -m benchmarks.bench_engine                 # 10 runs, automatic thread count
     python -m benchmarks.bench_engine --runs 12 --threads 1 2   # each count, same run
+    python -m benchmarks.bench_engine --model M --full-vae      # + predictions through the VAE
+
+``--full-vae`` measures each thread count a second time with the engine's ``full_vae`` set, the
+peer of a bundle whose predictions the codec decodes (``DoseEngine.codec_decode``).
 """
 
 from __future__ import annotations
@@ -77,19 +81,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="thread counts to measure in turn (default: automatic)")
     p.add_argument("--model", type=Path, help="a real bundle (default: shipping architecture, "
                                               "random weights)")
+    p.add_argument("--full-vae", action="store_true",
+                   help="also measure with predictions through the full VAE, same run")
     args = p.parse_args(argv)
     reports = []
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or shipping_bundle(Path(tmp) / "bundle")
         case = load_dicom_case(demo_patient())
         for threads in args.threads or [None]:
-            load_before = os.getloadavg()
-            engine = DoseEngine.from_checkpoint(model, threads=threads)
-            report = measure(engine, case, runs=args.runs)
-            report["load_average_before"] = list(load_before)
-            if args.model:  # with random weights the number would mean nothing
-                report["preview_codec_mae_gy"] = preview_codec_mae(engine, case)
-            reports.append(report)
+            for full_vae in (False, True) if args.full_vae else (False,):
+                load_before = os.getloadavg()
+                engine = DoseEngine.from_checkpoint(model, threads=threads, full_vae=full_vae)
+                report = measure(engine, case, runs=args.runs)
+                report["load_average_before"] = list(load_before)
+                report["codec_decode"] = engine.codec_decode
+                if args.model:  # with random weights the number would mean nothing
+                    report["preview_codec_mae_gy"] = preview_codec_mae(engine, case)
+                reports.append(report)
     header = {"model": str(args.model) if args.model else
               f"random weights, presets {SHIPPING}",
               "machine": f"{platform.processor() or platform.machine()}, "

@@ -1,7 +1,7 @@
 """Beam sensitivity of dose models on the held-out physics plans: arrangement against arrangement.
 
 ``python -m benchmarks.heldout_beam_sensitivity [--model DIR [DIR ...]] [--heldout DIR]
-[--dataset DIR] [--threshold-fraction 0.05]``
+[--dataset DIR] [--threshold-fraction 0.05] [--full-vae]``
 
 The held-out set (``datasets/openkbp-heldout-beams``, packed plans of
 ``dosepilot physics generate`` on OpenKBP *validation* patients, several beam arrangements per
@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="prediction steps (default 10)")
     p.add_argument("--solver", choices=("euler", "dpm++2m"), default="euler",
                    help="prediction sampler (default euler)")
+    p.add_argument("--full-vae", action="store_true",
+                   help="predictions through the full VAE (DoseEngine full_vae)")
     args = p.parse_args(argv)
-    engines = {str(m): DoseEngine.from_checkpoint(m, device="cpu")
+    engines = {str(m): DoseEngine.from_checkpoint(m, device="cpu", full_vae=args.full_vae)
                for m in (args.model or [default_model_path()])}
     rows: list[dict] = []
     for plans in heldout_patients(args.heldout, args.dataset):
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "load_average": os.getloadavg(), "pairs": len(rows), "steps": args.steps,
-        "solver": args.solver,
+        "solver": args.solver, "full_vae": args.full_vae,
         "patients": len({r["case"] for r in rows}),
         "models": summarize(rows, list(engines)),
     }

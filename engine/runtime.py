@@ -8,10 +8,10 @@ request:
   once with the full VAE; their latents are cached (cases are immutable, so the cache is keyed
   by the case object and its isocentre);
 * per plan, the beam and angle plates are rebuilt (tens of ms) and encoded — through the tiny
-  codec for a preview, through the VAE for a full prediction unless it takes the preview's
-  path (:attr:`DoseEngine.codec_predictions`) — and cached by the plan value;
+  codec for a preview, through the VAE for a full prediction — and cached by the plan value;
 * the DiT runs 1 step (preview) or N steps (prediction, several seeds batched), the dose latent
-  is decoded (tiny codec / VAE, as the plates), corrected around the targets by the bundle's
+  is decoded (tiny codec for a preview and, :attr:`DoseEngine.codec_decode`, for a prediction
+  of a bundle with a refiner; else the VAE), corrected around the targets by the bundle's
   refiner when it has one (:mod:`engine.models.dose_refiner`; its target geometry is built once
   per case and isocentre, the beam plate's values it reads once per plan), mapped back onto the
   CT grid through the kept transform, and DVHs, metrics and the scorecard are computed on the
@@ -102,8 +102,8 @@ class DoseResult:
     """One predicted dose and what was computed from it.
 
     Attributes:
-        kind: "preview" (1 step, tiny codec) or "predict" (N steps; tiny codec or full VAE,
-            :attr:`DoseEngine.codec_predictions`).
+        kind: "preview" (1 step, tiny codec) or "predict" (N steps, plates through the full
+            VAE, the dose decoded as :attr:`DoseEngine.codec_decode` says).
         dose: mean predicted dose in Gy on the case's CT grid.
         std: voxel-wise standard deviation over seeds (Gy, CT grid); None for one seed.
         dvhs: structure name -> cumulative DVH on the CT grid.
@@ -224,15 +224,15 @@ class DoseEngine:
                    precision=precision, full_vae=full_vae)
 
     @property
-    def codec_predictions(self) -> bool:
-        """Whether full predictions take the preview's path: plates encoded and the dose decoded
-        by the tiny codec, only the sampler's steps differ.
+    def codec_decode(self) -> bool:
+        """Whether full predictions decode the dose with the tiny codec instead of the VAE.
 
         True for a bundle with a codec and a dose refiner, unless ``full_vae``: the refiner is
-        fitted on the bundle's previews, so it corrects the codec's decode. Measured on the 33
-        OpenKBP validation patients with the Stage H bundle (benchmarks/RESULTS.md): the same
-        accuracy as through the VAE (10-step dose / DVH score 4.96 / 4.67 against 4.93 / 4.71
-        Gy) for about 30 % less time, and a prediction after a preview reuses its plates.
+        fitted on the bundle's previews, i.e. on the codec's decode, and corrects it better.
+        Measured with the Stage H bundle (benchmarks/RESULTS.md, 33 OpenKBP validation
+        patients, 10-step): dose / DVH score 4.91 / 4.64 Gy against 4.93 / 4.71 through the VAE,
+        and the VAE decode's time (about 15 % of a prediction) saved. The plates keep the VAE:
+        encoded by the codec they lost 0.02 of held-out beam-change correlation.
         """
         return (not self.full_vae and self.model.codec is not None
                 and self.model.refiner is not None)
@@ -249,8 +249,8 @@ class DoseEngine:
                 seeds: Sequence[int] = (0,), progress: ProgressCallback | None = None,
                 cancel: threading.Event | None = None,
                 solver: diffusion.Solver | None = None) -> DoseResult:
-        """N-step prediction (through the codec or the full VAE: :attr:`codec_predictions`);
-        several seeds give mean and std."""
+        """N-step prediction, plates through the full VAE (the dose decoded as
+        :attr:`codec_decode` says); several seeds give mean and std."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if not seeds:
@@ -343,7 +343,7 @@ class DoseEngine:
         plan = plan or case.plan
         if plan is None or not plan.beams:
             raise ValueError(f"case {case.name!r} has no plan with beams to predict a dose for")
-        fast = kind == "preview" or self.codec_predictions
+        fast = kind == "preview"
         timer = _Timer()
         t0 = time.perf_counter()
         with self._lock, torch.inference_mode(), self._autocast():
@@ -372,14 +372,14 @@ class DoseEngine:
                 sample = strip_unreachable_noise(self.model.dit, sample, noise, target,
                                                  self.model.prediction)
             with timer("decode"):
-                unit = self._decode(sample[:, Slot.DOSE], fast=fast)
+                unit = self._decode(sample[:, Slot.DOSE], fast=fast or self.codec_decode)
             norm = grid.inputs.normalization
             gy = norm.dose_to_gy(unit)
             if grid.refiner_geometry is not None:
                 with timer("refine"):
                     gy = self.model.refiner.refine(gy, grid.refiner_geometry,
                                                    planned.refiner_beam)
-        order = 1 if kind == "preview" else 3
+        order = 1 if fast else 3
         with timer("to_patient"):
             transform = grid.inputs.transform
             dose = transform.dose_to_patient(gy.mean(axis=0), order=order)

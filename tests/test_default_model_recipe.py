@@ -38,7 +38,7 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
                N_C="2", D_STEPS="2", D_DISTILL_STEPS="2", D_CROP="5, 16, 16", NICE="0",
                E_STEPS="2", N_E_CLINICAL="2", N_E_PHYSICS="1", E_CROP="9, 16, 16",
                F_STEPS="2", F_CODEC_STEPS="2", N_F_CLINICAL="3", N_F_PHYSICS="1", G_STEPS="2",
-               H_STEPS="2", N_H_CLINICAL="1", N_H_PHYSICS="1",
+               H_STEPS="2", N_H_CLINICAL="1", N_H_PHYSICS="1", I_STEPS="2", N_I="3",
                PHYSICS_V2=str(physics),
                GPU_PRESET=str(REPO / "resources/presets/test-tiny.toml"),
                THREADS="1", PRESET=str(REPO / "resources/presets/test-tiny.toml"),
@@ -49,7 +49,18 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     beam_aware = runs / "stage-h" / "model"
-    assert out.stdout.strip().endswith(f"model bundle: {beam_aware}")
+    post = runs / "stage-i" / "model"
+    assert out.stdout.strip().endswith(f"model bundle: {post}")
+    # Stage I: ScardNFT of Stage H's bundle on 3 OpenKBP cases; its refiner and codec kept
+    stage_i = json.loads((post / "bundle.json").read_text())["provenance"]
+    assert stage_i["stage"] == "scardnft" and stage_i["init_from"] == str(beam_aware)
+    nft, refined = load_dose_model(post), load_dose_model(beam_aware)
+    for part in ("refiner", "codec", "vae"):
+        assert all(a.equal(b) for a, b in zip(getattr(nft, part).state_dict().values(),
+                                              getattr(refined, part).state_dict().values()))
+    assert any(not a.equal(b) for a, b in zip(nft.dit.state_dict().values(),
+                                              refined.dit.state_dict().values()))
+    assert len(list((runs / "data-i" / "train").glob("pt_*.npz"))) == 3
     final = runs / "stage-f-codec" / "model"
     # Stage G: the 4 OpenKBP cases; Stage H: a clinical case, a physics plan, the validation case
     for stage, beam_plate, samples in (("stage-g", False, 4), ("stage-h", True, 3)):
@@ -99,7 +110,7 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
                            capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     for stage in ("vae", "distill", "stage-a", "stage-b", "stage-c", "distill-d", "stage-d",
-                  "stage-e", "stage-f", "stage-f-codec", "stage-g", "stage-h"):
+                  "stage-e", "stage-f", "stage-f-codec", "stage-g", "stage-h", "stage-i"):
         starts = [line for line in (runs / stage / "events.jsonl").read_text().splitlines()
                   if '"type": "start"' in line]
         assert len(starts) == 1, stage

@@ -70,7 +70,7 @@ def test_conditions_are_encoded_once_and_plates_only_when_beams_change(bundle, c
     assert (vae_encode.calls, codec_encode.calls) == (2, 2)  # plates through the full VAE
 
 
-def test_a_bundle_with_a_refiner_predicts_through_the_codec_unless_told_full_vae(bundle, case):
+def test_a_bundle_with_a_refiner_decodes_predictions_with_the_codec_unless_full_vae(bundle, case):
     from engine.models.dose_refiner import DoseRefiner, RefinerConfig
 
     moved = case.plan.with_gantry(0, case.plan.beams[0].gantry_deg + 40)
@@ -79,18 +79,19 @@ def test_a_bundle_with_a_refiner_predicts_through_the_codec_unless_told_full_vae
         model = load_dose_model(bundle)
         model.refiner = DoseRefiner(RefinerConfig(hidden=2)).eval()
         engine = DoseEngine(model, threads=2, full_vae=full_vae)
-        assert engine.codec_predictions is not full_vae
+        assert engine.codec_decode is not full_vae
         calls = {(name, method): _Counting(getattr(engine.model, name), method)
                  for name in ("vae", "codec") for method in ("encode", "decode")}
         engine.preview(case, moved)
         engine.predict(case, moved, steps=2)
         counts[full_vae] = {key: c.calls for key, c in calls.items()}
-    # the codec path: the prediction reuses the preview's plate latents and decodes as it does
-    assert counts[False] == {("vae", "encode"): 1, ("vae", "decode"): 0,
+    # the prediction's plates go through the VAE either way; its dose through the codec unless
+    # full_vae
+    assert counts[False] == {("vae", "encode"): 2, ("vae", "decode"): 0,
                              ("codec", "encode"): 1, ("codec", "decode"): 2}
     assert counts[True] == {("vae", "encode"): 2, ("vae", "decode"): 1,
                             ("codec", "encode"): 1, ("codec", "decode"): 1}
-    assert not DoseEngine.from_checkpoint(bundle, threads=2).codec_predictions  # no refiner
+    assert not DoseEngine.from_checkpoint(bundle, threads=2).codec_decode  # no refiner
 
 
 def test_plates_use_no_more_threads_than_inference(bundle, case, monkeypatch):

@@ -6,8 +6,8 @@ full 97 x 128 x 160 model grid, the medians over ``--runs`` runs of:
 * ``preview_s``: a 1-step preview after a beam-angle change, caches warm (the condition latents
   are cached; the changed plates are rebuilt and encoded through the tiny codec), DVH and
   scorecard refresh included;
-* ``predict10_s``: a full 10-step prediction after a beam-angle change (plates encoded afresh,
-  through the codec or the VAE as the engine's ``codec_predictions`` says);
+* ``predict10_s``: a full 10-step prediction after a beam-angle change (plates through the VAE;
+  the dose decoded as the engine's ``codec_decode`` says);
 * ``dvh_ms``: DVHs and metrics of every structure for one dose on the CT grid;
 * ``plates_ms``: beam and angle plates of the plan on the model grid.
 
@@ -188,7 +188,7 @@ def measure(engine: DoseEngine, case: Case, runs: int = 10, steps: int = 10) -> 
         return plan.with_gantry(0, (base + ANGLE_STEP_DEG * (i + 1)) % 360.0)
 
     engine.preview(case, plan)  # warm: condition latents, scorecard choice
-    engine.predict(case, plan, steps=1)  # warm the prediction's plate path
+    engine.predict(case, plan, steps=1)  # warm the full-VAE plate path
     previews, predictions = [], []
     for i in range(runs):
         t0, c0 = time.perf_counter(), time.process_time()

@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"model": str(engine.model.path), "device": str(engine.device),
                "threads": engine.threads, "preview": args.preview,
                "steps": 1 if args.preview else args.steps, "solver": engine.solver,
-               "decoder": "codec" if args.preview or engine.codec_predictions else "vae",
+               "decoder": "codec" if args.preview or engine.codec_decode else "vae",
                "seeds": [0] if args.preview else list(seeds),
                "out": str(out_dir), "n_cases": len(cases), "n_failed": failed,
                "timings_s": {"load_model": load_model_s,
@@ -366,9 +366,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the 1-step preview the planner shows while a beam is dragged (the "
                         "model's preview codec decodes it), e.g. to score it with evaluate")
     p.add_argument("--full-vae", action="store_true",
-                   help="encode the plates and decode the dose with the full VAE (the default "
-                        "only for bundles without a dose refiner; with one, a prediction takes "
-                        "the preview's codec like the refiner was fitted on)")
+                   help="decode the dose with the full VAE (the default only for bundles "
+                        "without a dose refiner; with one, the preview codec decodes it, the "
+                        "decoder the refiner was fitted on)")
     p.add_argument("--model", type=Path, help="model bundle folder (default: the shipped model)")
     p.add_argument("--out", type=Path, default=Path("predictions"),
                    help="output folder (default: ./predictions)")

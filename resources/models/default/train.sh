@@ -43,6 +43,14 @@
 #                                                         the first N_H_PHYSICS v2 physics plans
 #                                                         (RUNS_DIR/data-h; patients weigh the
 #                                                         same); H_STEPS=0 (the default) skips it
+#   cache -> scardnft (Stage I, from Stage H)            ScardNFT post-training (seed §B.5):
+#                                                         LoRA on the DiT, rewarded by the
+#                                                         scorecard and the MAE of the dose the
+#                                                         engine shows (refiner included), on
+#                                                         the first N_I OpenKBP training cases
+#                                                         (RUNS_DIR/data-i, its own cache); the
+#                                                         export keeps Stage H's codec and
+#                                                         refiner; I_STEPS=0 (the default) skips it
 # Resumable: run the same command again after an interruption; a stage with checkpoints is
 # continued with --resume, a finished stage (its export exists) is skipped, and the latent
 # cache (RUNS_DIR/cache) skips the cases it already holds. To stop a stage early and still
@@ -75,6 +83,7 @@
 #                                       the same)
 #   H_STEPS=0 N_H_CLINICAL=169 N_H_PHYSICS=400   Stage H (the shipped model: H_STEPS=3000 with
 #                                       G_STEPS=0, 2 torchrun processes of 1 thread)
+#   I_STEPS=0 N_I=40                    Stage I (not in the shipped model: see its card)
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
 #                                       (tests run the whole recipe with test-tiny and "5, 16, 16")
@@ -114,6 +123,8 @@ G_STEPS=${G_STEPS:-0}
 H_STEPS=${H_STEPS:-0}
 N_H_CLINICAL=${N_H_CLINICAL:-169}
 N_H_PHYSICS=${N_H_PHYSICS:-400}
+I_STEPS=${I_STEPS:-0}
+N_I=${N_I:-40}
 
 # The case subsets: symlinks to the first N files of a folder, in name order.
 link_first() {  # FROM_DIR TO_DIR N
@@ -252,4 +263,13 @@ fi
 mixed_data "$RUNS/data-h" "$N_H_CLINICAL" "$N_H_PHYSICS"
 [ -f "$RUNS/stage-h/model/bundle.json" ] || train dose-refiner stage-h "$RUNS/data-h" \
     "${REFINER[@]}" --set "run.max_steps=$H_STEPS" --set refiner.beam_plate=true
-echo "model bundle: $RUNS/stage-h/model"
+if [ "$I_STEPS" -eq 0 ]; then echo "model bundle: $RUNS/stage-h/model"; exit 0; fi
+
+# Stage I: ScardNFT post-training of Stage H's bundle, on latents of its own VAE
+[ -d "$RUNS/data-i" ] || link_first "$OPENKBP/train" "$RUNS/data-i/train" "$N_I"
+FROM_H=(--set "model.init_from=\"$RUNS/stage-h/model\"")
+CACHE=$RUNS/cache-i train cache cache-i "$RUNS/data-i" "${FROM_H[@]}"
+[ -f "$RUNS/stage-i/model/bundle.json" ] || CACHE=$RUNS/cache-i train scardnft stage-i \
+    "$RUNS/data-i" "${FROM_H[@]}" --set "run.max_steps=$I_STEPS" --set optim.warmup_steps=5 \
+    --set run.eval_every=10 --set run.checkpoint_every=2
+echo "model bundle: $RUNS/stage-i/model"
