@@ -287,14 +287,30 @@ def test_scardnft_scores_with_the_bundles_refiner_and_ships_it(fitted):
         refiner.net[-1].bias.fill_(2.0)          # +140 Gy on every voxel near the targets
     with_refiner = save_dose_model(root / "nft-refined", base.dit, base.vae, base.codec,
                                    normalisation=base.normalisation, refiner=refiner)
+    # a codec: the engine decodes a prediction with it only when the bundle has a refiner
+    codec = TinyCodec(TinyCodecConfig(name="test", z_dim=base.vae.config.z_dim, hidden=8, mid=4,
+                                      encoder_blocks=1, decoder_blocks=1))
+    no_correction = DoseRefiner(RefinerConfig())
+    with torch.no_grad():
+        no_correction.net[-1].weight.zero_()
+        no_correction.net[-1].bias.zero_()
+    bundles = {"plain": runs / "nft-base" / "model", "refined": with_refiner,
+               "codec": save_dose_model(root / "nft-codec", base.dit, base.vae, codec,
+                                        normalisation=base.normalisation),
+               "codec-refiner": save_dose_model(root / "nft-codec-refiner", base.dit, base.vae,
+                                                codec, normalisation=base.normalisation,
+                                                refiner=no_correction)}
     maes = {}
-    for name, bundle in (("plain", runs / "nft-base" / "model"), ("refined", with_refiner)):
+    for name, bundle in bundles.items():
         assert _train("scardnft", _preset(root, f"nft-{name}", init_from=bundle), data,
                       runs / f"nft-{name}") == 0
         maes[name] = next(e["mae_gy"] for e in read_events(runs / f"nft-{name}")
                           if e["type"] == "train")
     # the same rollouts (seed, weights), scored after the refiner's +140 Gy: a far larger MAE
     assert maes["refined"] > maes["plain"] + 10.0
+    # decoded by the VAE without a refiner, by the (untrained) codec with one
+    assert maes["codec"] == pytest.approx(maes["plain"], abs=1e-4)
+    assert abs(maes["codec-refiner"] - maes["plain"]) > 0.5
     shipped = load_dose_model(runs / "nft-refined" / "model")
     assert shipped.provenance["stage"] == "scardnft" and shipped.refiner is not None
     assert shipped.refiner.config == refiner.config

@@ -5,8 +5,9 @@ One optimizer step, for each case of this rank's share of the global batch:
 1. rollouts: ``group_size`` deterministic 10-step samples from different initial noises, with
    the *old* policy (a soft copy of the trainable parameters);
 2. rewards ``R = w_s * scorecard total - w_m * MAE`` on the dose the engine would show: the
-   rollout without the starting noise the dose head cannot reach, decoded by the VAE and, when
-   the bundle has one, corrected by its dose refiner; advantages normalised within each case's
+   rollout without the starting noise the dose head cannot reach, decoded and, when the bundle
+   has one, corrected by its dose refiner (decoded by the codec then, as
+   ``DoseEngine.codec_decode``, else by the VAE); advantages normalised within each case's
    group (std over the global batch: gathered across ranks);
 3. the DiffusionNFT loss (:mod:`trainer.nft`) on ``train_timesteps`` of the sampler's
    timesteps per rollout, with fresh noise, against the old policy and the frozen base (KL);
@@ -174,6 +175,7 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     from ..data import scan_dataset
     from .common import (
         DOSE_SLOT,
+        build_codec,
         build_dit,
         build_refiner,
         build_vae,
@@ -202,6 +204,10 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
                         f"{data_dir}; run `dosepilot train cache` for this dataset")
     dit: DiffKT3D = build_dit(cfg).requires_grad_(False)
     refiner = build_refiner(cfg)
+    decoder = vae    # what the engine decodes a prediction with (DoseEngine.codec_decode)
+    codec = build_codec(cfg) if refiner is not None else None
+    if codec is not None:
+        decoder = codec.to(ctx.device).eval().requires_grad_(False)
     targets, modulation = dit_lora_targets(dit)
     policy = lora.attach_lora(dit, targets, cfg.lora.rank, cfg.lora.alpha, modulation)
     geometry = grid_geometry(tuple(index["grid"]))
@@ -245,7 +251,7 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     def reward(x0, item):
         card, ref, body, refine = case_scoring(item.name)
         with torch.no_grad():
-            doses = dose_to_gy(vae.decode(x0.float())[:, 0], norm)
+            doses = dose_to_gy(decoder.decode(x0.float())[:, 0], norm)
         if refine is not None:
             doses = torch.from_numpy(refiner.refine(doses.numpy(), *refine))
         totals = torch.tensor([card.score(d.numpy()).total for d in doses])
