@@ -179,17 +179,22 @@ def build_dit(cfg: TrainConfig) -> DiffKT3D:
     return model
 
 
+def _bundle_component(cfg: TrainConfig, name: str) -> nn.Module | None:
+    """Component ``name`` of the ``init_from`` bundle, or None (no bundle, or none in it)."""
+    bundle = _init_bundle(cfg)
+    if bundle is None:
+        return None
+    document, states = _read_bundle(bundle)
+    if name not in document["components"]:
+        return None
+    return bundles.build_component(document, states, name, ARCHITECTURES)
+
+
 def build_codec(cfg: TrainConfig) -> TinyCodec | None:
     """The distilled preview codec: ``codec_weights``, else the ``init_from`` bundle's, else
     None (a bundle without one)."""
     if not cfg.model.codec_weights:
-        bundle = _init_bundle(cfg)
-        if bundle is None:
-            return None
-        document, states = _read_bundle(bundle)
-        if "tiny_codec" not in document["components"]:
-            return None
-        return bundles.build_component(document, states, "tiny_codec", ARCHITECTURES)
+        return _bundle_component(cfg, "tiny_codec")
     path = Path(cfg.model.codec_weights)
     try:
         with safe_open(str(path), "pt") as f:
@@ -206,13 +211,8 @@ def build_codec(cfg: TrainConfig) -> TinyCodec | None:
 
 def build_refiner(cfg: TrainConfig) -> DoseRefiner | None:
     """The ``init_from`` bundle's dose refiner, else None."""
-    bundle = _init_bundle(cfg)
-    if bundle is None:
-        return None
-    document, states = _read_bundle(bundle)
-    if "refiner" not in document["components"]:
-        return None
-    return bundles.build_component(document, states, "refiner", ARCHITECTURES).eval()
+    refiner = _bundle_component(cfg, "refiner")
+    return refiner.eval() if refiner is not None else None
 
 
 def export_model(dit: DiffKT3D, vae: WanVAE, run_dir: Path, cfg: TrainConfig, stage: str,
