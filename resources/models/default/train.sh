@@ -81,8 +81,11 @@
 #   G_STEPS=0                           Stage G (3000 for the model shipped before Stage H, run
 #                                       as 2 torchrun processes of 1 thread; one process computes
 #                                       the same)
-#   H_STEPS=0 N_H_CLINICAL=169 N_H_PHYSICS=400   Stage H (the shipped model: H_STEPS=3000 with
-#                                       G_STEPS=0, 2 torchrun processes of 1 thread)
+#   H_STEPS=0 N_H_CLINICAL=169 N_H_PHYSICS=236   Stage H (the shipped model: H_STEPS=3000 with
+#                                       G_STEPS=0, 2 torchrun processes of 1 thread, on the 236
+#                                       v2 plans packed then; the set grows: in the grown set the
+#                                       first 236 are those but for pt_54_plan5, computed later,
+#                                       in pt_55_plan0's place)
 #   I_STEPS=0 N_I=40                    Stage I (not in the shipped model: see its card)
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
@@ -122,7 +125,7 @@ N_F_PHYSICS=${N_F_PHYSICS:-130}
 G_STEPS=${G_STEPS:-0}
 H_STEPS=${H_STEPS:-0}
 N_H_CLINICAL=${N_H_CLINICAL:-169}
-N_H_PHYSICS=${N_H_PHYSICS:-400}
+N_H_PHYSICS=${N_H_PHYSICS:-236}
 I_STEPS=${I_STEPS:-0}
 N_I=${N_I:-40}
 
