@@ -22,7 +22,7 @@ mkdir -p "$DP/bundle" && cp "$CALL"/bundle/* "$DP/bundle/" && cp "$DP/vae/vae.sa
 (cd "$DP/bundle" && sha256sum -c --quiet "$CALL/bundle/SHA256SUMS" 2>&1) && log "start bundle verified" || log "WARNING: bundle checksum mismatch"
 rm -f "$DP/bundle/SHA256SUMS"
 common_sets
-NAMES=(single pairs0 pairs2)
+NAMES=(${CANDIDATES:-single pairs0 pairs2})   # any of the three; two DiTs return in one call
 for r in "${NAMES[@]}"; do [ -d "$DP/runs/$r" ] && mv "$DP/runs/$r" "$DP/runs/$r.old.$T0"; done
 
 extract_chunks
