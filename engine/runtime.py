@@ -13,7 +13,8 @@ request:
   is decoded (tiny codec for a preview and, :attr:`DoseEngine.codec_decode`, for a prediction
   of a bundle with a refiner; else the VAE), corrected around the targets by the bundle's
   refiner when it has one (:mod:`engine.models.dose_refiner`; its target geometry is built once
-  per case and isocentre, the beam plate's values it reads once per plan), mapped back onto the
+  per case and isocentre, the beam plate's values and the quick plan it reads once per plan:
+  :mod:`engine.physics.quick_plan`), mapped back onto the
   CT grid through the kept transform, and DVHs, metrics and the scorecard are computed on the
   CT grid.
 
@@ -61,6 +62,7 @@ from engine.models.dose_refiner import (
     beam_fraction,
     target_geometry,
 )
+from engine.physics.quick_plan import optimise_quick_plan
 from engine.resources import resources_dir
 
 log = logging.getLogger(__name__)
@@ -135,11 +137,12 @@ class _GridState:
 
 @dataclass
 class _PlanState:
-    """What is fixed for one plan: its plates' latents and, for a refiner that reads the beam
-    plate, the plate's values at the refiner's voxels."""
+    """What is fixed for one plan: its plates' latents and, for a refiner that reads them, the
+    beam plate's and the quick plan's values at the refiner's voxels."""
 
     plate_latents: torch.Tensor  # [2, C, d, h, w], slots beam plate, angle plate
     refiner_beam: np.ndarray | None
+    refiner_quick: np.ndarray | None = None
 
 
 @dataclass
@@ -181,6 +184,16 @@ def model_plates(inputs: ModelInputs, plan: Plan, workers: int
     return plan_plates(inputs[Slot.PTV] > -1.0, inputs.transform.model, plan, workers=workers)
 
 
+def refiner_quick_plan(case: Case, plan: Plan, inputs: ModelInputs,
+                       geometry: TargetGeometry) -> np.ndarray:
+    """The quick-plan dose (Gy) of ``plan`` (:mod:`engine.physics.quick_plan`, optimised on
+    the case's own grid) at the refiner's voxels of the model grid."""
+    transform = inputs.transform
+    model_index = np.stack(np.unravel_index(geometry.index, geometry.shape), axis=1)
+    patient_index = transform.patient.lps_to_index(transform.model.index_to_lps(model_index))
+    return optimise_quick_plan(case, plan).dose_at(patient_index)
+
+
 def refiner_geometry(inputs: ModelInputs, config: RefinerConfig) -> TargetGeometry:
     """The target geometry a dose refiner corrects on, from a case's model-grid inputs."""
     norm = inputs.normalization
@@ -211,6 +224,7 @@ class DoseEngine:
         self.full_vae = full_vae
         self._cases: OrderedDict[int, _CaseState] = OrderedDict()
         self._plates: OrderedDict[tuple, _PlanState] = OrderedDict()
+        self._quick: OrderedDict[tuple, np.ndarray] = OrderedDict()  # shared by both kinds
         self._max_cases, self._max_plans = max_cases, max_plans
         self._lock = threading.Lock()  # one inference at a time per engine
 
@@ -318,13 +332,31 @@ class DoseEngine:
                 refiner_beam = None
                 if grid.refiner_geometry is not None and self.model.refiner.config.beam_plate:
                     refiner_beam = beam_fraction(beam, n_angles, grid.refiner_geometry)
+            refiner_quick = None
+            if grid.refiner_geometry is not None and self.model.refiner.config.quick_plan:
+                with timer("quick_plan"):
+                    refiner_quick = self._quick_plan(state.case, plan, grid)
             with timer("encode"):
-                planned = _PlanState(self._encode(plates, fast=fast), refiner_beam)
+                planned = _PlanState(self._encode(plates, fast=fast), refiner_beam,
+                                     refiner_quick)
             self._plates[key] = planned
             while len(self._plates) > self._max_plans:
                 self._plates.popitem(last=False)
         self._plates.move_to_end(key)
         return planned
+
+    def _quick_plan(self, case: Case, plan: Plan, grid: _GridState) -> np.ndarray:
+        """The plan's quick-plan dose at the refiner's voxels, cached per case and plan (a
+        preview and a prediction of one plan share it)."""
+        key = (id(case), plan.beams, plan.patient_position)
+        quick = self._quick.get(key)
+        if quick is None:
+            quick = refiner_quick_plan(case, plan, grid.inputs, grid.refiner_geometry)
+            self._quick[key] = quick
+            while len(self._quick) > self._max_plans:
+                self._quick.popitem(last=False)
+        self._quick.move_to_end(key)
+        return quick
 
     def model_inputs(self, case: Case, plan: Plan | None = None) -> ModelInputs:
         """The model-grid inputs of ``case`` under ``plan`` (default: the case's), built with
@@ -378,7 +410,7 @@ class DoseEngine:
             if grid.refiner_geometry is not None:
                 with timer("refine"):
                     gy = self.model.refiner.refine(gy, grid.refiner_geometry,
-                                                   planned.refiner_beam)
+                                                   planned.refiner_beam, planned.refiner_quick)
         order = 1 if fast else 3
         with timer("to_patient"):
             transform = grid.inputs.transform

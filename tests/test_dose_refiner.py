@@ -154,3 +154,27 @@ def test_the_beam_plate_is_a_seventh_input_in_beams_per_angle():
     with pytest.raises(ValueError, match="beam plate"):
         refiner.refine(dose, geometry)
     assert refiner.refine(dose, geometry, beam).shape == SHAPE
+
+
+def test_the_quick_plan_dose_is_the_last_input_in_reference_units():
+    rx, body = _two_targets()
+    config = RefinerConfig(beam_plate=True, quick_plan=True)
+    assert config.features == FEATURES + ("beam_fraction", "quick_plan_dose")
+    assert RefinerConfig.from_dict(config.to_dict()) == config
+    assert RefinerConfig.from_dict({"beam_plate": True}).quick_plan is False  # older bundles
+    geometry = target_geometry(rx, body, SPACING, config)
+    beam = np.ones(geometry.index.shape, np.float32)
+    quick = np.linspace(0.0, 77.0, geometry.index.size, dtype=np.float32)
+    dose = np.full(SHAPE, 35.0, np.float32)
+    rows = refiner_inputs(dose, geometry, config, beam, quick)
+    assert rows.shape == (len(geometry.index), 8)
+    np.testing.assert_allclose(rows[:, -1], quick / 70.0)
+    np.testing.assert_array_equal(rows[:, :7], refiner_inputs(dose, geometry,
+                                                              RefinerConfig(beam_plate=True), beam))
+    with pytest.raises(ValueError, match="quick-plan dose"):
+        refiner_inputs(dose, geometry, config, beam)
+    with pytest.raises(ValueError, match="quick-plan dose"):
+        refiner_inputs(dose, geometry, config, beam, quick[:-1])
+    refiner = DoseRefiner(config)
+    assert refiner.net[0].in_features == 8
+    assert refiner.refine(dose, geometry, beam, quick).shape == SHAPE

@@ -181,6 +181,57 @@ def test_a_beam_plate_refiner_corrects_along_the_plans_beams(bundle, case):
     np.testing.assert_array_equal(change["left again"], change["left"])  # the plan's own cache
 
 
+def test_a_quick_plan_refiner_reads_the_plans_quick_plan_once_per_plan(bundle, case,
+                                                                       monkeypatch):
+    import engine.runtime as runtime
+    from engine.models.dose_refiner import DoseRefiner, RefinerConfig
+
+    calls = []
+    real = runtime.optimise_quick_plan
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "optimise_quick_plan", counted)
+    plain = DoseEngine.from_checkpoint(bundle, threads=2)
+    refined = DoseEngine(load_dose_model(bundle), threads=2)
+    refiner = DoseRefiner(RefinerConfig(hidden=1, band_mm=20.0, quick_plan=True))
+    with torch.no_grad():  # correction = 70 Gy * (quick plan dose / 70 Gy) = the quick plan
+        for p in refiner.parameters():
+            p.zero_()
+        refiner.net[0] = torch.nn.Identity()
+        refiner.net[1] = torch.nn.Identity()
+        refiner.net[2] = torch.nn.Linear(len(refiner.config.features), 1, bias=False)
+        refiner.net[2].weight[0, -1] = 1.0
+        refiner.net[3] = torch.nn.Identity()
+        refiner.net[4] = torch.nn.Identity()
+    refined.model.refiner = refiner.eval()
+    one = case.plan.with_beams(case.plan.beams[:1])
+    results, timings = {}, []
+    plans = {"first": one, "turned": one.with_gantry(0, one.beams[0].gantry_deg + 90.0)}
+    for name, plan in plans.items():
+        preview = refined.preview(case, plan)
+        timings.append(preview.timings_s)
+        results[name] = preview.dose.array - plain.preview(case, plan).dose.array
+        refined.predict(case, plan, steps=1)
+    assert len(calls) == 2  # one quick plan per plan, shared by its preview and prediction
+    assert all(t["quick_plan"] > 0 for t in timings)
+    # the correction is the plan's own quick plan (on the refiner's voxels, near the targets)
+    from engine.physics.quick_plan import quick_plan_dose
+
+    for name, plan in plans.items():
+        quick = quick_plan_dose(case, plan)
+        corrected = np.abs(results[name]) > 1.0
+        assert corrected.sum() > 200
+        assert np.corrcoef(results[name][corrected], quick[corrected])[0, 1] > 0.9
+    # so the correction follows the beam: a beam turned by 90 degrees corrects other voxels
+    target = np.logical_or.reduce([t.mask for t in case.targets])
+    outside = ~target & (np.abs(results["first"]) + np.abs(results["turned"]) > 1.0)
+    assert outside.sum() > 50
+    assert np.corrcoef(results["first"][outside], results["turned"][outside])[0, 1] < 0.5
+
+
 def test_progress_and_cancel_between_steps(engine, case):
     seen = []
     engine.predict(case, steps=3, progress=lambda i, n: seen.append((i, n)))

@@ -273,6 +273,15 @@ def test_dose_refiner_stage_fits_on_the_bundles_own_previews(fitted, tiny_dose_b
     with np.load(samples[1]) as z:
         assert z["inputs"].shape == (SAMPLES, 7)
         assert np.all(z["inputs"][:, -1] >= 0) and np.ptp(z["inputs"][:, -1]) > 0
+        beam_rows = z["inputs"]
+    # with the quick plan, an 8th column (Gy / 70) and the same voxels as before
+    _sample_cases(refs, tiny_dose_bundle, samples[0].parent,
+                  RefinerConfig(beam_plate=True, quick_plan=True), ctx, 1)
+    with np.load(samples[1]) as z:
+        assert z["inputs"].shape == (SAMPLES, 8)
+        np.testing.assert_array_equal(z["inputs"][:, :7], beam_rows)
+        quick_gy = z["inputs"][:, -1] * 70.0
+        assert quick_gy.min() >= 0 and 40.0 < quick_gy.max() < 120.0
     # a bundle is required
     assert _train("dose-refiner", TINY, data, runs / "ref-none") == 2
 
@@ -353,3 +362,14 @@ def test_the_refiner_stage_weighs_patients_not_plans(openkbp_dir, tmp_path):
     assert plans == {first.stem: [f"train/physics/{first.stem}_plan0",
                                   f"train/physics/{first.stem}_plan3", f"train/{first.stem}"],
                      second.stem: [f"train/{second.stem}"]}
+
+
+def test_scardnft_refuses_a_quick_plan_refiner_with_a_clear_error():
+    from engine.errors import UserError
+    from engine.features import Normalization
+    from trainer.stages.scardnft import refiner_case
+
+    volumes = np.zeros((7, 4, 8, 8), np.float32)
+    with pytest.raises(UserError, match="quick plan"):
+        refiner_case(DoseRefiner(RefinerConfig(quick_plan=True)), volumes, (2.0, 2.5, 2.5),
+                     Normalization())

@@ -154,6 +154,7 @@ class RefinerTrainConfig:
     hidden: int = 32                # width of its two hidden layers
     band_mm: float = 60.0           # voxels farther outside every target are not corrected
     beam_plate: bool = False        # the plan's beam plate is an input
+    quick_plan: bool = False        # the plan's quick-plan dose is an input (engine.physics)
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,14 @@ import torch
 from engine.case import Case
 from engine.dose_model import load_dose_model, save_dose_model
 from engine.errors import UserError
-from engine.models.dose_refiner import DoseRefiner, RefinerConfig, beam_fraction, refiner_inputs
-from engine.runtime import DoseEngine, model_plates, refiner_geometry
+from engine.models.dose_refiner import (
+    DoseRefiner,
+    RefinerConfig,
+    TargetGeometry,
+    beam_fraction,
+    refiner_inputs,
+)
+from engine.runtime import DoseEngine, model_plates, refiner_geometry, refiner_quick_plan
 
 from .. import loop
 from ..caches import case_key
@@ -77,7 +83,12 @@ def case_samples(engine: DoseEngine, case: Case, config: RefinerConfig,
     rows = np.concatenate([rng.choice(n, min(n, SAMPLES - n_inside), replace=False),
                            rng.choice(inside, n_inside, replace=False)])
     error = (reference.ravel() - preview.ravel())[geometry.index[rows]]
-    return refiner_inputs(preview, geometry, config, beam)[rows], error.astype(np.float32)
+    sampled = TargetGeometry(geometry.shape, geometry.index[rows], geometry.features[rows])
+    quick = None
+    if config.quick_plan:  # the plan's own quick plan, evaluated at the sampled voxels only
+        quick = refiner_quick_plan(case, case.plan, inputs, sampled)
+    return (refiner_inputs(preview, sampled, config, None if beam is None else beam[rows], quick),
+            error.astype(np.float32))
 
 
 def plans_by_patient(cases: Iterable[CaseRef]) -> dict[str, list[str]]:
@@ -145,7 +156,7 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     base = load_dose_model(bundle)  # checks the bundle before the long sampling
     manifest = scan_dataset(data_dir, cfg.data.val_fraction)
     config = RefinerConfig(hidden=cfg.refiner.hidden, band_mm=cfg.refiner.band_mm,
-                           beam_plate=cfg.refiner.beam_plate)
+                           beam_plate=cfg.refiner.beam_plate, quick_plan=cfg.refiner.quick_plan)
     samples = Path(run_dir) / "refiner-samples"
     samples.mkdir(parents=True, exist_ok=True)
     _sample_cases(list(manifest.cases), bundle, samples, config, ctx, cfg.run.threads)

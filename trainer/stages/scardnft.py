@@ -31,6 +31,7 @@ from peft import PeftModel
 from torch import nn
 
 from engine import diffusion
+from engine.errors import UserError
 from engine.features import Normalization, Slot
 from engine.models.dose_refiner import DoseRefiner, TargetGeometry, beam_fraction, target_geometry
 
@@ -140,7 +141,6 @@ def grid_geometry(grid: tuple[int, int, int]):
 
 
 def scorecard_template(name: str):
-    from engine.errors import UserError
     from engine.metrics.scorecard import ScorecardError, builtin_template, load_template
     try:
         return load_template(name) if Path(name).suffix == ".toml" else builtin_template(name)
@@ -154,6 +154,10 @@ def refiner_case(refiner: DoseRefiner, volumes: np.ndarray, spacing_mm: tuple[fl
     model-grid stack ``[7, z, y, x]`` (``spacing_mm`` along z, y, x): what the engine builds
     from the case itself (the cached beam plate is clipped at the normalisation's maximum,
     which only voxels crossed by more than twice the plan's beams reach)."""
+    if refiner.config.quick_plan:
+        raise UserError("scardnft scores the refined dose from cached volumes, and this bundle's "
+                        "refiner reads the quick plan, which needs the case itself: post-train "
+                        "the bundle before its quick-plan refiner is fitted")
     geometry = target_geometry(norm.ptv_to_gy(volumes[Slot.PTV]), volumes[Slot.BODY] > 0.0,
                                tuple(spacing_mm), refiner.config)
     beam = None
@@ -167,7 +171,6 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     from functools import lru_cache
 
     from engine.case import Structure
-    from engine.errors import UserError
     from engine.metrics.scorecard import BoundScorecard
     from engine.models.dit import DiffKT3D, unreachable_part
 
