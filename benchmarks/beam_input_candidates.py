@@ -23,6 +23,9 @@ is that target's prescription, as the physics plans are normalised):
   ``exp(-mu * radiological depth)`` from where the ray enters the body, the depth from the CT
   (relative electron density ~ (HU + 1000) / 1000). It knows which side a beam enters from
   and how deep each voxel is, what the GDP plate does not. Arcs are sampled every 10 degrees.
+- ``quick_plan``: the plan's quick plan (:mod:`engine.physics.quick_plan`): the same kind of
+  pencil beams with the fluence optimised under the physics objectives, so it also carries the
+  optimiser's response to the arrangement (normalised to D95, then scaled like the others).
 
 Prints one JSON line per pair and a summary (means over the pairs).
 """
@@ -47,10 +50,11 @@ from engine.features.plates import plan_angles, plan_plates
 from engine.io.openkbp import load_openkbp_npz
 from engine.metrics.beam_change import beam_change_agreement
 from engine.physics.dose_calc import body_mask
+from engine.physics.quick_plan import quick_plan_dose
 
 from .heldout_beam_sensitivity import DEFAULT_DATASET, DEFAULT_HELDOUT, heldout_patients
 
-CANDIDATES = ("gdp_plate", "depth_dose")
+CANDIDATES = ("gdp_plate", "depth_dose", "quick_plan")
 FIGURES = ("correlation", "sign_agreement", "physics_mean_abs_gy", "model_mean_abs_gy",
            "model_mean_abs_elsewhere_gy")
 
@@ -116,7 +120,8 @@ def candidate_inputs(case: Case, mu_per_mm: float, penumbra_mm: float) -> dict[s
     body = body_mask(case)
     gdp, _, _ = plan_plates(union, case.geometry, case.plan, workers=1)
     out = {"gdp_plate": gdp,
-           "depth_dose": depth_dose(case, body, union, mu_per_mm, penumbra_mm)}
+           "depth_dose": depth_dose(case, body, union, mu_per_mm, penumbra_mm),
+           "quick_plan": quick_plan_dose(case)}
     return {k: v * np.float32(rx / max(float(v[top].mean()), 1e-6)) for k, v in out.items()}
 
 

@@ -62,7 +62,7 @@ from engine.models.dose_refiner import (
     beam_fraction,
     target_geometry,
 )
-from engine.physics.quick_plan import optimise_quick_plan
+from engine.physics.quick_plan import QuickPlanner, optimise_quick_plan
 from engine.resources import resources_dir
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ class _CaseState:
     grids: dict[tuple[float, float, float], _GridState] = field(default_factory=dict)
     scorecard: BoundScorecard | None = None
     scorecard_chosen: bool = False
+    planner: QuickPlanner | None = None  # made on the first quick plan the refiner needs
 
 
 class _Timer:
@@ -184,14 +185,18 @@ def model_plates(inputs: ModelInputs, plan: Plan, workers: int
     return plan_plates(inputs[Slot.PTV] > -1.0, inputs.transform.model, plan, workers=workers)
 
 
-def refiner_quick_plan(case: Case, plan: Plan, inputs: ModelInputs,
-                       geometry: TargetGeometry) -> np.ndarray:
+def refiner_quick_plan(case: Case, plan: Plan, inputs: ModelInputs, geometry: TargetGeometry,
+                       planner: QuickPlanner | None = None) -> np.ndarray:
     """The quick-plan dose (Gy) of ``plan`` (:mod:`engine.physics.quick_plan`, optimised on
-    the case's own grid) at the refiner's voxels of the model grid."""
+    the case's own grid) at the refiner's voxels of the model grid. ``planner``: the case's
+    :class:`QuickPlanner`, which keeps what other plans of the case already computed."""
     transform = inputs.transform
     model_index = np.stack(np.unravel_index(geometry.index, geometry.shape), axis=1)
     patient_index = transform.patient.lps_to_index(transform.model.index_to_lps(model_index))
-    return optimise_quick_plan(case, plan).dose_at(patient_index)
+    if planner is None:
+        return optimise_quick_plan(case, plan).dose_at(patient_index)
+    key = f"refiner voxels around {tuple(transform.isocenter_mm)}"
+    return planner.optimise(plan).dose_at(patient_index, key)
 
 
 def refiner_geometry(inputs: ModelInputs, config: RefinerConfig) -> TargetGeometry:
@@ -335,7 +340,7 @@ class DoseEngine:
             refiner_quick = None
             if grid.refiner_geometry is not None and self.model.refiner.config.quick_plan:
                 with timer("quick_plan"):
-                    refiner_quick = self._quick_plan(state.case, plan, grid)
+                    refiner_quick = self._quick_plan(state, plan, grid)
             with timer("encode"):
                 planned = _PlanState(self._encode(plates, fast=fast), refiner_beam,
                                      refiner_quick)
@@ -345,13 +350,17 @@ class DoseEngine:
         self._plates.move_to_end(key)
         return planned
 
-    def _quick_plan(self, case: Case, plan: Plan, grid: _GridState) -> np.ndarray:
+    def _quick_plan(self, state: _CaseState, plan: Plan, grid: _GridState) -> np.ndarray:
         """The plan's quick-plan dose at the refiner's voxels, cached per case and plan (a
-        preview and a prediction of one plan share it)."""
-        key = (id(case), plan.beams, plan.patient_position)
+        preview and a prediction of one plan share it); the case's planner keeps the angles
+        of earlier plans, so a moved beam costs one angle and the optimisation."""
+        key = (id(state.case), plan.beams, plan.patient_position)
         quick = self._quick.get(key)
         if quick is None:
-            quick = refiner_quick_plan(case, plan, grid.inputs, grid.refiner_geometry)
+            if state.planner is None:
+                state.planner = QuickPlanner(state.case)
+            quick = refiner_quick_plan(state.case, plan, grid.inputs, grid.refiner_geometry,
+                                       state.planner)
             self._quick[key] = quick
             while len(self._quick) > self._max_plans:
                 self._quick.popitem(last=False)

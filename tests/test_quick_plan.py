@@ -10,7 +10,12 @@ import pytest
 from engine.case import Volume
 from engine.phantom import PhantomSpec, make_phantom
 from engine.physics.dose_calc import PhysicsError, body_mask
-from engine.physics.quick_plan import QuickPlanSettings, optimise_quick_plan, quick_plan_dose
+from engine.physics.quick_plan import (
+    QuickPlanner,
+    QuickPlanSettings,
+    optimise_quick_plan,
+    quick_plan_dose,
+)
 
 FAST = QuickPlanSettings(samples=4000, target_samples=2000, max_iter=60)
 
@@ -86,3 +91,18 @@ def test_bad_input_gets_a_clear_error(phantom):
     odd = replace(phantom, ct=Volume(phantom.ct.array, stretched))
     with pytest.raises(PhysicsError, match="square pixels"):
         quick_plan_dose(odd, settings=FAST)
+
+
+def test_a_planner_keeps_the_angles_of_earlier_plans_and_gives_the_same_dose(phantom):
+    planner = QuickPlanner(phantom, FAST)
+    body = np.argwhere(body_mask(phantom))
+    planner.optimise()
+    kept = dict(planner._angles)
+    moved = phantom.plan.with_gantry(0, phantom.plan.beams[0].gantry_deg + 30.0)
+    quick = planner.optimise(moved)
+    # six of the moved plan's seven angles are the first plan's, one is new
+    assert sum(any(a is b for b in kept.values()) for a in quick.angles) == 6
+    assert len(quick.angles) == 7 and len(planner._angles) == 8
+    np.testing.assert_array_equal(quick.dose_at(body, "body"),
+                                  optimise_quick_plan(phantom, moved, FAST).dose_at(body))
+    np.testing.assert_array_equal(quick.dose_at(body, "body"), quick.dose_at(body))

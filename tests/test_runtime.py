@@ -187,13 +187,13 @@ def test_a_quick_plan_refiner_reads_the_plans_quick_plan_once_per_plan(bundle, c
     from engine.models.dose_refiner import DoseRefiner, RefinerConfig
 
     calls = []
-    real = runtime.optimise_quick_plan
+    real = runtime.QuickPlanner.optimise
 
-    def counted(*args, **kwargs):
+    def counted(self, *args, **kwargs):
         calls.append(args)
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(runtime, "optimise_quick_plan", counted)
+    monkeypatch.setattr(runtime.QuickPlanner, "optimise", counted)
     plain = DoseEngine.from_checkpoint(bundle, threads=2)
     refined = DoseEngine(load_dose_model(bundle), threads=2)
     refiner = DoseRefiner(RefinerConfig(hidden=1, band_mm=20.0, quick_plan=True))

@@ -43,6 +43,11 @@
 #                                                         the first N_H_PHYSICS v2 physics plans
 #                                                         (RUNS_DIR/data-h; patients weigh the
 #                                                         same); H_STEPS=0 (the default) skips it
+#   dose-refiner (Stage J, from Stage F)                 on the CPU: Stage H's refiner reading
+#                                                         the plan's quick plan too (engine/
+#                                                         physics/quick_plan.py), same data and
+#                                                         settings as Stage H; J_STEPS=0 (the
+#                                                         default) skips it
 #   cache -> scardnft (Stage I, from Stage H)            ScardNFT post-training (seed §B.5):
 #                                                         LoRA on the DiT, rewarded by the
 #                                                         scorecard and the MAE of the dose the
@@ -86,6 +91,8 @@
 #                                       v2 plans packed then; the set grows: in the grown set the
 #                                       first 236 are those but for pt_54_plan5, computed later,
 #                                       in pt_55_plan0's place)
+#   J_STEPS=0                           Stage J (the shipped model: J_STEPS=3000, 2 torchrun
+#                                       processes of 1 thread, on Stage H's data)
 #   I_STEPS=0 N_I=40                    Stage I (not in the shipped model: see its card)
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
@@ -126,6 +133,7 @@ G_STEPS=${G_STEPS:-0}
 H_STEPS=${H_STEPS:-0}
 N_H_CLINICAL=${N_H_CLINICAL:-169}
 N_H_PHYSICS=${N_H_PHYSICS:-236}
+J_STEPS=${J_STEPS:-0}
 I_STEPS=${I_STEPS:-0}
 N_I=${N_I:-40}
 
@@ -248,7 +256,7 @@ fi
 [ -f "$RUNS/stage-f-codec/model/bundle.json" ] || CACHE=$RUNS/cache-f train codec-decoder \
     stage-f-codec "$RUNS/data-f" --set "model.init_from=\"$FROM\"" \
     --set "run.max_steps=$F_CODEC_STEPS" "${F_CROPS[@]}" --set optim.lr=3e-4
-if [ "$G_STEPS" -eq 0 ] && [ "$H_STEPS" -eq 0 ]; then
+if [ "$G_STEPS" -eq 0 ] && [ "$H_STEPS" -eq 0 ] && [ "$J_STEPS" -eq 0 ]; then
     echo "model bundle: $RUNS/stage-f-codec/model"; exit 0
 fi
 
@@ -259,14 +267,27 @@ REFINER=(--set "model.init_from=\"$RUNS/stage-f-codec/model\"" --set data.batch_
 if [ "$G_STEPS" -gt 0 ]; then
     [ -f "$RUNS/stage-g/model/bundle.json" ] || train dose-refiner stage-g "$OPENKBP/train" \
         "${REFINER[@]}" --set "run.max_steps=$G_STEPS"
-    if [ "$H_STEPS" -eq 0 ]; then echo "model bundle: $RUNS/stage-g/model"; exit 0; fi
+    if [ "$H_STEPS" -eq 0 ] && [ "$J_STEPS" -eq 0 ]; then
+        echo "model bundle: $RUNS/stage-g/model"; exit 0
+    fi
 fi
 # Stage H: the refiner reads the beam plate; the v2 plans (several arrangements per patient)
 # teach it what a beam does
 mixed_data "$RUNS/data-h" "$N_H_CLINICAL" "$N_H_PHYSICS"
-[ -f "$RUNS/stage-h/model/bundle.json" ] || train dose-refiner stage-h "$RUNS/data-h" \
-    "${REFINER[@]}" --set "run.max_steps=$H_STEPS" --set refiner.beam_plate=true
-if [ "$I_STEPS" -eq 0 ]; then echo "model bundle: $RUNS/stage-h/model"; exit 0; fi
+LAST=$RUNS/stage-h/model
+if [ "$H_STEPS" -gt 0 ]; then
+    [ -f "$LAST/bundle.json" ] || train dose-refiner stage-h "$RUNS/data-h" \
+        "${REFINER[@]}" --set "run.max_steps=$H_STEPS" --set refiner.beam_plate=true
+fi
+# Stage J: the refiner reads the plan's quick plan too, which carries the optimiser's response
+# to the arrangement that no beam plate holds
+if [ "$J_STEPS" -gt 0 ]; then
+    LAST=$RUNS/stage-j/model
+    [ -f "$LAST/bundle.json" ] || train dose-refiner stage-j "$RUNS/data-h" \
+        "${REFINER[@]}" --set "run.max_steps=$J_STEPS" --set refiner.beam_plate=true \
+        --set refiner.quick_plan=true
+fi
+if [ "$I_STEPS" -eq 0 ]; then echo "model bundle: $LAST"; exit 0; fi
 
 # Stage I: ScardNFT post-training of Stage H's bundle, on latents of its own VAE
 [ -d "$RUNS/data-i" ] || link_first "$OPENKBP/train" "$RUNS/data-i/train" "$N_I"
