@@ -198,11 +198,10 @@ def test_a_quick_plan_refiner_reads_the_plans_quick_plan_once_per_plan(bundle, c
     refined = DoseEngine(load_dose_model(bundle), threads=2)
     refiner = DoseRefiner(RefinerConfig(hidden=1, band_mm=20.0, quick_plan=True))
     with torch.no_grad():  # correction = 70 Gy * (quick plan dose / 70 Gy) = the quick plan
-        for p in refiner.parameters():
-            p.zero_()
         refiner.net[0] = torch.nn.Identity()
         refiner.net[1] = torch.nn.Identity()
         refiner.net[2] = torch.nn.Linear(len(refiner.config.features), 1, bias=False)
+        refiner.net[2].weight.zero_()  # no share of the other features (no random init)
         refiner.net[2].weight[0, -1] = 1.0
         refiner.net[3] = torch.nn.Identity()
         refiner.net[4] = torch.nn.Identity()
@@ -217,14 +216,18 @@ def test_a_quick_plan_refiner_reads_the_plans_quick_plan_once_per_plan(bundle, c
         refined.predict(case, plan, steps=1)
     assert len(calls) == 2  # one quick plan per plan, shared by its preview and prediction
     assert all(t["quick_plan"] > 0 for t in timings)
-    # the correction is the plan's own quick plan (on the refiner's voxels, near the targets)
+    # the correction is the plan's own quick plan (on the refiner's voxels, near the targets;
+    # compared one CT voxel inside the 20 mm band, where the interpolation back to the CT grid
+    # mixes in no uncorrected voxel)
     from engine.physics.quick_plan import quick_plan_dose
 
+    target = np.logical_or.reduce([t.mask for t in case.targets])
+    inside = ndimage.distance_transform_edt(~target, sampling=case.ct.geometry.spacing) <= 16.0
     for name, plan in plans.items():
         quick = quick_plan_dose(case, plan)
-        corrected = np.abs(results[name]) > 1.0
-        assert corrected.sum() > 200
-        assert np.corrcoef(results[name][corrected], quick[corrected])[0, 1] > 0.9
+        corrected = inside & (np.abs(results[name]) > 1.0)
+        assert corrected.sum() > 2000
+        assert np.corrcoef(results[name][corrected], quick[corrected])[0, 1] > 0.99
     # so the correction follows the beam: a beam turned by 90 degrees corrects other voxels
     target = np.logical_or.reduce([t.mask for t in case.targets])
     outside = ~target & (np.abs(results["first"]) + np.abs(results["turned"]) > 1.0)

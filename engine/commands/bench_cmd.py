@@ -58,7 +58,8 @@ from engine.resources import resources_dir
 if TYPE_CHECKING:  # torch is imported only when a benchmark runs, not on every CLI start
     from engine.runtime import DoseEngine
 
-STAGES = ("features", "encode", "dit", "decode", "refine", "to_patient", "dvh", "total")
+STAGES = ("features", "quick_plan", "encode", "dit", "decode", "refine", "to_patient", "dvh",
+          "total")
 ANGLE_STEP_DEG = 7.0  # each run moves beam 0 by this much, so the plates are never cached
 # single-thread fp32 GEMM of the reference machine (2-core AMD EPYC, notes/cpu-performance.md)
 REFERENCE_GEMM_GFLOPS = 69.0
