@@ -3,7 +3,9 @@
 The engine's PACS functions block (network) and report progress from their own threads; a
 :class:`BackgroundJob` runs one in the event loop's executor and keeps its latest progress in a
 plain attribute that a :class:`QtCore.QTimer` reads on the UI thread, so no Qt object is touched
-from a worker thread.
+from a worker thread. The jobs run in their own small pool, not the event loop's default
+executor: a search or retrieve mostly waits on the network and must not queue behind dose
+computations, loads or searches that the rest of the window has running there.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from PySide6 import QtCore
 
 POLL_MS = 100
+_NETWORK = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pacs")
 
 
 class BackgroundJob(QtCore.QObject):
-    """One blocking call in the executor; ``progress`` is polled, ``done`` fires on the UI
+    """One blocking call in the PACS jobs' pool; ``progress`` is polled, ``done`` fires on the UI
     thread with ``(result, error)`` (exactly one of them not None)."""
 
     done = QtCore.Signal(object, object)
@@ -45,11 +49,11 @@ class BackgroundJob(QtCore.QObject):
         self._progress = value
 
     def start(self, fn: Callable[[], Any]) -> asyncio.Future:
-        """Run ``fn()`` in the executor (``fn`` may call :meth:`report` and watch
+        """Run ``fn()`` in the PACS jobs' pool (``fn`` may call :meth:`report` and watch
         :attr:`cancel`)."""
         self.cancel.clear()
         self._progress = self._shown = None
-        self.future = asyncio.get_event_loop().run_in_executor(None, fn)
+        self.future = asyncio.get_event_loop().run_in_executor(_NETWORK, fn)
         self.future.add_done_callback(self._finished)
         self._timer.start()
         return self.future

@@ -5,8 +5,10 @@ errors shown in the dialog."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import threading
 
 import pydicom
 import pytest
@@ -156,10 +158,33 @@ def test_a_search_that_fails_says_why_in_the_dialog(window, qtbot, orthanc, pacs
     assert "is not a date" in dialog.last_error
     dialog.date_edit.setText("")
     dialog.search_button.click()
-    qtbot.waitUntil(lambda: "rejected" in dialog.last_error, timeout=20_000)
+
+    def rejected() -> None:  # on a timeout, the message says what the dialog shows instead
+        assert "rejected" in dialog.last_error, (dialog.last_error, dialog.status.text())
+
+    qtbot.waitUntil(rejected, timeout=20_000)
     assert "Called AE title not recognised" in dialog.status.text()
     assert dialog.table.rowCount() == 0 and not dialog.retrieve_button.isEnabled()
     dialog.reject()
+
+
+def test_a_search_answers_while_the_windows_other_jobs_fill_the_default_executor(
+        window, qtbot, orthanc, pacs_settings):
+    blocked = threading.Event()
+    loop = asyncio.get_event_loop()
+    # more long jobs than the default executor has threads (at most 32): loads, dose
+    # computations and beam searches of the window all run there
+    busy = [loop.run_in_executor(None, blocked.wait) for _ in range(40)]
+    try:
+        dialog = window.pacs.open_dialog()
+        qtbot.waitExposed(dialog)
+        dialog.id_edit.setText("pt_201")
+        dialog.search_button.click()
+        qtbot.waitUntil(lambda: dialog.table.rowCount() == 1, timeout=30_000)
+        dialog.reject()
+    finally:
+        blocked.set()
+    qtbot.waitUntil(lambda: all(f.done() for f in busy), timeout=10_000)
 
 
 def test_a_cancelled_retrieve_opens_nothing(window, qtbot, tmp_path):
