@@ -228,9 +228,17 @@ def test_unreachable_host_and_port_are_named(orthanc, capsys, tmp_path):
 
 def test_wrong_called_ae_title_is_rejected_with_the_reason(orthanc):
     wrong = dataclasses.replace(node_of(orthanc), aet="NOT_ORTHANC")
-    with pytest.raises(AssociationRejected, match="Called AE title not recognised") as info:
-        echo(wrong, Client())
-    assert "check the called AE title" in str(info.value)
+    seen = set()
+    for _ in range(3):  # Orthanc's reject races its close: now and then only the close arrives
+        with pytest.raises((AssociationRejected, AssociationAborted)) as info:
+            echo(wrong, Client())
+        seen.add(type(info.value))
+        if isinstance(info.value, AssociationRejected):
+            assert "Called AE title not recognised" in str(info.value)
+            assert "check the called AE title" in str(info.value)
+        else:  # either way the message names the AE title to check
+            assert "answers to AE title 'NOT_ORTHANC'" in str(info.value)
+    assert AssociationRejected in seen
     assert echo(node_of(orthanc), Client()).seconds > 0  # the right one works
 
 

@@ -267,6 +267,9 @@ def test_dose_refiner_stage_fits_on_the_bundles_own_previews(fitted, tiny_dose_b
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     _sample_cases(refs, tiny_dose_bundle, samples[0].parent, RefinerConfig(), ctx, 1)
     assert samples[0].exists() and samples[1].stat().st_mtime_ns == kept
+    # a wider network reads the same inputs: nothing is redone
+    _sample_cases(refs, tiny_dose_bundle, samples[0].parent, RefinerConfig(hidden=64), ctx, 1)
+    assert samples[1].stat().st_mtime_ns == kept
     # samples of another refiner config are redone: with the beam plate, a 7th column
     _sample_cases(refs, tiny_dose_bundle, samples[0].parent, RefinerConfig(beam_plate=True), ctx, 1)
     assert samples[1].stat().st_mtime_ns != kept

@@ -10,7 +10,7 @@ them (1-step previews, tiny codec):
    onto the model grid; of the voxels the refiner corrects, ``SAMPLES`` are kept (a quarter
    drawn from inside the targets, which the DVH metrics weigh) with their input rows and the
    error ``reference - preview`` (Gy). Ranks split the cases; a case already sampled with the
-   same refiner config (``[refiner]``: band, beam plate) is not redone.
+   same refiner inputs (``[refiner]``: band, beam plate, quick plan; any width) is not redone.
 2. **Fit** (the shared loop: checkpoints, resume, events): a batch is drawn by patient, so every
    patient weighs the same (one with several plans gives one of them, at random: the physics
    plans teach what a beam does without the clinical plans' style being outvoted by them);
@@ -107,12 +107,19 @@ def _same_anatomy(a: Case, b: Case) -> bool:
             and all(np.array_equal(x.mask, y.mask) for x, y in zip(a.structures, b.structures)))
 
 
+def _sample_settings(config: dict) -> dict:
+    """What of a refiner config its samples depend on: all but the network's width, so
+    refiners of several widths are fitted on one set of samples."""
+    return {k: v for k, v in config.items() if k != "hidden"}
+
+
 def _sampled(path: Path, config: RefinerConfig) -> bool:
-    """Whether ``path`` holds samples made for ``config``."""
+    """Whether ``path`` holds samples made for ``config`` (its width aside)."""
     if not path.exists():
         return False
     with np.load(path) as z:
-        return "config" in z and json.loads(str(z["config"])) == config.to_dict()
+        return "config" in z and (_sample_settings(json.loads(str(z["config"])))
+                                  == _sample_settings(config.to_dict()))
 
 
 def _sample_cases(refs: list[CaseRef], bundle: Path, out: Path, config: RefinerConfig,
