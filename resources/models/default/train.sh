@@ -46,7 +46,8 @@
 #   dose-refiner (Stage J, from Stage F)                 on the CPU: Stage H's refiner reading
 #                                                         the plan's quick plan too (engine/
 #                                                         physics/quick_plan.py), same data and
-#                                                         settings as Stage H; J_STEPS=0 (the
+#                                                         settings as Stage H but a wider
+#                                                         refiner (J_HIDDEN); J_STEPS=0 (the
 #                                                         default) skips it
 #   cache -> scardnft (Stage I, from Stage H)            ScardNFT post-training (seed §B.5):
 #                                                         LoRA on the DiT, rewarded by the
@@ -91,8 +92,10 @@
 #                                       v2 plans packed then; the set grows: in the grown set the
 #                                       first 236 are those but for pt_54_plan5, computed later,
 #                                       in pt_55_plan0's place)
-#   J_STEPS=0                           Stage J (the shipped model: J_STEPS=3000, 2 torchrun
-#                                       processes of 1 thread, on Stage H's data)
+#   J_STEPS=0 J_HIDDEN=64               Stage J (the shipped model: J_STEPS=30000, J_HIDDEN=64,
+#                                       one process of 1 thread, on Stage H's data; the width
+#                                       and steps won a comparison on the same samples, see
+#                                       benchmarks/RESULTS.md)
 #   I_STEPS=0 N_I=40                    Stage I (not in the shipped model: see its card)
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
@@ -134,6 +137,7 @@ H_STEPS=${H_STEPS:-0}
 N_H_CLINICAL=${N_H_CLINICAL:-169}
 N_H_PHYSICS=${N_H_PHYSICS:-236}
 J_STEPS=${J_STEPS:-0}
+J_HIDDEN=${J_HIDDEN:-64}
 I_STEPS=${I_STEPS:-0}
 N_I=${N_I:-40}
 
@@ -285,7 +289,7 @@ if [ "$J_STEPS" -gt 0 ]; then
     LAST=$RUNS/stage-j/model
     [ -f "$LAST/bundle.json" ] || train dose-refiner stage-j "$RUNS/data-h" \
         "${REFINER[@]}" --set "run.max_steps=$J_STEPS" --set refiner.beam_plate=true \
-        --set refiner.quick_plan=true
+        --set refiner.quick_plan=true --set "refiner.hidden=$J_HIDDEN"
 fi
 if [ "$I_STEPS" -eq 0 ]; then echo "model bundle: $LAST"; exit 0; fi
 
