@@ -92,10 +92,11 @@
 #                                       v2 plans packed then; the set grows: in the grown set the
 #                                       first 236 are those but for pt_54_plan5, computed later,
 #                                       in pt_55_plan0's place)
-#   J_STEPS=0 J_HIDDEN=64               Stage J (the shipped model: J_STEPS=30000, J_HIDDEN=64,
-#                                       one process of 1 thread, on Stage H's data; the width
-#                                       and steps won a comparison on the same samples, see
-#                                       benchmarks/RESULTS.md)
+#   J_STEPS=0 J_HIDDEN=64               Stage J (not in the shipped model: its quick plan costs
+#                                       the preview budget, see its card; the candidate there:
+#                                       J_STEPS=30000 J_HIDDEN=64 THREADS=1 on Stage H's data,
+#                                       width and steps from a comparison on the same samples
+#                                       in benchmarks/RESULTS.md)
 #   I_STEPS=0 N_I=40                    Stage I (not in the shipped model: see its card)
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
