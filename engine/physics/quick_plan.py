@@ -416,7 +416,7 @@ class QuickPlanner:
         w0 = np.ones(influence.shape[1])
         w0 *= problem.rx_gy / max(float((influence @ w0)[problem.in_target].mean()), 1e-6)
         result = optimize.minimize(_objective(influence, list(problem.terms)), w0, jac=True,
-                                   method="L-BFGS-B", bounds=[(0.0, None)] * len(w0),
+                                   method="L-BFGS-B", bounds=optimize.Bounds(0.0, np.inf),
                                    options={"maxiter": self.settings.max_iter})
         weights = tuple(result.x[a:b] for a, b in zip(offsets[:-1], offsets[1:]))
         unscaled = QuickPlan(problem, angles, weights, self.settings)
