@@ -234,7 +234,8 @@ class DoseEngine:
         self._quick: OrderedDict[tuple, np.ndarray] = OrderedDict()  # shared by both kinds
         self._max_cases, self._max_plans = max_cases, max_plans
         self._lock = threading.Lock()  # one inference at a time per engine
-        # the quick plan (scipy, mostly outside the GIL) overlaps the DiT (torch)
+        # the quick plan runs beside the plate encode and the DiT; its L-BFGS-B holds the GIL,
+        # so the DiT slows beside it (benchmarks/RESULTS.md), but less than it would wait
         self._quick_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quick-plan")
 
     @classmethod

@@ -1,11 +1,11 @@
 """Running a PACS operation off the UI thread and following it from the UI thread.
 
 The engine's PACS functions block (network) and report progress from their own threads; a
-:class:`BackgroundJob` runs one in the event loop's executor and keeps its latest progress in a
+:class:`BackgroundJob` runs one in a small pool of its own and keeps its latest progress in a
 plain attribute that a :class:`QtCore.QTimer` reads on the UI thread, so no Qt object is touched
-from a worker thread. The jobs run in their own small pool, not the event loop's default
-executor: a search or retrieve mostly waits on the network and must not queue behind dose
-computations, loads or searches that the rest of the window has running there.
+from a worker thread. The pool is not the event loop's default executor: a search or retrieve
+mostly waits on the network and must not queue behind the dose computations, loads and beam
+searches that the rest of the window runs there.
 """
 
 from __future__ import annotations

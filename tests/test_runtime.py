@@ -229,7 +229,6 @@ def test_a_quick_plan_refiner_reads_the_plans_quick_plan_once_per_plan(bundle, c
         assert corrected.sum() > 2000
         assert np.corrcoef(results[name][corrected], quick[corrected])[0, 1] > 0.99
     # so the correction follows the beam: a beam turned by 90 degrees corrects other voxels
-    target = np.logical_or.reduce([t.mask for t in case.targets])
     outside = ~target & (np.abs(results["first"]) + np.abs(results["turned"]) > 1.0)
     assert outside.sum() > 50
     assert np.corrcoef(results["first"][outside], results["turned"][outside])[0, 1] < 0.5
