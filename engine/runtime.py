@@ -41,7 +41,7 @@ import torch
 
 from engine import diffusion
 from engine.case import Case, Plan, Volume
-from engine.cpu_tuning import tune_cpu
+from engine.cpu_tuning import single_thread_blas, tune_cpu
 from engine.dose_model import DoseModel, load_dose_model
 from engine.features import (
     ModelInputs,
@@ -187,18 +187,51 @@ def model_plates(inputs: ModelInputs, plan: Plan, workers: int
     return plan_plates(inputs[Slot.PTV] > -1.0, inputs.transform.model, plan, workers=workers)
 
 
+def _halve(mask: np.ndarray) -> np.ndarray:
+    """The every-other-voxel grid points (``2 * j`` along each axis, ``j`` up to ``n // 2``)
+    that linear interpolation at ``mask``'s voxels reads: ``j`` for ``2j - 1 .. 2j + 1``."""
+    for axis in range(3):
+        m = np.moveaxis(mask, axis, 0)
+        n = m.shape[0]
+        padded = np.zeros((2 * (n // 2) + 3, *m.shape[1:]), bool)
+        padded[1:n + 1] = m
+        mask = np.moveaxis(padded[0:-2:2] | padded[1:-1:2] | padded[2::2], 0, axis)
+    return mask
+
+
+def _double(coarse: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Linear interpolation of values on every other voxel (``coarse[j]`` at ``2j``) onto the
+    full grid of ``shape``."""
+    for axis, n in enumerate(shape):
+        c = np.moveaxis(coarse, axis, 0)
+        full = np.empty((n, *c.shape[1:]), np.float32)
+        full[0::2] = c[:(n + 1) // 2]
+        full[1::2] = 0.5 * (c[:n // 2] + c[1:n // 2 + 1])
+        coarse = np.moveaxis(full, 0, axis)
+    return coarse
+
+
 def refiner_quick_plan(case: Case, plan: Plan, inputs: ModelInputs, geometry: TargetGeometry,
                        planner: QuickPlanner | None = None) -> np.ndarray:
     """The quick-plan dose (Gy) of ``plan`` (:mod:`engine.physics.quick_plan`, optimised on
-    the case's own grid) at the refiner's voxels of the model grid. ``planner``: the case's
-    :class:`QuickPlanner`, which keeps what other plans of the case already computed."""
+    the case's own grid) at the refiner's voxels of the model grid: evaluated on every other
+    model-grid voxel along each axis and linearly interpolated in between. The quick plan
+    varies over a bixel (7 mm), and a moved beam's preview cannot wait for its dose at every
+    voxel (8x the points). ``planner``: the case's :class:`QuickPlanner`, which keeps what
+    other plans of the case already computed."""
     transform = inputs.transform
-    model_index = np.stack(np.unravel_index(geometry.index, geometry.shape), axis=1)
-    patient_index = transform.patient.lps_to_index(transform.model.index_to_lps(model_index))
+    voxels = np.zeros(geometry.shape, bool)
+    voxels.ravel()[geometry.index] = True
+    needed = _halve(voxels)
+    points = transform.patient.lps_to_index(transform.model.index_to_lps(2 * np.argwhere(needed)))
     if planner is None:
-        return optimise_quick_plan(case, plan).dose_at(patient_index)
-    key = f"refiner voxels around {tuple(transform.isocenter_mm)}"
-    return planner.optimise(plan).dose_at(patient_index, key)
+        values = optimise_quick_plan(case, plan).dose_at(points)
+    else:
+        key = f"refiner voxels around {tuple(transform.isocenter_mm)}"
+        values = planner.optimise(plan).dose_at(points, key)
+    coarse = np.zeros(needed.shape, np.float32)
+    coarse[needed] = values
+    return _double(coarse, geometry.shape).ravel()[geometry.index]
 
 
 def refiner_geometry(inputs: ModelInputs, config: RefinerConfig) -> TargetGeometry:
@@ -224,6 +257,7 @@ class DoseEngine:
         self.precision = precision
         if self.device.type == "cpu":
             tune_cpu(threads or auto_threads())
+        single_thread_blas()
         self.threads = torch.get_num_threads()
         self.model = model.to(self.device)
         self.normalization = Normalization.from_dict(model.normalisation or {})

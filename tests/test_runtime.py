@@ -304,3 +304,49 @@ def test_cuda_engine_agrees_with_the_cpu_engine(bundle, case, engine, precision)
         got = getattr(gpu, run)(case).dose.array
         tolerance = 0.01 if precision == "fp32" else 0.05  # cuDNN convolutions use TF32
         assert np.abs(got - want).max() <= tolerance * max(float(want.max()), 1.0)
+
+
+def test_every_other_voxel_is_read_and_interpolated_linearly_between():
+    from engine.runtime import _double, _halve
+
+    rng = np.random.default_rng(0)
+    for shape in [(7, 8, 9), (12, 5, 6)]:
+        voxels = rng.random(shape) < 0.1
+        needed = _halve(voxels)
+        z, y, x = np.meshgrid(*[2.0 * np.arange(n) for n in needed.shape], indexing="ij")
+        # a linear function on the coarse points it reads, NaN on the others
+        coarse = np.where(needed, 1.5 * z + 0.3 * y - 0.7 * x, np.nan).astype(np.float32)
+        full = _double(coarse, shape)
+        z, y, x = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+        np.testing.assert_allclose(full[voxels], (1.5 * z + 0.3 * y - 0.7 * x)[voxels],
+                                   atol=1e-5)
+        # and it marks only those: per voxel, 2j on an even axis, 2j and 2j + 2 on an odd one
+        expected = np.zeros_like(needed)
+        for voxel in np.argwhere(voxels):
+            ranges = [(v // 2,) if v % 2 == 0 else (v // 2, v // 2 + 1) for v in voxel]
+            expected[np.ix_(*ranges)] = True
+        np.testing.assert_array_equal(needed, expected)
+
+
+def test_the_refiners_quick_plan_is_one_function_of_a_voxel_for_the_engine_and_the_trainer(
+        engine, case):
+    from engine.models.dose_refiner import RefinerConfig, TargetGeometry
+    from engine.physics.quick_plan import optimise_quick_plan
+    from engine.runtime import refiner_geometry, refiner_quick_plan
+
+    inputs = engine.model_inputs(case)
+    geometry = refiner_geometry(inputs, RefinerConfig(band_mm=20.0, quick_plan=True))
+    every = refiner_quick_plan(case, case.plan, inputs, geometry)
+    # the trainer asks for a sample of the voxels: they get the values the engine shows
+    rows = np.arange(0, len(geometry.index), 7)
+    sample = TargetGeometry(geometry.shape, geometry.index[rows], geometry.features[rows])
+    np.testing.assert_allclose(refiner_quick_plan(case, case.plan, inputs, sample), every[rows],
+                               rtol=1e-6)
+    # on voxels of even index it is the quick plan's dose there
+    index = np.stack(np.unravel_index(geometry.index, geometry.shape), axis=1)
+    even = np.flatnonzero((index % 2 == 0).all(axis=1))
+    transform = inputs.transform
+    points = transform.patient.lps_to_index(transform.model.index_to_lps(index[even]))
+    np.testing.assert_allclose(every[even], optimise_quick_plan(case).dose_at(points),
+                               rtol=1e-5, atol=1e-4)
+    assert len(even) > 100 and every.max() > 30.0

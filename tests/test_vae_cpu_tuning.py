@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cpu_tuning import tune_cpu
+from engine.cpu_tuning import single_thread_blas, tune_cpu
 
 PROBE = r"""
 import ctypes, sys
@@ -61,3 +61,12 @@ def test_threads_are_set_and_checked():
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="threads must be >= 1"):
         tune_cpu(threads=0)
+
+
+def test_numpys_blas_is_limited_to_one_thread():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    threadpool_limits(limits=2, user_api="blas")
+    single_thread_blas()
+    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    assert blas and all(i["num_threads"] == 1 for i in blas)
