@@ -14,10 +14,9 @@ request:
   of a bundle with a refiner; else the VAE), corrected around the targets by the bundle's
   refiner when it has one (:mod:`engine.models.dose_refiner`; its target geometry is built once
   per case and isocentre, the beam plate's values and the quick plan it reads once per plan:
-  :mod:`engine.physics.quick_plan`, optimised on a thread of its own while the plates are
-  encoded and the DiT runs, since only the refiner needs it), mapped back onto the
-  CT grid through the kept transform, and DVHs, metrics and the scorecard are computed on the
-  CT grid.
+  :mod:`engine.physics.quick_plan`, optimised before the plates are encoded, the case's
+  per-angle work kept so that a moved beam recomputes one angle), mapped back onto the CT grid
+  through the kept transform, and DVHs, metrics and the scorecard are computed on the CT grid.
 
 :class:`AsyncDoseEngine` is the asyncio face for the GUI: one worker thread, latest-wins
 (:mod:`engine.latest_wins`), a running prediction cancelled between steps.
@@ -31,7 +30,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +142,7 @@ class _PlanState:
 
     plate_latents: torch.Tensor  # [2, C, d, h, w], slots beam plate, angle plate
     refiner_beam: np.ndarray | None
-    refiner_quick: Future[np.ndarray] | None = None  # computed beside the DiT
+    refiner_quick: np.ndarray | None = None
 
 
 @dataclass
@@ -268,9 +266,6 @@ class DoseEngine:
         self._quick: OrderedDict[tuple, np.ndarray] = OrderedDict()  # shared by both kinds
         self._max_cases, self._max_plans = max_cases, max_plans
         self._lock = threading.Lock()  # one inference at a time per engine
-        # the quick plan runs beside the plate encode and the DiT; its L-BFGS-B holds the GIL,
-        # so the DiT slows beside it (benchmarks/RESULTS.md), but less than it would wait
-        self._quick_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quick-plan")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str | None = None,
@@ -378,7 +373,10 @@ class DoseEngine:
                     refiner_beam = beam_fraction(beam, n_angles, grid.refiner_geometry)
             refiner_quick = None
             if grid.refiner_geometry is not None and self.model.refiner.config.quick_plan:
-                refiner_quick = self._quick_pool.submit(self._quick_plan, state, plan, grid)
+                # before the DiT, not beside it: on two cores, beside the DiT's two threads, its
+                # 0.12 s slowed a 10-step prediction by 0.3-0.4 s (benchmarks/RESULTS.md)
+                with timer("quick_plan"):
+                    refiner_quick = self._quick_plan(state, plan, grid)
             with timer("encode"):
                 planned = _PlanState(self._encode(plates, fast=fast), refiner_beam,
                                      refiner_quick)
@@ -455,10 +453,7 @@ class DoseEngine:
             norm = grid.inputs.normalization
             gy = norm.dose_to_gy(unit)
             if grid.refiner_geometry is not None:
-                quick = None
-                if planned.refiner_quick is not None:
-                    with timer("quick_plan"):  # what the overlap with the DiT did not hide
-                        quick = planned.refiner_quick.result()
+                quick = planned.refiner_quick
                 with timer("refine"):
                     gy = self.model.refiner.refine(gy, grid.refiner_geometry,
                                                    planned.refiner_beam, quick)
