@@ -50,9 +50,9 @@ def test_demo_command_opens_the_window_with_the_shipped_model(tmp_path):
 
 def test_shipped_model_predicts_the_demo_patients_dose_within_its_card(torch_one_thread):
     """A floor under the shipped weights (MODEL_CARD.md: on this patient the 10-step prediction
-    has a body MAE of 4.00 Gy, PTV70 mean 71.2 vs 67.4 Gy, correlation 0.966 (3.98 Gy through
-    the full VAE); the 1-step preview
-    3.66 Gy, 71.0 Gy, 0.971): a damaged, swapped or untrained bundle, Stage G's beam-blind
+    has a body MAE of 3.84 Gy, PTV70 mean 70.5 vs 67.4 Gy, correlation 0.967; the 1-step
+    preview 3.69 Gy, 70.4 Gy, 0.970; Stage H's refiner, shipped before: 3.90 / 71.2 / 0.967 and
+    3.66 / 71.0 / 0.971): a damaged, swapped or untrained bundle, Stage G's beam-blind
     refiner (4.26 / 3.83 Gy, correlations 0.960 / 0.967), the bundle without a refiner (Stage F:
     4.77 / 4.30 Gy, correlations 0.947 / 0.959), Stage E's preview codec
     (preview 4.9 Gy, 70.1 Gy, 0.949), Stage D's decoder (10-step 5.7 Gy before the engine's

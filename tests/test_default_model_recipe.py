@@ -38,7 +38,7 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
                N_C="2", D_STEPS="2", D_DISTILL_STEPS="2", D_CROP="5, 16, 16", NICE="0",
                E_STEPS="2", N_E_CLINICAL="2", N_E_PHYSICS="1", E_CROP="9, 16, 16",
                F_STEPS="2", F_CODEC_STEPS="2", N_F_CLINICAL="3", N_F_PHYSICS="1", G_STEPS="2",
-               H_STEPS="2", N_H_CLINICAL="1", N_H_PHYSICS="1", J_STEPS="2", I_STEPS="2", N_I="3",
+               H_STEPS="2", N_H_CLINICAL="1", N_H_PHYSICS="1", J_STEPS="2", N_J_PHYSICS="1", I_STEPS="2", N_I="3",
                PHYSICS_V2=str(physics),
                GPU_PRESET=str(REPO / "resources/presets/test-tiny.toml"),
                THREADS="1", PRESET=str(REPO / "resources/presets/test-tiny.toml"),
@@ -63,7 +63,7 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     assert len(list((runs / "data-i" / "train").glob("pt_*.npz"))) == 3
     final = runs / "stage-f-codec" / "model"
     # Stage G: the 4 OpenKBP cases; Stage H: a clinical case, a physics plan, the validation case
-    # Stage J: Stage H's data, the quick plan an 8th input
+    # Stage J: as Stage H's (here N_J_PHYSICS = N_H_PHYSICS), the quick plan an 8th input
     for stage, beam_plate, quick, samples in (("stage-g", False, False, 4),
                                               ("stage-h", True, False, 3),
                                               ("stage-j", True, True, 3)):
@@ -72,9 +72,10 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
         config = load_dose_model(runs / stage / "model").refiner.config
         assert (config.beam_plate, config.quick_plan) == (beam_plate, quick)
         assert len(list((runs / stage / "refiner-samples").glob("*.npz"))) == samples
-    # Stage H: the first clinical case and the first physics plan
-    assert sorted(p.name for p in (runs / "data-h" / "train").rglob("*.npz")) == sorted(
-        [train[0].name, f"{train[0].stem}_plan0.npz"])
+    # Stages H and J: the first clinical case and the first physics plan
+    for data in ("data-h", "data-j"):
+        assert sorted(p.name for p in (runs / data / "train").rglob("*.npz")) == sorted(
+            [train[0].name, f"{train[0].stem}_plan0.npz"])
     stage_f = json.loads((final / "bundle.json").read_text())["provenance"]
     assert stage_f["stage"] == "codec-decoder" and stage_f["init_from"] == str(
         runs / "stage-f/model")

@@ -45,10 +45,12 @@
 #                                                         same); H_STEPS=0 (the default) skips it
 #   dose-refiner (Stage J, from Stage F)                 on the CPU: Stage H's refiner reading
 #                                                         the plan's quick plan too (engine/
-#                                                         physics/quick_plan.py), same data and
-#                                                         settings as Stage H but a wider
-#                                                         refiner (J_HIDDEN); J_STEPS=0 (the
-#                                                         default) skips it
+#                                                         physics/quick_plan.py), Stage H's
+#                                                         settings but a wider refiner
+#                                                         (J_HIDDEN), on the first N_H_CLINICAL
+#                                                         OpenKBP cases and the first
+#                                                         N_J_PHYSICS v2 plans (RUNS_DIR/data-j);
+#                                                         J_STEPS=0 (the default) skips it
 #   cache -> scardnft (Stage I, from Stage H)            ScardNFT post-training (seed §B.5):
 #                                                         LoRA on the DiT, rewarded by the
 #                                                         scorecard and the MAE of the dose the
@@ -92,11 +94,13 @@
 #                                       v2 plans packed then; the set grows: in the grown set the
 #                                       first 236 are those but for pt_54_plan5, computed later,
 #                                       in pt_55_plan0's place)
-#   J_STEPS=0 J_HIDDEN=64               Stage J (not in the shipped model: its quick plan costs
-#                                       the preview budget, see its card; the candidate there:
-#                                       J_STEPS=30000 J_HIDDEN=64 THREADS=1 on Stage H's data,
-#                                       width and steps from a comparison on the same samples
-#                                       in benchmarks/RESULTS.md)
+#   J_STEPS=0 J_HIDDEN=64 N_J_PHYSICS=396   Stage J (the shipped model: J_STEPS=30000
+#                                       THREADS=1 with G_STEPS=0 H_STEPS=0, on the 396 v2 plans
+#                                       packed then; its samples were made by 2 torchrun
+#                                       processes, the same samples as one process makes: each
+#                                       case's seed is its name; width and steps from a
+#                                       comparison on one set of samples in
+#                                       benchmarks/RESULTS.md)
 #   I_STEPS=0 N_I=40                    Stage I (not in the shipped model: see its card)
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
@@ -139,6 +143,7 @@ N_H_CLINICAL=${N_H_CLINICAL:-169}
 N_H_PHYSICS=${N_H_PHYSICS:-236}
 J_STEPS=${J_STEPS:-0}
 J_HIDDEN=${J_HIDDEN:-64}
+N_J_PHYSICS=${N_J_PHYSICS:-396}
 I_STEPS=${I_STEPS:-0}
 N_I=${N_I:-40}
 
@@ -287,8 +292,9 @@ fi
 # Stage J: the refiner reads the plan's quick plan too, which carries the optimiser's response
 # to the arrangement that no beam plate holds
 if [ "$J_STEPS" -gt 0 ]; then
+    mixed_data "$RUNS/data-j" "$N_H_CLINICAL" "$N_J_PHYSICS"
     LAST=$RUNS/stage-j/model
-    [ -f "$LAST/bundle.json" ] || train dose-refiner stage-j "$RUNS/data-h" \
+    [ -f "$LAST/bundle.json" ] || train dose-refiner stage-j "$RUNS/data-j" \
         "${REFINER[@]}" --set "run.max_steps=$J_STEPS" --set refiner.beam_plate=true \
         --set refiner.quick_plan=true --set "refiner.hidden=$J_HIDDEN"
 fi
