@@ -66,8 +66,8 @@ class QuickPlanSettings:
         min_samples: every structure keeps at least this many voxels (or all it has).
         max_iter: the optimiser's iteration cap. The defaults are what fits a preview: on the
             held-out beam set, 12,000 / 4,000 samples and 100 iterations gave the quick plan's
-            own dose change a correlation of 0.488 with physics, these 0.472 at half the time
-            (benchmarks/RESULTS.md).
+            own dose change a correlation of 0.489 with physics, these 0.479 at half the time
+            (``python -m benchmarks.quick_plan_settings``).
         depth_grid_mm: the radiological depth is computed on the grid thinned to about this
             voxel size (it varies slowly; the lateral profile keeps the full resolution).
         reach: a voxel sees the bixels up to this many bixels away from the one over it in
@@ -247,7 +247,8 @@ def _influence_block(geo: _Geometry, beam: _Beam, zyx: np.ndarray, settings: Qui
 
 
 def _objective(influence: sparse.csr_matrix, terms: list[tuple[int, int, str, float, float]]):
-    """f(w), grad f(w) of the weighted objectives over the sampled voxels."""
+    """f(w), grad f(w) of the weighted objectives over the sampled voxels (the dose and its
+    gradient in the influence's float32; the optimiser gets float64)."""
     transpose = influence.T.tocsr()
 
     def f_and_grad(w: np.ndarray) -> tuple[float, np.ndarray]:
