@@ -453,10 +453,9 @@ class DoseEngine:
             norm = grid.inputs.normalization
             gy = norm.dose_to_gy(unit)
             if grid.refiner_geometry is not None:
-                quick = planned.refiner_quick
                 with timer("refine"):
                     gy = self.model.refiner.refine(gy, grid.refiner_geometry,
-                                                   planned.refiner_beam, quick)
+                                                   planned.refiner_beam, planned.refiner_quick)
         order = 1 if fast else 3
         with timer("to_patient"):
             transform = grid.inputs.transform
