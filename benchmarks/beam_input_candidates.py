@@ -23,7 +23,7 @@ is that target's prescription, as the physics plans are normalised):
   ``exp(-mu * radiological depth)`` from where the ray enters the body, the depth from the CT
   (relative electron density ~ (HU + 1000) / 1000). It knows which side a beam enters from
   and how deep each voxel is, what the GDP plate does not. Arcs are sampled every 10 degrees.
-- ``quick_plan``: the plan's quick plan (:mod:`engine.physics.quick_plan`): the same kind of
+- ``quick_plan``: the plan's quick plan (:mod:`engine.physics.quick_plan`): the physics' own
   pencil beams with the fluence optimised under the physics objectives, so it also carries the
   optimiser's response to the arrangement (normalised to D95, then scaled like the others).
 

@@ -48,9 +48,11 @@ from .heldout_beam_sensitivity import DEFAULT_DATASET, DEFAULT_HELDOUT, heldout_
 
 DEFAULT = QuickPlanSettings()
 SETTINGS = {
-    "before (12,000 + 4,000 per target, 100 iterations)":
-        replace(DEFAULT, samples=12000, target_samples=4000, max_iter=100),
     "default": DEFAULT,
+    "12,000 + 4,000 per target": replace(DEFAULT, samples=12000, target_samples=4000),
+    "12,000 + 4,000 per target, 100 iterations":
+        replace(DEFAULT, samples=12000, target_samples=4000, max_iter=100),
+    "reach 2 (5 x 5 bixels)": replace(DEFAULT, reach=2),
     "30 iterations": replace(DEFAULT, max_iter=30),
 }
 
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for name, settings in SETTINGS.items():
         print(json.dumps({"setting": name, **{k: v for k, v in asdict(settings).items()
-                                              if k in ("samples", "target_samples", "max_iter")},
+                                              if k in ("samples", "target_samples", "max_iter",
+                                                       "reach")},
                           "moved_beam_cpu_s": round(moved_beam_seconds(settings, args.runs), 3),
                           **heldout_agreement(settings, args.heldout, args.dataset),
                           "machine": f"{platform.processor() or platform.machine()}, "

@@ -1,4 +1,4 @@
-"""The quick plan: the physics objectives optimised on a parallel pencil-beam model."""
+"""The quick plan: the physics objectives optimised on the physics' pencil beam, cut short."""
 
 from __future__ import annotations
 
@@ -106,3 +106,17 @@ def test_a_planner_keeps_the_angles_of_earlier_plans_and_gives_the_same_dose(pha
     np.testing.assert_array_equal(quick.dose_at(body, "body"),
                                   optimise_quick_plan(phantom, moved, FAST).dose_at(body))
     np.testing.assert_array_equal(quick.dose_at(body, "body"), quick.dose_at(body))
+
+
+def test_the_isocentre_plane_diverges_from_the_source_with_the_inverse_square(phantom):
+    """A voxel 100 mm beyond the isocentre and 11 mm off the axis is 10 mm off it in the
+    isocentre plane (SAD 1000 mm) and gets (1000 / r)^2 of the dose, r its distance from the
+    source: pyRadPlan's geometry, which a parallel beam misses by 10 % and 20 %."""
+    from engine.physics.quick_plan import _Geometry
+
+    geo = _Geometry(phantom, body_mask(phantom), depth_grid_mm=8.0)
+    isocentre = np.array([3.0, 5.0, 7.0])
+    point = isocentre + np.array([0.0, 100.0, 11.0]) / geo.frame_mm
+    z, v, inverse_square = geo.isocentre_plane(point[None], isocentre, sad_mm=1000.0)
+    assert (z[0], v[0]) == pytest.approx((0.0, 10.0))
+    assert inverse_square[0] == pytest.approx(1000.0 ** 2 / (1100.0 ** 2 + 11.0 ** 2))

@@ -24,10 +24,10 @@ Features (:data:`FEATURES`; doses divided by ``reference_gy``, distances by ``ne
    weighted). The DiT sees the same plate only through latents of 8 x 20 x 20 mm; here the
    correction can follow a beam's edge at the model grid's resolution.
 7. with ``quick_plan`` set: the plan's quick-plan dose at the voxel
-   (:mod:`engine.physics.quick_plan`: the physics objectives optimised on a parallel
-   pencil-beam model in seconds). It carries what no geometric beam input does, the optimiser's
-   fluence response to the arrangement: on the held-out pairs its own dose change correlates
-   0.46 with the physics change, the model's 0.24.
+   (:mod:`engine.physics.quick_plan`: the physics objectives optimised on the physics' own
+   pencil beam, cut short, in a fraction of a second). It carries what no geometric beam input
+   does, the optimiser's fluence response to the arrangement: on the held-out pairs its own
+   dose change correlates 0.63 with the physics change.
 
 Features 1-5 depend on the case and isocentre only (:func:`target_geometry`, computed once per
 case), features 6 and 7 on the plan, feature 0 on each prediction. Voxels farther than ``band_mm``
