@@ -12,5 +12,6 @@
 * :mod:`engine.physics.pack` - the compact committed form of those plans, and back.
 
 Dependencies run one way: ``dataset``, ``pack`` and ``quick_plan`` use ``dose_calc``,
-``quality`` and :mod:`engine.io` (``quick_plan`` also ``photon_kernel``); nothing in :mod:`engine.io` imports this package.
+``quality`` and :mod:`engine.io` (``quick_plan`` also ``photon_kernel``); nothing in
+:mod:`engine.io` imports this package.
 """
