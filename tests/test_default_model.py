@@ -50,11 +50,13 @@ def test_demo_command_opens_the_window_with_the_shipped_model(tmp_path):
 
 def test_shipped_model_predicts_the_demo_patients_dose_within_its_card(torch_one_thread):
     """A floor under the shipped weights (MODEL_CARD.md: on this patient the 10-step prediction
-    has a body MAE of 3.84 Gy, PTV70 mean 70.5 vs 67.4 Gy, correlation 0.967; the 1-step
-    preview 3.69 Gy, 70.4 Gy, 0.970; Stage H's refiner, shipped before: 3.90 / 71.2 / 0.967 and
-    3.66 / 71.0 / 0.971): a damaged, swapped or untrained bundle, Stage G's beam-blind
-    refiner (4.26 / 3.83 Gy, correlations 0.960 / 0.967), the bundle without a refiner (Stage F:
-    4.77 / 4.30 Gy, correlations 0.947 / 0.959), Stage E's preview codec
+    has a body MAE of 3.65 Gy, PTV70 mean 70.7 vs 67.4 Gy, correlation 0.971; the 1-step
+    preview 3.58 Gy, 70.6 Gy, 0.972; Stage J's refiner on the parallel-beam quick plan and a
+    60 mm band, shipped before: 3.84 / 70.5 / 0.967 and 3.69 / 70.4 / 0.970; Stage H's:
+    3.90 / 71.2 / 0.967 and 3.66 / 71.0 / 0.971): a damaged, swapped or untrained bundle,
+    Stage G's beam-blind refiner (4.26 / 3.83 Gy, correlations 0.960 / 0.967), the bundle
+    without a refiner (Stage F: 4.77 / 4.30 Gy, correlations 0.947 / 0.959), Stage E's preview
+    codec
     (preview 4.9 Gy, 70.1 Gy, 0.949), Stage D's decoder (10-step 5.7 Gy before the engine's
     noise strip), the default before it (6.6 / 6.7 Gy MAE, preview PTV70 58.8 Gy, correlation
     0.90), or a preview codec serving the wrong latent space (preview 8.7 Gy, 51.5 Gy, 0.82)

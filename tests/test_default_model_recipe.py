@@ -72,6 +72,7 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
         assert provenance["stage"] == "dose-refiner" and provenance["init_from"] == str(final)
         config = load_dose_model(runs / stage / "model").refiner.config
         assert (config.beam_plate, config.quick_plan) == (beam_plate, quick)
+        assert config.band_mm == (100.0 if stage == "stage-j" else 60.0)
         assert len(list((runs / stage / "refiner-samples").glob("*.npz"))) == samples
     # Stages H and J: the first clinical case and the first physics plan
     for data in ("data-h", "data-j"):

@@ -100,7 +100,8 @@
 #                                       processes, the same samples as one process makes: each
 #                                       case's seed is its name; width and steps from a
 #                                       comparison on one set of samples in
-#                                       benchmarks/RESULTS.md)
+#                                       benchmarks/RESULTS.md; band 100 mm, the quick plan on
+#                                       pyRadPlan's kernel, since 2026-12-07 night)
 #   I_STEPS=0 N_I=40                    Stage I (not in the shipped model: see its card)
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
@@ -296,7 +297,7 @@ if [ "$J_STEPS" -gt 0 ]; then
     LAST=$RUNS/stage-j/model
     [ -f "$LAST/bundle.json" ] || train dose-refiner stage-j "$RUNS/data-j" \
         "${REFINER[@]}" --set "run.max_steps=$J_STEPS" --set refiner.beam_plate=true \
-        --set refiner.quick_plan=true --set "refiner.hidden=$J_HIDDEN"
+        --set refiner.quick_plan=true --set "refiner.hidden=$J_HIDDEN" --set refiner.band_mm=100
 fi
 if [ "$I_STEPS" -eq 0 ]; then echo "model bundle: $LAST"; exit 0; fi
 
