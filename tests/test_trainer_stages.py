@@ -376,3 +376,51 @@ def test_scardnft_refuses_a_quick_plan_refiner_with_a_clear_error():
     with pytest.raises(UserError, match="quick plan"):
         refiner_case(DoseRefiner(RefinerConfig(quick_plan=True)), volumes, (2.0, 2.5, 2.5),
                      Normalization())
+
+
+def test_the_refiner_stage_fits_the_change_between_a_patients_physics_plans(
+        openkbp_dir, tiny_dose_bundle, tmp_path):
+    """[beam_pairs]: two physics plans of one patient are sampled at the same voxels and the
+    loss adds the L1 of their change; the clinical plan never pairs."""
+    from trainer.caches import case_key
+    from trainer.stages.dose_refiner import common_rows, physics_plans
+
+    src = sorted((openkbp_dir / "train").glob("pt_*.npz"))[0]
+    data = tmp_path / "data"
+    (data / "train" / "physics").mkdir(parents=True)
+    (data / "validation").mkdir()
+    (data / "train" / src.name).symlink_to(src)
+    (data / "validation" / "pt_900.npz").symlink_to(src)
+    with np.load(src) as z:
+        arrays = dict(z)
+    for k, scale in ((0, 1.0), (1, 0.6)):   # same inputs, the second plan's dose 40 % lower
+        np.savez(data / "train" / "physics" / f"{src.stem}_plan{k}.npz",
+                 **{**arrays, "dose_cgy": (arrays["dose_cgy"] * scale).astype(np.uint16)})
+    names = [f"train/physics/{src.stem}_plan0", f"train/physics/{src.stem}_plan1",
+             f"train/{src.stem}"]
+    assert physics_plans(names, src.stem) == names[:2]
+
+    text = open(TINY).read().replace("[model]\n", f'[model]\ninit_from = "{tiny_dose_bundle}"\n')
+    runs = tmp_path / "runs"
+    for weight, code in (("0.0", 2), ("1.0", 0)):
+        preset = tmp_path / f"pairs-{weight}.toml"
+        preset.write_text(text + f"\n[beam_pairs]\nenabled = true\nweight = {weight}\n")
+        assert _train("dose-refiner", str(preset), data, runs / weight) == code
+    samples = runs / "1.0" / "refiner-samples"
+    index = [np.load(samples / f"{case_key(n)}.npz")["index"] for n in names]
+    # one patient, one draw of voxels for all its plans
+    np.testing.assert_array_equal(index[0], index[1])
+    np.testing.assert_array_equal(index[0], index[2])
+    rows_a, rows_b = common_rows(index[0], index[1])
+    assert len(rows_a) == len(np.unique(index[0])) > 0.9 * SAMPLES
+    errors = [np.load(samples / f"{case_key(n)}.npz")["error"] for n in names[:2]]
+    # equal inputs give equal corrections: the pair loss is then the reference change alone,
+    # 40 % of plan 0's dose at the common voxels (the change of plan 0's reference dose)
+    change = np.abs(errors[1][rows_b] - errors[0][rows_a]).mean()
+    assert change > 1.0
+    pair = [e["pair_l1_gy"] for e in read_events(runs / "1.0") if e["type"] == "train"]
+    assert pair and all(abs(p - change) < 0.15 * change for p in pair)
+
+    # a dataset whose patients have fewer than two physics plans cannot pair
+    (data / "train" / "physics" / f"{src.stem}_plan1.npz").unlink()
+    assert _train("dose-refiner", str(tmp_path / "pairs-1.0.toml"), data, runs / "none") == 2
