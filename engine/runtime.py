@@ -55,6 +55,7 @@ from engine.metrics.scorecard import (
     ScorecardResult,
     best_scorecard,
 )
+from engine.models.checkpoint import CheckpointError
 from engine.models.dit import any2any_velocity, strip_unreachable_noise
 from engine.models.dose_refiner import (
     RefinerConfig,
@@ -62,7 +63,7 @@ from engine.models.dose_refiner import (
     beam_fraction,
     target_geometry,
 )
-from engine.physics.quick_plan import QuickPlanner, optimise_quick_plan
+from engine.physics.quick_plan import DOSE_MODEL, QuickPlanner, optimise_quick_plan
 from engine.resources import resources_dir
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,24 @@ def refiner_geometry(inputs: ModelInputs, config: RefinerConfig) -> TargetGeomet
                            inputs.transform.model.spacing, config)
 
 
+def check_refiner_quick_plan(model: DoseModel) -> None:
+    """Refuse a model whose dose refiner reads a quick plan of another dose model than the one
+    :mod:`engine.physics.quick_plan` computes (its corrections would be fitted to another dose).
+
+    Raises:
+        CheckpointError: naming the dose model the refiner was fitted on and this one.
+    """
+    config = model.refiner.config if model.refiner is not None else None
+    if config is None or not config.quick_plan or config.quick_plan_model == DOSE_MODEL:
+        return
+    fitted = (repr(config.quick_plan_model) if config.quick_plan_model
+              else "a dose model it does not record (a bundle older than this check)")
+    raise CheckpointError(
+        f"the model's dose refiner was fitted on the quick plan of {fitted}, but this version "
+        f"computes the quick plan with {DOSE_MODEL!r}: refit the refiner (dosepilot train "
+        f"dose-refiner) or use the DosePilot version the model was made with")
+
+
 class DoseEngine:
     """Dose previews and predictions for cases, with caches keyed by content."""
 
@@ -257,6 +276,7 @@ class DoseEngine:
             tune_cpu(threads or auto_threads())
         single_thread_blas()
         self.threads = torch.get_num_threads()
+        check_refiner_quick_plan(model)
         self.model = model.to(self.device)
         self.normalization = Normalization.from_dict(model.normalisation or {})
         self.solver = solver

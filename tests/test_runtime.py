@@ -181,6 +181,34 @@ def test_a_beam_plate_refiner_corrects_along_the_plans_beams(bundle, case):
     np.testing.assert_array_equal(change["left again"], change["left"])  # the plan's own cache
 
 
+def test_the_engine_refuses_a_refiner_fitted_on_another_quick_plan(bundle, tmp_path):
+    """A refiner's weights fit the quick-plan dose it was fitted on: a bundle whose refiner read
+    another dose model, or does not say which, is refused with a message naming both."""
+    from engine.dose_model import save_dose_model
+    from engine.models.checkpoint import CheckpointError
+    from engine.models.dose_refiner import DoseRefiner, RefinerConfig
+    from engine.physics.quick_plan import DOSE_MODEL
+
+    base = load_dose_model(bundle)
+    for recorded, refused in (("", "does not record"), ("parallel-erf-beam", "'parallel-erf-beam'"),
+                              (DOSE_MODEL, None)):
+        refiner = DoseRefiner(RefinerConfig(quick_plan=True, quick_plan_model=recorded))
+        path = save_dose_model(tmp_path / (recorded or "unrecorded"), base.dit, base.vae,
+                               base.codec, normalisation=base.normalisation, refiner=refiner)
+        if refused is None:
+            engine = DoseEngine.from_checkpoint(path, threads=1)
+            assert engine.model.refiner.config.quick_plan_model == DOSE_MODEL
+            continue
+        with pytest.raises(CheckpointError, match=refused) as error:
+            DoseEngine.from_checkpoint(path, threads=1)
+        assert DOSE_MODEL in str(error.value) and "dose-refiner" in str(error.value)
+    # a refiner that reads no quick plan records none and needs none
+    plain = DoseRefiner(RefinerConfig(beam_plate=True))
+    path = save_dose_model(tmp_path / "plate", base.dit, base.vae, base.codec,
+                           normalisation=base.normalisation, refiner=plain)
+    assert DoseEngine.from_checkpoint(path, threads=1).model.refiner.config.quick_plan_model == ""
+
+
 def test_a_quick_plan_refiner_reads_the_plans_quick_plan_once_per_plan(bundle, case,
                                                                        monkeypatch):
     import engine.runtime as runtime
@@ -196,7 +224,8 @@ def test_a_quick_plan_refiner_reads_the_plans_quick_plan_once_per_plan(bundle, c
     monkeypatch.setattr(runtime.QuickPlanner, "optimise", counted)
     plain = DoseEngine.from_checkpoint(bundle, threads=2)
     refined = DoseEngine(load_dose_model(bundle), threads=2)
-    refiner = DoseRefiner(RefinerConfig(hidden=1, band_mm=20.0, quick_plan=True))
+    refiner = DoseRefiner(RefinerConfig(hidden=1, band_mm=20.0, quick_plan=True,
+                                        quick_plan_model=runtime.DOSE_MODEL))
     with torch.no_grad():  # correction = 70 Gy * (quick plan dose / 70 Gy) = the quick plan
         refiner.net[0] = torch.nn.Identity()
         refiner.net[1] = torch.nn.Identity()

@@ -381,7 +381,8 @@ def test_scardnft_refuses_a_quick_plan_refiner_with_a_clear_error():
 def test_the_refiner_stage_fits_the_change_between_a_patients_physics_plans(
         openkbp_dir, tiny_dose_bundle, tmp_path):
     """[beam_pairs]: two physics plans of one patient are sampled at the same voxels and the
-    loss adds the L1 of their change; the clinical plan never pairs."""
+    loss adds the L1 of their change; the clinical plan never pairs. With a quick-plan refiner,
+    the bundle records the quick plan's dose model."""
     from trainer.caches import case_key
     from trainer.stages.dose_refiner import common_rows, physics_plans
 
@@ -404,7 +405,8 @@ def test_the_refiner_stage_fits_the_change_between_a_patients_physics_plans(
     runs = tmp_path / "runs"
     for weight, code in (("0.0", 2), ("1.0", 0)):
         preset = tmp_path / f"pairs-{weight}.toml"
-        preset.write_text(text + f"\n[beam_pairs]\nenabled = true\nweight = {weight}\n")
+        preset.write_text(text + f"\n[beam_pairs]\nenabled = true\nweight = {weight}\n"
+                          "\n[refiner]\nquick_plan = true\n")
         assert _train("dose-refiner", str(preset), data, runs / weight) == code
     samples = runs / "1.0" / "refiner-samples"
     index = [np.load(samples / f"{case_key(n)}.npz")["index"] for n in names]
@@ -420,6 +422,10 @@ def test_the_refiner_stage_fits_the_change_between_a_patients_physics_plans(
     assert change > 1.0
     pair = [e["pair_l1_gy"] for e in read_events(runs / "1.0") if e["type"] == "train"]
     assert pair and all(abs(p - change) < 0.15 * change for p in pair)
+
+    # the bundle records the quick plan's dose model its refiner was fitted on
+    from engine.physics.quick_plan import DOSE_MODEL
+    assert load_dose_model(runs / "1.0" / "model").refiner.config.quick_plan_model == DOSE_MODEL
 
     # a dataset whose patients have fewer than two physics plans cannot pair
     (data / "train" / "physics" / f"{src.stem}_plan1.npz").unlink()

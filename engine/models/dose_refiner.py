@@ -66,7 +66,11 @@ class RefinerConfig:
     ``near_mm``: the depth inside a target beyond which the distance features saturate;
     ``band_mm``: voxels farther than this outside every target are not corrected;
     ``beam_plate``: the plan's beam plate is an input (feature 6 of the module docstring);
-    ``quick_plan``: the plan's quick-plan dose is an input (feature 7).
+    ``quick_plan``: the plan's quick-plan dose is an input (feature 7);
+    ``quick_plan_model``: with ``quick_plan``, the dose model of the quick plan the refiner was
+    fitted on (:data:`engine.physics.quick_plan.DOSE_MODEL`). The refiner's weights are only
+    right for that dose: the engine refuses a bundle whose refiner read another (or did not
+    record which, as bundles made before 2026-12-07 do not).
     """
 
     hidden: int = 32
@@ -75,6 +79,7 @@ class RefinerConfig:
     band_mm: float = 60.0
     beam_plate: bool = False
     quick_plan: bool = False
+    quick_plan_model: str = ""
 
     def __post_init__(self) -> None:
         if self.hidden < 1 or self.reference_gy <= 0 or self.near_mm <= 0 or self.band_mm <= 0:

@@ -57,6 +57,10 @@ from engine.physics.dose_calc import (
 )
 from engine.physics.photon_kernel import bixel_response, depth_factors, photon_kernel
 
+# the dose model this module computes; a dose refiner records the one it was fitted on
+# (engine.models.dose_refiner.RefinerConfig.quick_plan_model). Change it with the dose model.
+DOSE_MODEL = "pyradplan-svd-pencil-beam-6mv"
+
 
 @dataclass(frozen=True)
 class QuickPlanSettings:

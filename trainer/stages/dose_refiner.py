@@ -55,6 +55,7 @@ from engine.models.dose_refiner import (
     beam_fraction,
     refiner_inputs,
 )
+from engine.physics.quick_plan import DOSE_MODEL
 from engine.runtime import DoseEngine, model_plates, refiner_geometry, refiner_quick_plan
 
 from .. import loop
@@ -189,7 +190,8 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     base = load_dose_model(bundle)  # checks the bundle before the long sampling
     manifest = scan_dataset(data_dir, cfg.data.val_fraction)
     config = RefinerConfig(hidden=cfg.refiner.hidden, band_mm=cfg.refiner.band_mm,
-                           beam_plate=cfg.refiner.beam_plate, quick_plan=cfg.refiner.quick_plan)
+                           beam_plate=cfg.refiner.beam_plate, quick_plan=cfg.refiner.quick_plan,
+                           quick_plan_model=DOSE_MODEL if cfg.refiner.quick_plan else "")
     samples = Path(run_dir) / "refiner-samples"
     samples.mkdir(parents=True, exist_ok=True)
     _sample_cases(list(manifest.cases), bundle, samples, config, ctx, cfg.run.threads)
