@@ -63,12 +63,7 @@ from engine.models.dose_refiner import (
     beam_fraction,
     target_geometry,
 )
-from engine.physics.quick_plan import (
-    DOSE_MODEL,
-    QuickPlanner,
-    QuickPlanSettings,
-    optimise_quick_plan,
-)
+from engine.physics.quick_plan import DOSE_MODEL, QuickPlanner, optimise_quick_plan
 from engine.resources import resources_dir
 
 log = logging.getLogger(__name__)
@@ -158,8 +153,7 @@ class _CaseState:
     grids: dict[tuple[float, float, float], _GridState] = field(default_factory=dict)
     scorecard: BoundScorecard | None = None
     scorecard_chosen: bool = False
-    # made on the first quick plan the refiner needs, one per kind (preview or prediction)
-    planners: dict[bool, QuickPlanner] = field(default_factory=dict)
+    planner: QuickPlanner | None = None  # made on the first quick plan the refiner needs
 
 
 class _Timer:
@@ -176,14 +170,6 @@ class _Timer:
         finally:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
-
-#: The quick plan a refiner reads (:mod:`engine.physics.quick_plan`) for a preview: what fits
-#: in its 1 s. A 10-step prediction has the time for twice the voxel sample and iterations
-#: (0.28 instead of 0.145 s per moved beam at GEMM ~100), and on the held-out beam set a
-#: prediction that reads it follows a beam better: change correlation 0.605 instead of 0.560
-#: with the same refiner, fitted on previews' quick plans (benchmarks/RESULTS.md, 2026-12-07).
-PREVIEW_QUICK_PLAN = QuickPlanSettings()
-PREDICTION_QUICK_PLAN = QuickPlanSettings(samples=12000, target_samples=4000, max_iter=100)
 
 #: Inference precisions. float32 is the default on every device: on an H200 the shipped model
 #: ran 2x faster in float32 than under bf16 autocast (preview 5.7 vs 14.9 ms, 10-step 73 vs
@@ -410,7 +396,7 @@ class DoseEngine:
                 # before the DiT, not beside it: on two cores, beside the DiT's two threads, its
                 # 0.12 s slowed a 10-step prediction by 0.3-0.4 s (benchmarks/RESULTS.md)
                 with timer("quick_plan"):
-                    refiner_quick = self._quick_plan(state, plan, grid, fast)
+                    refiner_quick = self._quick_plan(state, plan, grid)
             with timer("encode"):
                 planned = _PlanState(self._encode(plates, fast=fast), refiner_beam,
                                      refiner_quick)
@@ -420,20 +406,17 @@ class DoseEngine:
         self._plates.move_to_end(key)
         return planned
 
-    def _quick_plan(self, state: _CaseState, plan: Plan, grid: _GridState,
-                    fast: bool) -> np.ndarray:
-        """The plan's quick-plan dose at the refiner's voxels, cached per case, plan and kind
-        (:data:`PREVIEW_QUICK_PLAN` for a preview, :data:`PREDICTION_QUICK_PLAN` for a
-        prediction); the case's planner of that kind keeps the angles of earlier plans, so a
-        moved beam costs one angle and the optimisation."""
-        key = (id(state.case), plan.beams, plan.patient_position, fast)
+    def _quick_plan(self, state: _CaseState, plan: Plan, grid: _GridState) -> np.ndarray:
+        """The plan's quick-plan dose at the refiner's voxels, cached per case and plan (a
+        preview and a prediction of one plan share it); the case's planner keeps the angles
+        of earlier plans, so a moved beam costs one angle and the optimisation."""
+        key = (id(state.case), plan.beams, plan.patient_position)
         quick = self._quick.get(key)
         if quick is None:
-            if fast not in state.planners:
-                state.planners[fast] = QuickPlanner(
-                    state.case, PREVIEW_QUICK_PLAN if fast else PREDICTION_QUICK_PLAN)
+            if state.planner is None:
+                state.planner = QuickPlanner(state.case)
             quick = refiner_quick_plan(state.case, plan, grid.inputs, grid.refiner_geometry,
-                                       state.planners[fast])
+                                       state.planner)
             self._quick[key] = quick
             while len(self._quick) > self._max_plans:
                 self._quick.popitem(last=False)
