@@ -17,7 +17,9 @@ Sections and their meaning:
 * ``[vae_adapt]`` seed §E.2: ``frozen`` (default), ``decoder_lora`` or ``decoder_finetune``.
 * ``[lora]`` rank/alpha of the post-training adapters.
 * ``[scardnft]`` DiffusionNFT post-training (group size, beta, KL weight, reward weights).
-* ``[refiner]`` the dose refiner of the ``dose-refiner`` stage (width, band, beam plate input).
+* ``[refiner]`` the dose refiner of the ``dose-refiner`` stage (width, band, beam plate and
+  quick-plan inputs).
+* ``[beam_pairs]`` pairs of one patient's plans, for the flow stages and ``dose-refiner``.
 """
 
 from __future__ import annotations
@@ -109,10 +111,14 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class BeamPairsConfig:
-    """Beam-aware training on pairs of plans of one patient (same anatomy, other beams)."""
+    """Beam-aware training on pairs of plans of one patient (same anatomy, other beams).
 
-    enabled: bool = False           # each batch element is a pair of plans: two samples
-    weight: float = 0.0             # weight of the pair's dose-difference loss (0 = pairs only)
+    Flow stages: each batch element is a pair of plans (``weight`` 0: pairs only). Stage
+    ``dose-refiner``: each patient with two physics plans adds a pair, and the loss adds
+    ``weight`` (> 0) times the L1 of the pair's change (``trainer.stages.dose_refiner``)."""
+
+    enabled: bool = False           # train on pairs of one patient's plans
+    weight: float = 0.0             # weight of the pair's dose-difference loss
 
 
 @dataclass(frozen=True)
