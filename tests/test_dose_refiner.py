@@ -178,3 +178,28 @@ def test_the_quick_plan_dose_is_the_last_input_in_reference_units():
     refiner = DoseRefiner(config)
     assert refiner.net[0].in_features == 8
     assert refiner.refine(dose, geometry, beam, quick).shape == SHAPE
+
+
+def test_the_clinical_style_input_comes_last_and_is_one_for_predictions():
+    rx, body = _two_targets()
+    config = RefinerConfig(beam_plate=True, quick_plan=True, clinical_style=True)
+    assert config.features[-1] == "clinical_plan" and len(config.features) == 9
+    assert RefinerConfig.from_dict({"quick_plan": True}).clinical_style is False  # older bundles
+    geometry = target_geometry(rx, body, SPACING, config)
+    beam = np.ones(geometry.index.shape, np.float32)
+    quick = np.full(geometry.index.shape, 70.0, np.float32)
+    dose = np.full(SHAPE, 35.0, np.float32)
+    rows = refiner_inputs(dose, geometry, config, beam, quick)
+    np.testing.assert_array_equal(rows[:, -1], 1.0)  # the engine predicts clinical plans
+    assert np.all(refiner_inputs(dose, geometry, config, beam, quick, clinical=False)[:, -1] == 0)
+    plain = RefinerConfig(beam_plate=True, quick_plan=True)
+    np.testing.assert_array_equal(rows[:, :-1], refiner_inputs(dose, geometry, plain, beam, quick))
+    # the network reads the style: the same voxel as a clinical and as a physics plan differs
+    refiner = DoseRefiner(config)
+    with torch.no_grad():
+        refiner.net[-1].bias.zero_()
+        as_physics = refiner(torch.from_numpy(refiner_inputs(dose, geometry, config, beam, quick,
+                                                             clinical=False)))
+    refined = refiner.refine(dose, geometry, beam, quick)
+    assert not np.allclose(refined.ravel()[geometry.index],
+                           np.maximum(35.0 + as_physics.numpy(), 0.0))

@@ -382,7 +382,8 @@ def test_the_refiner_stage_fits_the_change_between_a_patients_physics_plans(
         openkbp_dir, tiny_dose_bundle, tmp_path):
     """[beam_pairs]: two physics plans of one patient are sampled at the same voxels and the
     loss adds the L1 of their change; the clinical plan never pairs. With a quick-plan refiner,
-    the bundle records the quick plan's dose model."""
+    the bundle records the quick plan's dose model; the clinical-style input is added by the
+    fit."""
     from trainer.caches import case_key
     from trainer.stages.dose_refiner import common_rows, physics_plans
 
@@ -406,7 +407,7 @@ def test_the_refiner_stage_fits_the_change_between_a_patients_physics_plans(
     for weight, code in (("0.0", 2), ("1.0", 0)):
         preset = tmp_path / f"pairs-{weight}.toml"
         preset.write_text(text + f"\n[beam_pairs]\nenabled = true\nweight = {weight}\n"
-                          "\n[refiner]\nquick_plan = true\n")
+                          "\n[refiner]\nquick_plan = true\nclinical_style = true\n")
         assert _train("dose-refiner", str(preset), data, runs / weight) == code
     samples = runs / "1.0" / "refiner-samples"
     index = [np.load(samples / f"{case_key(n)}.npz")["index"] for n in names]
@@ -425,7 +426,12 @@ def test_the_refiner_stage_fits_the_change_between_a_patients_physics_plans(
 
     # the bundle records the quick plan's dose model its refiner was fitted on
     from engine.physics.quick_plan import DOSE_MODEL
-    assert load_dose_model(runs / "1.0" / "model").refiner.config.quick_plan_model == DOSE_MODEL
+    refiner = load_dose_model(runs / "1.0" / "model").refiner
+    assert refiner.config.quick_plan_model == DOSE_MODEL
+    # the style input is the fit's own column: the samples hold 7 inputs, the refiner reads 8
+    assert refiner.config.features[-1] == "clinical_plan" and refiner.net[0].in_features == 8
+    with np.load(samples / f"{case_key(names[0])}.npz") as z:
+        assert z["inputs"].shape[1] == 7
 
     # a dataset whose patients have fewer than two physics plans cannot pair
     (data / "train" / "physics" / f"{src.stem}_plan1.npz").unlink()

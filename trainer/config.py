@@ -161,6 +161,7 @@ class RefinerTrainConfig:
     band_mm: float = 60.0           # voxels farther outside every target are not corrected
     beam_plate: bool = False        # the plan's beam plate is an input
     quick_plan: bool = False        # the plan's quick-plan dose is an input (engine.physics)
+    clinical_style: bool = False    # clinical (1) or physics (0) plan is an input
 
 
 @dataclass(frozen=True)

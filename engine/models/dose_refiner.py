@@ -28,6 +28,10 @@ Features (:data:`FEATURES`; doses divided by ``reference_gy``, distances by ``ne
    pencil beam, cut short, in a fraction of a second). It carries what no geometric beam input
    does, the optimiser's fluence response to the arrangement: on the held-out pairs its own
    dose change correlates 0.63 with the physics change.
+8. with ``clinical_style`` set: 1 for a clinical plan, 0 for a generated physics plan; always 1
+   when the engine predicts. The training set's clinical plans (one fixed arrangement) and
+   physics plans (many) differ in style as well as in beams; with this input the fit can keep
+   the two apart, learning the dose level from the former and a beam's effect from both.
 
 Features 1-5 depend on the case and isocentre only (:func:`target_geometry`, computed once per
 case), features 6 and 7 on the plan, feature 0 on each prediction. Voxels farther than ``band_mm``
@@ -52,6 +56,7 @@ FEATURES: tuple[str, ...] = ("dose", "prescription", "nearest_prescription", "ma
                              "distance_to_targets", "distance_to_primary")
 BEAM_FEATURE = "beam_fraction"
 QUICK_FEATURE = "quick_plan_dose"
+STYLE_FEATURE = "clinical_plan"
 N_GEOMETRY = len(FEATURES) - 1
 # rows of the network evaluated at once: keeps the hidden activations (rows x hidden floats)
 # in cache; one 1M-row call is 3x slower on a 2-core VM
@@ -67,6 +72,7 @@ class RefinerConfig:
     ``band_mm``: voxels farther than this outside every target are not corrected;
     ``beam_plate``: the plan's beam plate is an input (feature 6 of the module docstring);
     ``quick_plan``: the plan's quick-plan dose is an input (feature 7);
+    ``clinical_style``: the plan's style is an input (feature 8);
     ``quick_plan_model``: with ``quick_plan``, the dose model of the quick plan the refiner was
     fitted on (:data:`engine.physics.quick_plan.DOSE_MODEL`). The refiner's weights are only
     right for that dose: the engine refuses a bundle whose refiner read another (or did not
@@ -80,6 +86,7 @@ class RefinerConfig:
     beam_plate: bool = False
     quick_plan: bool = False
     quick_plan_model: str = ""
+    clinical_style: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden < 1 or self.reference_gy <= 0 or self.near_mm <= 0 or self.band_mm <= 0:
@@ -89,7 +96,8 @@ class RefinerConfig:
     def features(self) -> tuple[str, ...]:
         """The names of the network's inputs, in order."""
         return (FEATURES + ((BEAM_FEATURE,) if self.beam_plate else ())
-                + ((QUICK_FEATURE,) if self.quick_plan else ()))
+                + ((QUICK_FEATURE,) if self.quick_plan else ())
+                + ((STYLE_FEATURE,) if self.clinical_style else ()))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,12 +182,13 @@ def beam_fraction(beam_plate: np.ndarray, n_angles: float,
 
 
 def refiner_inputs(dose_gy: np.ndarray, geometry: TargetGeometry, config: RefinerConfig,
-                   beam: np.ndarray | None = None, quick: np.ndarray | None = None
-                   ) -> np.ndarray:
+                   beam: np.ndarray | None = None, quick: np.ndarray | None = None,
+                   clinical: bool = True) -> np.ndarray:
     """The network's input rows ``(len(geometry.index), len(config.features))`` for one dose
     (Gy); ``beam``: :func:`beam_fraction` of the plan, required when ``config.beam_plate``;
     ``quick``: the plan's quick-plan dose (Gy) at the geometry's voxels, required when
-    ``config.quick_plan``."""
+    ``config.quick_plan``; ``clinical``: the style input when ``config.clinical_style``
+    (predictions are of clinical plans)."""
     dose = np.asarray(dose_gy, dtype=np.float32).ravel()[geometry.index] / config.reference_gy
     columns = [dose[:, None], geometry.features]
     if config.beam_plate:
@@ -192,6 +201,8 @@ def refiner_inputs(dose_gy: np.ndarray, geometry: TargetGeometry, config: Refine
             raise ValueError("this refiner reads the plan's quick-plan dose: pass it for the "
                              "geometry's voxels")
         columns.append(np.asarray(quick, dtype=np.float32)[:, None] / config.reference_gy)
+    if config.clinical_style:
+        columns.append(np.full((len(geometry.index), 1), float(clinical), np.float32))
     return np.concatenate(columns, axis=1)
 
 

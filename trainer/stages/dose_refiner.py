@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,7 @@ def case_samples(engine: DoseEngine, case: Case, config: RefinerConfig,
     ``anatomy``: a case with the same CT and structures that ``engine`` has already seen (an
     earlier plan of the patient), whose cached condition latents the preview reuses."""
     anatomy = anatomy or case
+    config = replace(config, clinical_style=False)  # the fit adds that column (by case name)
     preview = engine.preview(anatomy, case.plan).dose.array
     inputs = engine.model_inputs(anatomy, case.plan)  # what the preview was built from (cached)
     # the preview comes back from the CT grid: a cubic round trip, 0.05-0.12 Gy in the body
@@ -135,9 +137,10 @@ def _same_anatomy(a: Case, b: Case) -> bool:
 
 
 def _sample_settings(config: dict) -> dict:
-    """What of a refiner config its samples depend on: all but the network's width, so
-    refiners of several widths are fitted on one set of samples."""
-    return {k: v for k, v in config.items() if k != "hidden"}
+    """What of a refiner config its samples depend on: all but the network's width and the
+    style input (a column the fit adds from the case's name), so refiners of several widths,
+    with or without the style, are fitted on one set of samples."""
+    return {k: v for k, v in config.items() if k not in ("hidden", "clinical_style")}
 
 
 def _sampled(path: Path, config: RefinerConfig) -> bool:
@@ -191,7 +194,8 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     manifest = scan_dataset(data_dir, cfg.data.val_fraction)
     config = RefinerConfig(hidden=cfg.refiner.hidden, band_mm=cfg.refiner.band_mm,
                            beam_plate=cfg.refiner.beam_plate, quick_plan=cfg.refiner.quick_plan,
-                           quick_plan_model=DOSE_MODEL if cfg.refiner.quick_plan else "")
+                           quick_plan_model=DOSE_MODEL if cfg.refiner.quick_plan else "",
+                           clinical_style=cfg.refiner.clinical_style)
     samples = Path(run_dir) / "refiner-samples"
     samples.mkdir(parents=True, exist_ok=True)
     _sample_cases(list(manifest.cases), bundle, samples, config, ctx, cfg.run.threads)
@@ -203,11 +207,16 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
                         "the pairs' change loss)")
     cached: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
 
+    clinical = {c.name: Path(c.name).name == c.group for c in manifest.cases}
+
     def load(name: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         if name not in cached:
             with np.load(samples / f"{case_key(name)}.npz") as z:
-                cached[name] = (torch.from_numpy(z["inputs"]), torch.from_numpy(z["error"]),
-                                z["index"])
+                inputs = torch.from_numpy(z["inputs"])
+                if config.clinical_style:
+                    style = torch.full((len(inputs), 1), float(clinical[name]))
+                    inputs = torch.cat([inputs, style], dim=1)
+                cached[name] = inputs, torch.from_numpy(z["error"]), z["index"]
         return cached[name]
 
     common: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
