@@ -267,6 +267,7 @@ class DoseEngine:
                  full_vae: bool = False) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        check_refiner_quick_plan(model)
         self.device = pick_device(device)
         if precision == "bf16" and self.device.type != "cuda":
             raise ValueError("bf16 inference is for CUDA devices; on this CPU it runs several "
@@ -276,7 +277,6 @@ class DoseEngine:
             tune_cpu(threads or auto_threads())
         single_thread_blas()
         self.threads = torch.get_num_threads()
-        check_refiner_quick_plan(model)
         self.model = model.to(self.device)
         self.normalization = Normalization.from_dict(model.normalisation or {})
         self.solver = solver

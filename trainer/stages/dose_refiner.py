@@ -114,10 +114,15 @@ def plans_by_patient(cases: Iterable[CaseRef]) -> dict[str, list[str]]:
     return plans
 
 
+def is_clinical_plan(name: str, patient: str) -> bool:
+    """Whether a patient's case is its clinical plan, the case named after the patient itself
+    (``train/pt_12`` beside its generated physics plans ``train/physics/pt_12_plan0``...)."""
+    return Path(name).name == patient
+
+
 def physics_plans(names: list[str], patient: str) -> list[str]:
-    """Of a patient's cases, its generated physics plans: all but the clinical plan, the case
-    named after the patient itself (``train/pt_12`` beside ``train/physics/pt_12_plan0``)."""
-    return [n for n in names if Path(n).name != patient]
+    """Of a patient's cases, its generated physics plans (all but the clinical plan)."""
+    return [n for n in names if not is_clinical_plan(n, patient)]
 
 
 def common_rows(index_a: np.ndarray, index_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -207,7 +212,7 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
                         "the pairs' change loss)")
     cached: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
 
-    clinical = {c.name: Path(c.name).name == c.group for c in manifest.cases}
+    clinical = {c.name: is_clinical_plan(c.name, c.group) for c in manifest.cases}
 
     def load(name: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         if name not in cached:
