@@ -451,3 +451,16 @@ def test_the_refiner_stage_fits_the_change_between_a_patients_physics_plans(
     # a dataset whose patients have fewer than two physics plans cannot pair
     (data / "train" / "physics" / f"{src.stem}_plan1.npz").unlink()
     assert _train("dose-refiner", str(tmp_path / "pairs-1.0.toml"), data, runs / "none") == 2
+
+
+def test_beam_pairs_are_fitted_in_the_style_the_engine_predicts():
+    from engine.models.dose_refiner import RefinerConfig
+    from trainer.stages.dose_refiner import pair_inputs
+    rows = torch.rand(5, 9)
+    rows[:, -1] = 0.0  # physics plans
+    styled = pair_inputs(rows, RefinerConfig(beam_plate=True, quick_plan=True,
+                                             clinical_style=True))
+    assert torch.all(styled[:, -1] == 1.0) and torch.equal(styled[:, :-1], rows[:, :-1])
+    assert torch.all(rows[:, -1] == 0.0)  # the cached samples stay as they were
+    plain = RefinerConfig(beam_plate=True, quick_plan=True)
+    assert torch.equal(pair_inputs(rows[:, :-1], plain), rows[:, :-1])

@@ -23,7 +23,10 @@ them (1-step previews, tiny codec):
    of error at their common voxels, which is the refined dose's change against the reference
    change (the previews cancel out of neither: ``refined_b - refined_a - (ref_b - ref_a)``).
    Only physics plans pair up: they share one dose engine, so what differs between two of them
-   is what their beams do, whereas a clinical plan differs from them in style as well. Fitted
+   is what their beams do, whereas a clinical plan differs from them in style as well. With
+   the style input (``[refiner] clinical_style``) the pair is fed as clinical plans
+   (:func:`pair_inputs`): the engine shows the clinical style, so a beam's change is fitted
+   there. Fitted
    per plan alone, the refiner followed the quick plan's change only partly (one beam moved:
    correlation 0.33 where the quick plan alone reaches 0.54).
 3. **Export**: ``RUN_DIR/model``, the bundle with the refiner added (DiT, VAE and codec as they
@@ -132,6 +135,17 @@ def common_rows(index_a: np.ndarray, index_b: np.ndarray) -> tuple[np.ndarray, n
     _, rows_a, rows_b = np.intersect1d(index_a, index_b, assume_unique=False,
                                        return_indices=True)
     return rows_a, rows_b
+
+
+def pair_inputs(rows: torch.Tensor, config: RefinerConfig) -> torch.Tensor:
+    """A beam pair's input rows as the fit feeds them: with the style input, as clinical plans
+    (1), the style the engine predicts, so what a beam changes is fitted where it is shown.
+    (Fitted in the physics style, the clinical style followed a moved beam less: 2026-12-07.)"""
+    if not config.clinical_style:
+        return rows
+    rows = rows.clone()
+    rows[:, -1] = 1.0
+    return rows
 
 
 def _same_anatomy(a: Case, b: Case) -> bool:
@@ -259,8 +273,8 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
                 if len(rows_a):
                     k = torch.randint(len(rows_a), (VOXELS_PER_CASE,), generator=g)
                     (xa, ea, _), (xb, eb, _) = load(a), load(b)
-                    firsts.append(xa[rows_a[k]])
-                    seconds.append(xb[rows_b[k]])
+                    firsts.append(pair_inputs(xa[rows_a[k]], config))
+                    seconds.append(pair_inputs(xb[rows_b[k]], config))
                     changes.append(eb[rows_b[k]] - ea[rows_a[k]])
         n = sum(len(r) for r in rows)
         # one forward pass for plans and pairs alike (DDP expects one per step)
