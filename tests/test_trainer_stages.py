@@ -3,8 +3,6 @@ and the refusals that must come before any compute."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -434,19 +432,6 @@ def test_the_refiner_stage_fits_the_change_between_a_patients_physics_plans(
     assert refiner.config.features[-1] == "clinical_plan" and refiner.net[0].in_features == 8
     with np.load(samples / f"{case_key(names[0])}.npz") as z:
         assert z["inputs"].shape[1] == 7
-
-    # with style_offset the style scales a second network's offset of the plan-independent
-    # inputs; the same samples serve (they do not depend on how the style enters)
-    styled = runs / "offset" / "refiner-samples"
-    shutil.copytree(samples, styled)
-    made = {p.name: p.stat().st_mtime_ns for p in styled.iterdir()}
-    preset = tmp_path / "offset.toml"
-    preset.write_text((tmp_path / "pairs-1.0.toml").read_text() + "style_offset = true\n")
-    assert _train("dose-refiner", str(preset), data, runs / "offset") == 0
-    assert {p.name: p.stat().st_mtime_ns for p in styled.iterdir()} == made
-    refiner = load_dose_model(runs / "offset" / "model").refiner
-    assert refiner.config.style_offset
-    assert refiner.net[0].in_features == 7 and refiner.offset[0].in_features == 6
 
     # a dataset whose patients have fewer than two physics plans cannot pair
     (data / "train" / "physics" / f"{src.stem}_plan1.npz").unlink()
