@@ -203,38 +203,3 @@ def test_the_clinical_style_input_comes_last_and_is_one_for_predictions():
     refined = refiner.refine(dose, geometry, beam, quick)
     assert not np.allclose(refined.ravel()[geometry.index],
                            np.maximum(35.0 + as_physics.numpy(), 0.0))
-
-
-def test_a_style_offset_leaves_what_a_beam_changes_the_same_for_both_styles(tiny_dose_bundle,
-                                                                          tmp_path):
-    with pytest.raises(ValueError, match="style_offset needs clinical_style"):
-        RefinerConfig(style_offset=True)
-    config = RefinerConfig(hidden=8, beam_plate=True, quick_plan=True, clinical_style=True,
-                           style_offset=True)
-    refiner = DoseRefiner(config)
-    assert refiner.net[0].in_features == 8 and refiner.offset[0].in_features == 6
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in refiner.parameters():
-            p.normal_()
-    rows = torch.rand(64, 9)
-    moved = rows.clone()
-    moved[:, 6:8] += torch.rand(64, 2)  # another arrangement: beam plate and quick plan change
-    change = {}
-    for style in (0.0, 1.0):
-        rows[:, -1] = moved[:, -1] = style
-        with torch.no_grad():
-            change[style] = refiner(moved) - refiner(rows)
-    assert change[1.0].abs().mean() > 1.0
-    torch.testing.assert_close(change[1.0], change[0.0], atol=1e-3, rtol=1e-5)
-    with torch.no_grad():  # while the style still moves the dose
-        rows[:, -1] = 0.0
-        physics = refiner(rows)
-        rows[:, -1] = 1.0
-        assert (refiner(rows) - physics).abs().mean() > 1.0
-    model = load_dose_model(tiny_dose_bundle)  # the offset network travels with the bundle
-    path = save_dose_model(tmp_path / "styled", model.dit, model.vae, model.codec,
-                           normalisation=model.normalisation, refiner=refiner)
-    loaded = load_dose_model(path).refiner
-    assert loaded.config == config
-    torch.testing.assert_close(loaded.offset[0].weight, refiner.offset[0].weight)

@@ -162,7 +162,6 @@ class RefinerTrainConfig:
     beam_plate: bool = False        # the plan's beam plate is an input
     quick_plan: bool = False        # the plan's quick-plan dose is an input (engine.physics)
     clinical_style: bool = False    # clinical (1) or physics (0) plan is an input
-    style_offset: bool = False      # the style only scales an offset of plan-independent inputs
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,7 @@ Features (:data:`FEATURES`; doses divided by ``reference_gy``, distances by ``ne
    more accurate (preview dose score 4.18 instead of 4.28 Gy, DVH 3.86 instead of 4.26) but
    the clinical-style dose follows a beam *less* (held-out change correlation 0.51 instead of
    0.59 on 12 pairs): the fit ties a beam's effect to the physics style, as every clinical
-   plan has the same beams. Not in the shipped model. With ``style_offset`` also set, the
-   style reaches the dose only through an offset of the plan-independent inputs (below), so it
-   cannot change what a beam does.
+   plan has the same beams. Not in the shipped model.
 
 Features 1-5 depend on the case and isocentre only (:func:`target_geometry`, computed once per
 case), features 6 and 7 on the plan, feature 0 on each prediction. Voxels farther than ``band_mm``
@@ -79,11 +77,6 @@ class RefinerConfig:
     ``beam_plate``: the plan's beam plate is an input (feature 6 of the module docstring);
     ``quick_plan``: the plan's quick-plan dose is an input (feature 7);
     ``clinical_style``: the plan's style is an input (feature 8);
-    ``style_offset``: with ``clinical_style``, the style does not enter the network; it scales
-    a second network's offset of the dose and features 1-5 (``refined = dose + mlp(features
-    0-7) + style * offset(features 0-5)``). What a beam changes (features 6 and 7) is then the
-    same for both styles: the clinical plans' single arrangement cannot tie a beam's effect to
-    the physics style;
     ``quick_plan_model``: with ``quick_plan``, the dose model of the quick plan the refiner was
     fitted on (:data:`engine.physics.quick_plan.DOSE_MODEL`). The refiner's weights are only
     right for that dose: the engine refuses a bundle whose refiner read another (or did not
@@ -98,13 +91,10 @@ class RefinerConfig:
     quick_plan: bool = False
     quick_plan_model: str = ""
     clinical_style: bool = False
-    style_offset: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden < 1 or self.reference_gy <= 0 or self.near_mm <= 0 or self.band_mm <= 0:
             raise ValueError(f"invalid refiner config {self}")
-        if self.style_offset and not self.clinical_style:
-            raise ValueError("a refiner's style_offset needs clinical_style (the style it scales)")
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -220,35 +210,20 @@ def refiner_inputs(dose_gy: np.ndarray, geometry: TargetGeometry, config: Refine
     return np.concatenate(columns, axis=1)
 
 
-def _mlp(inputs: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
-                         nn.SiLU(), nn.Linear(hidden, 1))
-
-
 class DoseRefiner(nn.Module):
-    """The correction network: ``len(config.features)`` -> hidden -> hidden -> 1, SiLU (with
-    ``style_offset``: the features but the style, plus the style times a network of the same
-    shape over features 0-5); it works in ``reference_gy`` units like its inputs (so an optimizer
-    step moves Gy-sized corrections)."""
+    """The correction network: ``len(config.features)`` -> hidden -> hidden -> 1, SiLU; it works
+    in ``reference_gy`` units like its inputs (so an optimizer step moves Gy-sized corrections)."""
 
     def __init__(self, config: RefinerConfig | None = None) -> None:
         super().__init__()
         self.config = config or RefinerConfig()
-        h, n = self.config.hidden, len(self.config.features)
-        if self.config.style_offset:
-            self.net = _mlp(n - 1, h)
-            self.offset = _mlp(len(FEATURES), h)
-        else:
-            self.net = _mlp(n, h)
+        h = self.config.hidden
+        self.net = nn.Sequential(nn.Linear(len(self.config.features), h), nn.SiLU(),
+                                 nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 1))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Corrections (Gy) ``[N]`` for input rows ``[N, len(config.features)]``."""
-        if self.config.style_offset:
-            out = (self.net(inputs[:, :-1])
-                   + inputs[:, -1:] * self.offset(inputs[:, :len(FEATURES)]))
-        else:
-            out = self.net(inputs)
-        return out.squeeze(-1) * self.config.reference_gy
+        """Corrections (Gy) ``[N]`` for input rows ``[N, len(FEATURES)]``."""
+        return self.net(inputs).squeeze(-1) * self.config.reference_gy
 
     @torch.inference_mode()
     def refine(self, dose_gy: np.ndarray, geometry: TargetGeometry,

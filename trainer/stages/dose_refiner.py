@@ -84,8 +84,7 @@ def case_samples(engine: DoseEngine, case: Case, config: RefinerConfig,
     ``anatomy``: a case with the same CT and structures that ``engine`` has already seen (an
     earlier plan of the patient), whose cached condition latents the preview reuses."""
     anatomy = anatomy or case
-    # the fit adds the style column (by case name)
-    config = replace(config, clinical_style=False, style_offset=False)
+    config = replace(config, clinical_style=False)  # the fit adds that column (by case name)
     preview = engine.preview(anatomy, case.plan).dose.array
     inputs = engine.model_inputs(anatomy, case.plan)  # what the preview was built from (cached)
     # the preview comes back from the CT grid: a cubic round trip, 0.05-0.12 Gy in the body
@@ -160,8 +159,7 @@ def _sample_settings(config: dict) -> dict:
     """What of a refiner config its samples depend on: all but the network's width and the
     style input (a column the fit adds from the case's name), so refiners of several widths,
     with or without the style, are fitted on one set of samples."""
-    return {k: v for k, v in config.items() if k not in ("hidden", "clinical_style",
-                                                          "style_offset")}
+    return {k: v for k, v in config.items() if k not in ("hidden", "clinical_style")}
 
 
 def _sampled(path: Path, config: RefinerConfig) -> bool:
@@ -216,8 +214,7 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     config = RefinerConfig(hidden=cfg.refiner.hidden, band_mm=cfg.refiner.band_mm,
                            beam_plate=cfg.refiner.beam_plate, quick_plan=cfg.refiner.quick_plan,
                            quick_plan_model=DOSE_MODEL if cfg.refiner.quick_plan else "",
-                           clinical_style=cfg.refiner.clinical_style,
-                           style_offset=cfg.refiner.style_offset)
+                           clinical_style=cfg.refiner.clinical_style)
     samples = Path(run_dir) / "refiner-samples"
     samples.mkdir(parents=True, exist_ok=True)
     _sample_cases(list(manifest.cases), bundle, samples, config, ctx, cfg.run.threads)
