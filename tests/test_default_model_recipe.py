@@ -32,15 +32,17 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     _link(sorted((openkbp_dir / "validation").glob("pt_*.npz"))[:1], openkbp / "validation")
     physics = tmp_path / "physics"        # a generated plan has the OpenKBP layout plus beams
     _link(train[:1], physics, [f"{train[0].stem}_plan0.npz"])
+    physics_v2 = tmp_path / "physics-v2"  # Stage J's beam pairs need a patient's two plans
+    _link(train[:1] * 2, physics_v2, [f"{train[0].stem}_plan{k}.npz" for k in (0, 1)])
     runs = tmp_path / "runs"
     env = dict(os.environ, OPENKBP=str(openkbp), PHYSICS=str(physics), N_TRAIN="4", N_VAL="1",
                VAE_STEPS="2", DISTILL_STEPS="2", A_STEPS="2", B_STEPS="2", C_STEPS="2",
                N_C="2", D_STEPS="2", D_DISTILL_STEPS="2", D_CROP="5, 16, 16", NICE="0",
                E_STEPS="2", N_E_CLINICAL="2", N_E_PHYSICS="1", E_CROP="9, 16, 16",
                F_STEPS="2", F_CODEC_STEPS="2", N_F_CLINICAL="3", N_F_PHYSICS="1", G_STEPS="2",
-               H_STEPS="2", N_H_CLINICAL="1", N_H_PHYSICS="1", J_STEPS="2", N_J_PHYSICS="1",
+               H_STEPS="2", N_H_CLINICAL="1", N_H_PHYSICS="1", J_STEPS="2", N_J_PHYSICS="2",
                I_STEPS="2", N_I="3",
-               PHYSICS_V2=str(physics),
+               PHYSICS_V2=str(physics_v2),
                GPU_PRESET=str(REPO / "resources/presets/test-tiny.toml"),
                THREADS="1", PRESET=str(REPO / "resources/presets/test-tiny.toml"),
                CROP="5, 16, 16", PATH=f"{Path(sys.executable).parent}{os.pathsep}"
@@ -64,20 +66,22 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
     assert len(list((runs / "data-i" / "train").glob("pt_*.npz"))) == 3
     final = runs / "stage-f-codec" / "model"
     # Stage G: the 4 OpenKBP cases; Stage H: a clinical case, a physics plan, the validation case
-    # Stage J: as Stage H's (here N_J_PHYSICS = N_H_PHYSICS), the quick plan an 8th input
+    # Stage J: Stage H's and the patient's second physics plan, the quick plan an 8th input
+    # and the style a 9th
     for stage, beam_plate, quick, samples in (("stage-g", False, False, 4),
                                               ("stage-h", True, False, 3),
-                                              ("stage-j", True, True, 3)):
+                                              ("stage-j", True, True, 4)):
         provenance = json.loads((runs / stage / "model/bundle.json").read_text())["provenance"]
         assert provenance["stage"] == "dose-refiner" and provenance["init_from"] == str(final)
         config = load_dose_model(runs / stage / "model").refiner.config
         assert (config.beam_plate, config.quick_plan) == (beam_plate, quick)
         assert config.band_mm == (100.0 if stage == "stage-j" else 60.0)
+        assert config.clinical_style == (stage == "stage-j")
         assert len(list((runs / stage / "refiner-samples").glob("*.npz"))) == samples
-    # Stages H and J: the first clinical case and the first physics plan
-    for data in ("data-h", "data-j"):
+    # Stages H and J: the first clinical case and the first (Stage J: two) physics plans
+    for data, plans in (("data-h", 1), ("data-j", 2)):
         assert sorted(p.name for p in (runs / data / "train").rglob("*.npz")) == sorted(
-            [train[0].name, f"{train[0].stem}_plan0.npz"])
+            [train[0].name] + [f"{train[0].stem}_plan{k}.npz" for k in range(plans)])
     stage_f = json.loads((final / "bundle.json").read_text())["provenance"]
     assert stage_f["stage"] == "codec-decoder" and stage_f["init_from"] == str(
         runs / "stage-f/model")

@@ -49,7 +49,11 @@
 #                                                         settings but a wider refiner
 #                                                         (J_HIDDEN), on the first N_H_CLINICAL
 #                                                         OpenKBP cases and the first
-#                                                         N_J_PHYSICS v2 plans (RUNS_DIR/data-j);
+#                                                         N_J_PHYSICS v2 plans (RUNS_DIR/data-j),
+#                                                         with the clinical-style input and
+#                                                         beam pairs (weight 1, fitted in the
+#                                                         clinical style; needs a patient with
+#                                                         two physics plans);
 #                                                         J_STEPS=0 (the default) skips it
 #   cache -> scardnft (Stage I, from Stage H)            ScardNFT post-training (seed §B.5):
 #                                                         LoRA on the DiT, rewarded by the
@@ -98,10 +102,11 @@
 #                                       THREADS=1 with G_STEPS=0 H_STEPS=0, on the 396 v2 plans
 #                                       packed then; its samples were made by 2 torchrun
 #                                       processes, the same samples as one process makes: each
-#                                       case's seed is its name; width and steps from a
+#                                       case's seed is its patient; width and steps from a
 #                                       comparison on one set of samples in
 #                                       benchmarks/RESULTS.md; band 100 mm, the quick plan on
-#                                       pyRadPlan's kernel, since 2026-12-07 night)
+#                                       pyRadPlan's kernel, since 2026-12-07 night; style input
+#                                       and beam pairs since 2026-12-08)
 #   I_STEPS=0 N_I=40                    Stage I (not in the shipped model: see its card)
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
@@ -297,7 +302,8 @@ if [ "$J_STEPS" -gt 0 ]; then
     LAST=$RUNS/stage-j/model
     [ -f "$LAST/bundle.json" ] || train dose-refiner stage-j "$RUNS/data-j" \
         "${REFINER[@]}" --set "run.max_steps=$J_STEPS" --set refiner.beam_plate=true \
-        --set refiner.quick_plan=true --set "refiner.hidden=$J_HIDDEN" --set refiner.band_mm=100
+        --set refiner.quick_plan=true --set "refiner.hidden=$J_HIDDEN" --set refiner.band_mm=100 \
+        --set refiner.clinical_style=true --set beam_pairs.enabled=true --set beam_pairs.weight=1
 fi
 if [ "$I_STEPS" -eq 0 ]; then echo "model bundle: $LAST"; exit 0; fi
 
