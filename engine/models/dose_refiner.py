@@ -31,11 +31,12 @@ Features (:data:`FEATURES`; doses divided by ``reference_gy``, distances by ``ne
 8. with ``clinical_style`` set: 1 for a clinical plan, 0 for a generated physics plan; always 1
    when the engine predicts. The training set's clinical plans (one fixed arrangement) and
    physics plans (many) differ in style as well as in beams; with this input the fit can keep
-   the two apart. Measured (2026-12-07, Stage J with beam pairs): it makes the validation dose
-   more accurate (preview dose score 4.18 instead of 4.28 Gy, DVH 3.86 instead of 4.26) but
-   the clinical-style dose follows a beam *less* (held-out change correlation 0.51 instead of
-   0.59 on 12 pairs): the fit ties a beam's effect to the physics style, as every clinical
-   plan has the same beams. Not in the shipped model.
+   the two apart. Alone it made the validation dose more accurate (preview dose score 4.18
+   instead of 4.28 Gy) but the clinical-style dose followed a beam *less* (the fit tied a beam's
+   effect to the physics style, as every clinical plan has the same beams); with the trainer's
+   beam pairs fed in the clinical style (:func:`trainer.stages.dose_refiner.pair_inputs`) it
+   follows beams better than without the input and is as accurate (the shipped model since
+   2026-12-08; ``resources/models/default/MODEL_CARD.md``).
 
 Features 1-5 depend on the case and isocentre only (:func:`target_geometry`, computed once per
 case), features 6 and 7 on the plan, feature 0 on each prediction. Voxels farther than ``band_mm``
