@@ -61,6 +61,7 @@ from engine.models.dose_refiner import (
     RefinerConfig,
     TargetGeometry,
     beam_fraction,
+    dit_plan,
     target_geometry,
 )
 from engine.physics.quick_plan import DOSE_MODEL, QuickPlanner, optimise_quick_plan
@@ -385,12 +386,16 @@ class DoseEngine:
         if planned is None:
             with timer("features"):
                 norm = grid.inputs.normalization
+                config = self.model.refiner.config if self.model.refiner is not None else None
                 # no more threads than inference (the GUI keeps a core for its event loop)
                 beam, angle, n_angles = model_plates(grid.inputs, plan, self.threads)
-                plates = np.stack([norm.beam_plate(beam, n_angles), norm.binary(angle)])
                 refiner_beam = None
-                if grid.refiner_geometry is not None and self.model.refiner.config.beam_plate:
+                if grid.refiner_geometry is not None and config.beam_plate:
                     refiner_beam = beam_fraction(beam, n_angles, grid.refiner_geometry)
+                shown = dit_plan(plan, config)
+                if shown is not plan:
+                    beam, angle, n_angles = model_plates(grid.inputs, shown, self.threads)
+                plates = np.stack([norm.beam_plate(beam, n_angles), norm.binary(angle)])
             refiner_quick = None
             if grid.refiner_geometry is not None and self.model.refiner.config.quick_plan:
                 # before the DiT, not beside it: on two cores, beside the DiT's two threads, its

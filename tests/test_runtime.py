@@ -181,6 +181,48 @@ def test_a_beam_plate_refiner_corrects_along_the_plans_beams(bundle, case):
     np.testing.assert_array_equal(change["left again"], change["left"])  # the plan's own cache
 
 
+def test_a_class_solution_refiner_shows_the_dit_nine_fields_and_corrects_along_the_plans_beams(
+        bundle, case):
+    """With ``dit_class_solution`` the DiT sees the nine-field class solution whatever the
+    plan's beams, and those reach the dose through the refiner's inputs only."""
+    from engine.models.dose_refiner import (
+        CLASS_SOLUTION_DEG,
+        DoseRefiner,
+        RefinerConfig,
+        dit_plan,
+    )
+
+    plain = DoseEngine.from_checkpoint(bundle, threads=2)
+    refined = DoseEngine(load_dose_model(bundle), threads=2)
+    config = RefinerConfig(hidden=2, band_mm=40.0, beam_plate=True, dit_class_solution=True)
+    refiner = DoseRefiner(config)
+    with torch.no_grad():  # no correction at all
+        for p in refiner.parameters():
+            p.zero_()
+    refined.model.refiner = refiner.eval()
+    left = case.plan.with_beams(case.plan.beams[:1])
+    right = left.with_gantry(0, (left.beams[0].gantry_deg + 180.0) % 360.0)
+    shown = dit_plan(left, config)
+    assert [b.gantry_deg for b in shown.beams] == list(CLASS_SOLUTION_DEG)
+    assert {b.isocenter_mm for b in shown.beams} == {left.isocenter_mm}
+    assert dit_plan(left, RefinerConfig(beam_plate=True)) is left
+    nine_fields = plain.preview(case, shown).dose.array
+    assert not np.array_equal(plain.preview(case, left).dose.array, nine_fields)
+    for plan in (left, right):
+        np.testing.assert_allclose(refined.preview(case, plan).dose.array, nine_fields,
+                                   atol=1e-5)
+    with torch.no_grad():  # correction = 70 Gy * silu(silu(beam fraction)): 0 where no beam
+        refiner.net[0].weight[0, -1] = 1.0
+        refiner.net[2].weight[0, 0] = 1.0
+        refiner.net[4].weight[0, 0] = 1.0
+    change = {name: refined.preview(case, plan).dose.array - nine_fields
+              for name, plan in (("left", left), ("right", right))}
+    target = np.logical_or.reduce([t.mask for t in case.targets])
+    only_left = (change["left"] > 5.0) & (np.abs(change["right"]) < 0.5) & ~target
+    only_right = (change["right"] > 5.0) & (np.abs(change["left"]) < 0.5) & ~target
+    assert only_left.sum() > 50 and only_right.sum() > 50
+
+
 def test_the_engine_refuses_a_refiner_fitted_on_another_quick_plan(bundle, tmp_path):
     """A refiner's weights fit the quick-plan dose it was fitted on: a bundle whose refiner read
     another dose model, or does not say which, is refused with a message naming both."""

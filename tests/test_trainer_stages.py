@@ -353,6 +353,33 @@ def test_the_refiner_reads_a_cached_case_as_the_engine_reads_the_case(openkbp_di
     np.testing.assert_allclose(beam, np.minimum(engine_beam, 2.0), atol=1e-5)
 
 
+def test_the_refiners_samples_read_the_preview_of_the_plan_the_dit_is_shown(
+        openkbp_dir, tiny_dose_bundle):
+    """The samples' dose input is the bundle's preview of what the engine shows its DiT: the
+    plan itself, or with ``dit_class_solution`` the nine-field class solution."""
+    import dataclasses
+
+    from engine.io.openkbp import load_openkbp
+    from engine.models.dose_refiner import dit_plan
+    from engine.runtime import DoseEngine
+    from trainer.stages.dose_refiner import case_samples
+
+    case = load_openkbp(openkbp_dir / "train" / "pt_1.npz")
+    case = dataclasses.replace(case, plan=case.plan.with_beams(case.plan.beams[:3]))
+    model = load_dose_model(tiny_dose_bundle)
+    model.refiner = None
+    engine = DoseEngine(model, threads=1)
+    doses = {}
+    for flag in (False, True):
+        config = RefinerConfig(dit_class_solution=flag)
+        rows, error, index = case_samples(engine, case, config, np.random.default_rng(0))
+        preview = engine.preview(case, dit_plan(case.plan, config)).dose.array
+        expected = engine.model_inputs(case).transform.dose_to_model(preview).ravel()[index]
+        doses[flag] = rows[:, 0] * config.reference_gy
+        np.testing.assert_allclose(doses[flag], expected, rtol=1e-6)
+    assert not np.allclose(doses[True], doses[False], rtol=1e-6)  # (the tiny DiT: ~1e-4 Gy)
+
+
 def test_the_refiner_stage_weighs_patients_not_plans(openkbp_dir, tmp_path):
     """A patient's physics plans join its clinical plan: the fit draws the patient, then a plan."""
     first, second = sorted((openkbp_dir / "train").glob("pt_*.npz"))[:2]

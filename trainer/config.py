@@ -162,6 +162,7 @@ class RefinerTrainConfig:
     beam_plate: bool = False        # the plan's beam plate is an input
     quick_plan: bool = False        # the plan's quick-plan dose is an input (engine.physics)
     clinical_style: bool = False    # clinical (1) or physics (0) plan is an input
+    dit_class_solution: bool = False  # the DiT sees the class solution, not the plan's beams
 
 
 @dataclass(frozen=True)

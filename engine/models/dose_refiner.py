@@ -57,6 +57,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from engine.case import Beam, Plan
+
 FEATURES: tuple[str, ...] = ("dose", "prescription", "nearest_prescription", "max_prescription",
                              "distance_to_targets", "distance_to_primary")
 BEAM_FEATURE = "beam_fraction"
@@ -66,6 +68,9 @@ N_GEOMETRY = len(FEATURES) - 1
 # rows of the network evaluated at once: keeps the hidden activations (rows x hidden floats)
 # in cache; one 1M-row call is 3x slower on a 2-core VM
 CHUNK = 65536
+# the class solution a refiner with ``dit_class_solution`` shows the DiT: nine equispaced
+# fields from 0 degrees, the arrangement of every OpenKBP clinical plan
+CLASS_SOLUTION_DEG: tuple[float, ...] = tuple(float(a) for a in range(0, 360, 40))
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,10 @@ class RefinerConfig:
     ``quick_plan_model``: with ``quick_plan``, the dose model of the quick plan the refiner was
     fitted on (:data:`engine.physics.quick_plan.DOSE_MODEL`). The refiner's weights are only
     right for that dose: the engine refuses a bundle whose refiner read another (or did not
-    record which, as bundles made before 2026-12-07 do not).
+    record which, as bundles made before 2026-12-07 do not);
+    ``dit_class_solution``: the DiT is given the class-solution arrangement
+    (:func:`dit_plan`) instead of the plan's own beams, so that the plan's arrangement reaches
+    the dose through the refiner's beam inputs only.
     """
 
     hidden: int = 32
@@ -92,6 +100,7 @@ class RefinerConfig:
     quick_plan: bool = False
     quick_plan_model: str = ""
     clinical_style: bool = False
+    dit_class_solution: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden < 1 or self.reference_gy <= 0 or self.near_mm <= 0 or self.band_mm <= 0:
@@ -115,6 +124,17 @@ class RefinerConfig:
             raise ValueError(f"unknown refiner config keys {sorted(unknown)}; expected some of "
                              f"{sorted(known)}")
         return cls(**values)
+
+
+def dit_plan(plan: Plan, config: RefinerConfig | None) -> Plan:
+    """The plan whose beams the DiT is given: ``plan`` itself, or with
+    ``config.dit_class_solution`` the class solution of :data:`CLASS_SOLUTION_DEG` (coplanar
+    static fields at the plan's isocentre, in its patient position)."""
+    if config is None or not config.dit_class_solution:
+        return plan
+    iso = plan.isocenter_mm
+    return plan.with_beams([Beam(name=f"G{int(a):03d}", gantry_deg=a, isocenter_mm=iso,
+                                 number=i + 1) for i, a in enumerate(CLASS_SOLUTION_DEG)])
 
 
 @dataclass(frozen=True)

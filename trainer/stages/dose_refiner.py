@@ -57,6 +57,7 @@ from engine.models.dose_refiner import (
     RefinerConfig,
     TargetGeometry,
     beam_fraction,
+    dit_plan,
     refiner_inputs,
 )
 from engine.physics.quick_plan import DOSE_MODEL
@@ -85,7 +86,7 @@ def case_samples(engine: DoseEngine, case: Case, config: RefinerConfig,
     earlier plan of the patient), whose cached condition latents the preview reuses."""
     anatomy = anatomy or case
     config = replace(config, clinical_style=False)  # the fit adds that column (by case name)
-    preview = engine.preview(anatomy, case.plan).dose.array
+    preview = engine.preview(anatomy, dit_plan(case.plan, config)).dose.array
     inputs = engine.model_inputs(anatomy, case.plan)  # what the preview was built from (cached)
     # the preview comes back from the CT grid: a cubic round trip, 0.05-0.12 Gy in the body
     preview = inputs.transform.dose_to_model(preview)
@@ -214,7 +215,8 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
     config = RefinerConfig(hidden=cfg.refiner.hidden, band_mm=cfg.refiner.band_mm,
                            beam_plate=cfg.refiner.beam_plate, quick_plan=cfg.refiner.quick_plan,
                            quick_plan_model=DOSE_MODEL if cfg.refiner.quick_plan else "",
-                           clinical_style=cfg.refiner.clinical_style)
+                           clinical_style=cfg.refiner.clinical_style,
+                           dit_class_solution=cfg.refiner.dit_class_solution)
     samples = Path(run_dir) / "refiner-samples"
     samples.mkdir(parents=True, exist_ok=True)
     _sample_cases(list(manifest.cases), bundle, samples, config, ctx, cfg.run.threads)
