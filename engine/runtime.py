@@ -142,7 +142,8 @@ class _PlanState:
     """What is fixed for one plan: its plates' latents and, for a refiner that reads them, the
     beam plate's and the quick plan's values at the refiner's voxels."""
 
-    plate_latents: torch.Tensor  # [2, C, d, h, w], slots beam plate, angle plate
+    plate_latents: torch.Tensor | None  # [2, C, d, h, w], slots beam plate, angle plate; None
+    # when the DiT is shown the class solution instead (DoseEngine._shown_latents)
     refiner_beam: np.ndarray | None
     refiner_quick: np.ndarray | None = None
 
@@ -155,6 +156,10 @@ class _CaseState:
     scorecard: BoundScorecard | None = None
     scorecard_chosen: bool = False
     planner: QuickPlanner | None = None  # made on the first quick plan the refiner needs
+    # with a refiner that shows the DiT the class solution (dit_plan): its plates' latents and
+    # the DiT's decoded doses, per isocentre and sampling, not per plan
+    shown_latents: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    dit_doses: OrderedDict[tuple, np.ndarray] = field(default_factory=OrderedDict)
 
 
 class _Timer:
@@ -178,6 +183,9 @@ class _Timer:
 #: a CPU without bf16 units runs bf16 several to 60x slower. bf16 is for large (paper-scale)
 #: models on CUDA: measure with ``benchmarks/bench_gpu.py`` before choosing it.
 PRECISIONS = ("fp32", "bf16")
+#: DiT doses kept per case with a class-solution refiner (a preview and a 10-step prediction,
+#: at most a few seeds and isocentres: each a model-grid dose per seed, ~1-2 MB)
+MAX_DIT_DOSES = 8
 
 
 def model_plates(inputs: ModelInputs, plan: Plan, workers: int
@@ -392,9 +400,6 @@ class DoseEngine:
                 refiner_beam = None
                 if grid.refiner_geometry is not None and config.beam_plate:
                     refiner_beam = beam_fraction(beam, n_angles, grid.refiner_geometry)
-                shown = dit_plan(plan, config)
-                if shown is not plan:
-                    beam, angle, n_angles = model_plates(grid.inputs, shown, self.threads)
                 plates = np.stack([norm.beam_plate(beam, n_angles), norm.binary(angle)])
             refiner_quick = None
             if grid.refiner_geometry is not None and self.model.refiner.config.quick_plan:
@@ -402,14 +407,31 @@ class DoseEngine:
                 # 0.12 s slowed a 10-step prediction by 0.3-0.4 s (benchmarks/RESULTS.md)
                 with timer("quick_plan"):
                     refiner_quick = self._quick_plan(state, plan, grid)
-            with timer("encode"):
-                planned = _PlanState(self._encode(plates, fast=fast), refiner_beam,
-                                     refiner_quick)
+            latents = None
+            if dit_plan(plan, config) is plan:
+                with timer("encode"):
+                    latents = self._encode(plates, fast=fast)
+            planned = _PlanState(latents, refiner_beam, refiner_quick)
             self._plates[key] = planned
             while len(self._plates) > self._max_plans:
                 self._plates.popitem(last=False)
         self._plates.move_to_end(key)
         return planned
+
+    def _shown_latents(self, state: _CaseState, grid: _GridState, shown: Plan, fast: bool,
+                       timer: _Timer) -> torch.Tensor:
+        """The plate latents of the class solution the DiT is shown (:func:`dit_plan`), once
+        per case, isocentre and encoder."""
+        key = (shown.beams, shown.patient_position, fast)
+        latents = state.shown_latents.get(key)
+        if latents is None:
+            with timer("features"):
+                norm = grid.inputs.normalization
+                beam, angle, n_angles = model_plates(grid.inputs, shown, self.threads)
+                plates = np.stack([norm.beam_plate(beam, n_angles), norm.binary(angle)])
+            with timer("encode"):
+                latents = state.shown_latents[key] = self._encode(plates, fast=fast)
+        return latents
 
     def _quick_plan(self, state: _CaseState, plan: Plan, grid: _GridState) -> np.ndarray:
         """The plan's quick-plan dose at the refiner's voxels, cached per case and plan (a
@@ -452,31 +474,8 @@ class DoseEngine:
             state = self._case_state(case)
             grid = self._grid_state(state, plan, timer)
             planned = self._plan_state(state, grid, plan, fast, timer)
-            clean, target, present = self._assemble(grid, planned.plate_latents, len(seeds))
-            noise = torch.stack([
-                diffusion.initial_noise(clean.shape[1:], torch.Generator().manual_seed(seed))
-                for seed in seeds]).to(self.device)
-            velocity = any2any_velocity(self.model.dit, clean, target, present,
-                                        self.model.prediction)
-
-            def on_step(i: int, n: int, s: float, x: torch.Tensor) -> None:
-                if progress is not None:
-                    progress(i, n)
-
-            with timer("dit"):
-                try:
-                    sample = diffusion.sample(
-                        velocity, torch.where(target[..., None, None, None, None], noise, clean),
-                        steps=steps, solver=solver, callback=on_step,
-                        should_cancel=cancel.is_set if cancel is not None else None)
-                except diffusion.SamplingCancelled as exc:
-                    raise Cancelled(str(exc)) from exc
-                sample = strip_unreachable_noise(self.model.dit, sample, noise, target,
-                                                 self.model.prediction)
-            with timer("decode"):
-                unit = self._decode(sample[:, Slot.DOSE], fast=fast or self.codec_decode)
-            norm = grid.inputs.normalization
-            gy = norm.dose_to_gy(unit)
+            gy = self._dit_dose(state, grid, plan, planned, steps, seeds, fast, solver,
+                                progress, cancel, timer)
             if grid.refiner_geometry is not None:
                 with timer("refine"):
                     gy = self.model.refiner.refine(gy, grid.refiner_geometry,
@@ -496,6 +495,56 @@ class DoseEngine:
                           dvhs={c.name: c for c in curves}, metrics={m.name: m for m in metrics},
                           scorecard=scorecard, timings_s=dict(timer.times), steps=steps,
                           seeds=seeds)
+
+    def _dit_dose(self, state: _CaseState, grid: _GridState, plan: Plan, planned: _PlanState,
+                  steps: int, seeds: tuple[int, ...], fast: bool, solver: diffusion.Solver,
+                  progress: ProgressCallback | None, cancel: threading.Event | None,
+                  timer: _Timer) -> np.ndarray:
+        """The DiT's decoded dose (Gy, model grid, ``[seeds, z, y, x]``) before the refiner.
+        Shown the class solution instead of the plan (:func:`dit_plan`), the DiT's input is
+        the same for every plan of a case: its dose is kept per case, isocentre and sampling,
+        and a moved beam costs the refiner's inputs only."""
+        config = self.model.refiner.config if self.model.refiner is not None else None
+        shown = dit_plan(plan, config)
+        key = None
+        if shown is not plan:
+            key = (shown.beams, shown.patient_position, fast, steps, seeds, solver)
+            if key in state.dit_doses:
+                state.dit_doses.move_to_end(key)
+                if progress is not None:
+                    progress(steps, steps)
+                return state.dit_doses[key]
+        latents = (planned.plate_latents if key is None
+                   else self._shown_latents(state, grid, shown, fast, timer))
+        clean, target, present = self._assemble(grid, latents, len(seeds))
+        noise = torch.stack([
+            diffusion.initial_noise(clean.shape[1:], torch.Generator().manual_seed(seed))
+            for seed in seeds]).to(self.device)
+        velocity = any2any_velocity(self.model.dit, clean, target, present,
+                                    self.model.prediction)
+
+        def on_step(i: int, n: int, s: float, x: torch.Tensor) -> None:
+            if progress is not None:
+                progress(i, n)
+
+        with timer("dit"):
+            try:
+                sample = diffusion.sample(
+                    velocity, torch.where(target[..., None, None, None, None], noise, clean),
+                    steps=steps, solver=solver, callback=on_step,
+                    should_cancel=cancel.is_set if cancel is not None else None)
+            except diffusion.SamplingCancelled as exc:
+                raise Cancelled(str(exc)) from exc
+            sample = strip_unreachable_noise(self.model.dit, sample, noise, target,
+                                             self.model.prediction)
+        with timer("decode"):
+            unit = self._decode(sample[:, Slot.DOSE], fast=fast or self.codec_decode)
+        gy = grid.inputs.normalization.dose_to_gy(unit)
+        if key is not None:
+            state.dit_doses[key] = gy
+            while len(state.dit_doses) > MAX_DIT_DOSES:
+                state.dit_doses.popitem(last=False)
+        return gy
 
     def _assemble(self, grid: _GridState, plates: torch.Tensor, batch: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -223,6 +223,31 @@ def test_a_class_solution_refiner_shows_the_dit_nine_fields_and_corrects_along_t
     assert only_left.sum() > 50 and only_right.sum() > 50
 
 
+def test_a_class_solution_refiners_dit_runs_once_per_case_and_sampling(bundle, case):
+    """The DiT's dose does not depend on the plan then: a moved beam's preview or prediction
+    reuses it (no DiT time, one progress report) and equals a fresh engine's."""
+    from engine.models.dose_refiner import DoseRefiner, RefinerConfig
+
+    config = RefinerConfig(hidden=4, band_mm=40.0, beam_plate=True, dit_class_solution=True)
+    refiner = DoseRefiner(config).eval()
+    engines = []
+    for _ in range(2):
+        engines.append(DoseEngine(load_dose_model(bundle), threads=2))
+        engines[-1].model.refiner = refiner
+    warm, fresh = engines
+    moved = case.plan.with_gantry(0, case.plan.beams[0].gantry_deg + 40)
+    assert "dit" in warm.preview(case).timings_s
+    assert "dit" in warm.predict(case, steps=2).timings_s
+    reports = []
+    got = {"preview": warm.preview(case, moved),
+           "predict": warm.predict(case, moved, steps=2, progress=lambda i, n: reports.append(i))}
+    assert all("dit" not in r.timings_s for r in got.values()) and reports == [2]
+    np.testing.assert_array_equal(got["preview"].dose.array, fresh.preview(case, moved).dose.array)
+    np.testing.assert_array_equal(got["predict"].dose.array,
+                                  fresh.predict(case, moved, steps=2).dose.array)
+    assert "dit" in warm.predict(case, moved, steps=3).timings_s  # another sampling
+
+
 def test_the_engine_refuses_a_refiner_fitted_on_another_quick_plan(bundle, tmp_path):
     """A refiner's weights fit the quick-plan dose it was fitted on: a bundle whose refiner read
     another dose model, or does not say which, is refused with a message naming both."""
