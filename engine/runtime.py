@@ -16,7 +16,11 @@ request:
   per case and isocentre, the beam plate's values and the quick plan it reads once per plan:
   :mod:`engine.physics.quick_plan`, optimised before the plates are encoded, the case's
   per-angle work kept so that a moved beam recomputes one angle), mapped back onto the CT grid
-  through the kept transform, and DVHs, metrics and the scorecard are computed on the CT grid.
+  through the kept transform, and DVHs, metrics and the scorecard are computed on the CT grid;
+* a refiner with ``dit_class_solution`` shows the DiT the nine-field class solution whatever
+  the plan (:func:`~engine.models.dose_refiner.dit_plan`): the DiT's dose is then computed once
+  per case, isocentre and sampling, and a moved beam costs the plate, the quick plan and the
+  refiner only.
 
 :class:`AsyncDoseEngine` is the asyncio face for the GUI: one worker thread, latest-wins
 (:mod:`engine.latest_wins`), a running prediction cancelled between steps.

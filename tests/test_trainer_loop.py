@@ -157,6 +157,30 @@ def test_resume_in_process_repeats_the_uninterrupted_run(toy_data, tmp_path):
         assert part[step] == pytest.approx(full[step], rel=1e-6, abs=1e-9)
 
 
+def test_the_lr_warms_up_holds_and_decays_to_zero_over_the_last_decay_steps():
+    cfg = config_from_dict(toy_config(run={"max_steps": 10},
+                                      optim={"lr": 1.0, "warmup_steps": 2, "decay_steps": 4}))
+    assert [loop.lr_at(s, cfg) for s in range(10)] == pytest.approx(
+        [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25])
+    plain = config_from_dict(toy_config(run={"max_steps": 10}, optim={"lr": 1.0}))
+    assert loop.lr_at(9, plain) == 1.0
+
+
+def test_a_finished_run_resumed_with_more_steps_decays_from_its_checkpoint(toy_data, tmp_path):
+    """Warm-up, stable, decay: the decay phase continues a constant-lr run, as a run trained
+    with the decay from the start would have run it after the same checkpoint."""
+    run = tmp_path / "run"
+    _run_inprocess(toy_data, run, run={"max_steps": 6})
+    _run_inprocess(toy_data, run, resume=True, run={"max_steps": 12},
+                   optim={"decay_steps": 6})
+    lrs = {e["step"]: e["lr"] for e in read_events(run) if e["type"] == "train"}
+    assert lrs[6] == pytest.approx(3e-3)            # the constant phase
+    assert lrs[7] == pytest.approx(3e-3 * 6 / 6) and lrs[12] == pytest.approx(3e-3 / 6)
+    whole = tmp_path / "whole"
+    _run_inprocess(toy_data, whole, run={"max_steps": 12}, optim={"decay_steps": 6})
+    assert train_losses(whole) == pytest.approx(train_losses(run))
+
+
 def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(toy_data, tmp_path):
     from engine.errors import UserError
     _run_inprocess(toy_data, tmp_path / "run", run={"max_steps": 3})

@@ -64,6 +64,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 500
     grad_clip: float = 0.1          # global norm; 0 disables clipping
+    decay_steps: int = 0            # the last this many steps of max_steps: lr falls linearly to 0
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,8 @@ _POSITIVE = {("run", "max_steps"), ("run", "log_every"), ("run", "eval_every"),
              ("refiner", "hidden"), ("refiner", "band_mm")}
 _NON_NEGATIVE = {("run", "seed"), ("run", "threads"), ("model", "dit_dim"), ("model", "dit_layers"),
                  ("model", "dit_heads"), ("model", "dit_ffn_dim"), ("optim", "weight_decay"),
-                 ("optim", "warmup_steps"), ("optim", "grad_clip"), ("data", "val_cases"),
+                 ("optim", "warmup_steps"), ("optim", "decay_steps"), ("optim", "grad_clip"),
+                 ("data", "val_cases"),
                  ("data", "shift_voxels"), ("data", "crop"), ("vae_adapt", "loss_weight"),
                  ("scardnft", "kl_weight"), ("scardnft", "scorecard_weight"),
                  ("scardnft", "mae_weight"), ("beam_pairs", "weight")}

@@ -128,11 +128,17 @@ class Task:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps`` then constant (seed §B.7). ``step`` counts from 0."""
-    warm = cfg.optim.warmup_steps
+    """Linear warm-up over ``warmup_steps`` then constant (seed §B.7), and with ``decay_steps``
+    a linear fall to 0 over the last that many steps of ``max_steps`` (a warm-up, stable, decay
+    schedule: the decay can start from any checkpoint of the constant phase, e.g. a finished
+    run resumed with more steps). ``step`` counts from 0."""
+    warm, decay, total = cfg.optim.warmup_steps, cfg.optim.decay_steps, cfg.run.max_steps
+    scale = 1.0
     if warm and step < warm:
-        return cfg.optim.lr * (step + 1) / warm
-    return cfg.optim.lr
+        scale = (step + 1) / warm
+    if decay and step >= total - decay:
+        scale = min(scale, max(total - step, 0) / decay)
+    return cfg.optim.lr * scale
 
 
 def sample_generator(seed: int, step: int, index: int, device: torch.device | str = "cpu"
