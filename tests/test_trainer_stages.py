@@ -3,6 +3,8 @@ and the refusals that must come before any compute."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -269,6 +271,15 @@ def test_dose_refiner_stage_fits_on_the_bundles_own_previews(fitted, tiny_dose_b
     assert samples[0].exists() and samples[1].stat().st_mtime_ns == kept
     # a wider network reads the same inputs: nothing is redone
     _sample_cases(refs, tiny_dose_bundle, samples[0].parent, RefinerConfig(hidden=64), ctx, 1)
+    assert samples[1].stat().st_mtime_ns == kept
+    # samples made before a setting existed were made with its default: not redone either
+    with np.load(samples[1]) as z:
+        old = {k: z[k] for k in z.files}
+    config = json.loads(str(old["config"]))
+    del config["dit_class_solution"]
+    np.savez(samples[1], **{**old, "config": json.dumps(config)})
+    kept = samples[1].stat().st_mtime_ns
+    _sample_cases(refs, tiny_dose_bundle, samples[0].parent, RefinerConfig(), ctx, 1)
     assert samples[1].stat().st_mtime_ns == kept
     # samples of another refiner config are redone: with the beam plate, a 7th column
     _sample_cases(refs, tiny_dose_bundle, samples[0].parent, RefinerConfig(beam_plate=True), ctx, 1)

@@ -168,8 +168,13 @@ def _sampled(path: Path, config: RefinerConfig) -> bool:
     if not path.exists():
         return False
     with np.load(path) as z:
-        return "config" in z and "index" in z and (
-            _sample_settings(json.loads(str(z["config"]))) == _sample_settings(config.to_dict()))
+        if "config" not in z or "index" not in z:
+            return False
+        try:  # a config from before a setting existed has that setting's default
+            made_for = RefinerConfig.from_dict(json.loads(str(z["config"])))
+        except ValueError:
+            return False
+    return _sample_settings(made_for.to_dict()) == _sample_settings(config.to_dict())
 
 
 def _sample_cases(refs: list[CaseRef], bundle: Path, out: Path, config: RefinerConfig,
