@@ -34,7 +34,7 @@ def test_bench_json_has_the_budget_keys_and_the_breakdown(report):
     assert report["device"] == "cpu" and report["threads"] == 1
     assert report["steps"] == 10 and report["runs"] == 1 and report["beams"] == 9
     for key in ("preview_s", "predict10_s", "dvh_ms", "plates_ms", "preview_cpu_s",
-                "predict10_cpu_s"):
+                "predict10_cpu_s", "preview_first_s", "predict10_first_s"):
         assert 0 < report[key] < 1e4
     for kind in ("preview", "predict10"):
         stages = report["breakdown"][kind]
@@ -83,6 +83,7 @@ def _fake_text_report() -> dict:
     stages = dict.fromkeys(STAGES, 0.1)
     return {"device": "cpu", "threads": 1, "runs": 1, "structures": 3, "beams": 9, "steps": 10,
             "preview_s": 0.01, "predict10_s": 0.1, "preview_cpu_s": 0.01, "predict10_cpu_s": 0.1,
+            "preview_first_s": 0.02, "predict10_first_s": 0.2,
             "reference_gflops": 69.0, "reference_membw_gbs": 10.0, "preview_norm_s": 0.01,
             "predict10_norm_s": 0.1, "dvh_ms": 1.0, "plates_ms": 1.0,
             "breakdown": {"preview": stages, "predict10": stages}, "load_average": None}
@@ -90,7 +91,8 @@ def _fake_text_report() -> dict:
 
 def test_bench_text_output(report):
     text = _text(report)
-    for label in ("preview after a beam-angle change", "10-step prediction", "DVH + metrics",
+    for label in ("preview after a beam-angle change", "10-step prediction", "the case's first",
+                  "DVH + metrics",
                   "beam + angle plates", "breakdown", "load average", "1 thread(s)",
                   "process CPU time", "GEMM", "scaled to the reference machine",
                   "peer MedNeXt: skipped (--no-peers)",

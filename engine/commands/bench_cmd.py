@@ -8,6 +8,11 @@ full 97 x 128 x 160 model grid, the medians over ``--runs`` runs of:
   scorecard refresh included;
 * ``predict10_s``: a full 10-step prediction after a beam-angle change (plates through the VAE;
   the dose decoded as the engine's ``codec_decode`` says);
+* ``preview_first_s`` / ``predict10_first_s``: the case's first preview (its conditions encoded
+  too) and first 10-step prediction. With a refiner that shows the DiT the class solution
+  (``engine.models.dose_refiner.dit_plan``) these are the only ones whose DiT runs: after a
+  beam-angle change the engine reuses the DiT's dose, and the medians above time the plate, the
+  quick plan and the refiner;
 * ``dvh_ms``: DVHs and metrics of every structure for one dose on the CT grid;
 * ``plates_ms``: beam and angle plates of the plan on the model grid.
 
@@ -188,7 +193,9 @@ def measure(engine: DoseEngine, case: Case, runs: int = 10, steps: int = 10) -> 
     def moved(i: int):
         return plan.with_gantry(0, (base + ANGLE_STEP_DEG * (i + 1)) % 360.0)
 
+    t0 = time.perf_counter()
     engine.preview(case, plan)  # warm: condition latents, scorecard choice
+    preview_first = time.perf_counter() - t0
     engine.predict(case, plan, steps=1)  # warm the full-VAE plate path
     previews, predictions = [], []
     for i in range(runs):
@@ -219,6 +226,8 @@ def measure(engine: DoseEngine, case: Case, runs: int = 10, steps: int = 10) -> 
     return {
         "preview_s": _median([p["wall"] for p in previews]),
         "predict10_s": _median([p["wall"] for p in predictions]),
+        "preview_first_s": preview_first,
+        "predict10_first_s": predictions[0]["wall"],
         "dvh_ms": 1000.0 * _median(dvh_s),
         "plates_ms": 1000.0 * _median(plate_s),
         "preview_cpu_s": _median([p["cpu"] for p in previews]),
@@ -242,6 +251,8 @@ def _text(r: dict[str, Any]) -> str:
              f"{r['structures']} structures, {r['beams']} beams",
              f"preview after a beam-angle change  {r['preview_s']:8.3f} s",
              f"{r['steps']}-step prediction{'':17}{r['predict10_s']:8.3f} s",
+             f"  the case's first: preview {r['preview_first_s']:.3f} s, prediction "
+             f"{r['predict10_first_s']:.3f} s",
              f"  process CPU time: preview {r['preview_cpu_s']:.3f} s, prediction "
              f"{r['predict10_cpu_s']:.3f} s",
              f"  machine: single-thread fp32 GEMM {r['reference_gflops']:.0f} GFLOP/s (the "
