@@ -50,9 +50,10 @@ def test_demo_command_opens_the_window_with_the_shipped_model(tmp_path):
 
 def test_shipped_model_predicts_the_demo_patients_dose_within_its_card(torch_one_thread):
     """A floor under the shipped weights (MODEL_CARD.md: on this patient the 10-step prediction
-    has a body MAE of 3.66 Gy, PTV70 mean 71.3 vs 67.4 Gy, correlation 0.971; the 1-step
-    preview 3.62 Gy, 71.1 Gy, 0.971; Stage J's refiner before its style input and beam pairs:
-    3.65 / 70.7 / 0.971 and 3.58 / 70.6 / 0.972; on the parallel-beam quick plan and a
+    has a body MAE of 3.69 Gy, PTV70 mean 71.5 vs 67.4 Gy, correlation 0.971; the 1-step
+    preview 3.65 Gy, 71.3 Gy, 0.971; Stage J's refiner before the DiT was shown the class
+    solution: 3.66 / 71.3 / 0.971 and 3.62 / 71.1 / 0.971; before its style input and beam
+    pairs: 3.65 / 70.7 / 0.971 and 3.58 / 70.6 / 0.972; on the parallel-beam quick plan and a
     60 mm band: 3.84 / 70.5 / 0.967 and 3.69 / 70.4 / 0.970; Stage H's:
     3.90 / 71.2 / 0.967 and 3.66 / 71.0 / 0.971): a damaged, swapped or untrained bundle,
     Stage G's beam-blind refiner (4.26 / 3.83 Gy, correlations 0.960 / 0.967), the bundle

@@ -14,6 +14,7 @@ import pytest
 
 from engine.dose_model import load_dose_model
 from trainer.caches import Cache
+from trainer.events import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "resources" / "models" / "default" / "train.sh"
@@ -41,7 +42,7 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
                E_STEPS="2", N_E_CLINICAL="2", N_E_PHYSICS="1", E_CROP="9, 16, 16",
                F_STEPS="2", F_CODEC_STEPS="2", N_F_CLINICAL="3", N_F_PHYSICS="1", G_STEPS="2",
                H_STEPS="2", N_H_CLINICAL="1", N_H_PHYSICS="1", J_STEPS="2", N_J_PHYSICS="2",
-               I_STEPS="2", N_I="3",
+               J_DECAY="1", I_STEPS="2", N_I="3",
                PHYSICS_V2=str(physics_v2),
                GPU_PRESET=str(REPO / "resources/presets/test-tiny.toml"),
                THREADS="1", PRESET=str(REPO / "resources/presets/test-tiny.toml"),
@@ -76,8 +77,10 @@ def test_recipe_trains_every_stage_with_the_physics_plans_and_resumes(openkbp_di
         config = load_dose_model(runs / stage / "model").refiner.config
         assert (config.beam_plate, config.quick_plan) == (beam_plate, quick)
         assert config.band_mm == (100.0 if stage == "stage-j" else 60.0)
-        assert config.clinical_style == (stage == "stage-j")
+        assert config.clinical_style == config.dit_class_solution == (stage == "stage-j")
         assert len(list((runs / stage / "refiner-samples").glob("*.npz"))) == samples
+    start = next(e for e in read_events(runs / "stage-j") if e["type"] == "start")
+    assert start["config"]["optim"]["decay_steps"] == 1
     # Stages H and J: the first clinical case and the first (Stage J: two) physics plans
     for data, plans in (("data-h", 1), ("data-j", 2)):
         assert sorted(p.name for p in (runs / data / "train").rglob("*.npz")) == sorted(

@@ -38,6 +38,16 @@ Features (:data:`FEATURES`; doses divided by ``reference_gy``, distances by ``ne
    follows beams better than without the input and is as accurate (the shipped model since
    2026-12-08; ``resources/models/default/MODEL_CARD.md``).
 
+With ``dit_class_solution`` (the shipped model since 2026-12-08 night) the engine shows the DiT
+the nine-field class solution whatever the plan (:func:`dit_plan`), so that the plan's beams
+reach the dose through features 6 and 7 alone. The DiT's own response to a moved beam was mostly
+noise against the physics change: on the one-beam benchmark, with the DiT's dose held at the
+unmoved plan's, the refiner's change correlated 0.46 with physics, the whole model's 0.37.
+Fitted so (its samples' dose input is the class solution's preview), the refiner follows one
+moved beam with a correlation of 0.47 instead of 0.37 at the same validation accuracy, but
+changes the dose less (0.23 of the physics change instead of 0.33), and the engine runs the DiT
+once per case instead of once per plan.
+
 Features 1-5 depend on the case and isocentre only (:func:`target_geometry`, computed once per
 case), features 6 and 7 on the plan, feature 0 on each prediction. Voxels farther than ``band_mm``
 outside every target, or outside the body, keep their dose: that bounds the cost (a preview

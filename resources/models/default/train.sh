@@ -53,7 +53,11 @@
 #                                                         with the clinical-style input and
 #                                                         beam pairs (weight 1, fitted in the
 #                                                         clinical style; needs a patient with
-#                                                         two physics plans);
+#                                                         two physics plans), the DiT shown the
+#                                                         nine-field class solution (the plan's
+#                                                         beams reach the dose through the
+#                                                         refiner only) and the lr falling to 0
+#                                                         over the last J_DECAY steps;
 #                                                         J_STEPS=0 (the default) skips it
 #   cache -> scardnft (Stage I, from Stage H)            ScardNFT post-training (seed §B.5):
 #                                                         LoRA on the DiT, rewarded by the
@@ -98,15 +102,19 @@
 #                                       v2 plans packed then; the set grows: in the grown set the
 #                                       first 236 are those but for pt_54_plan5, computed later,
 #                                       in pt_55_plan0's place)
-#   J_STEPS=0 J_HIDDEN=64 N_J_PHYSICS=396   Stage J (the shipped model: J_STEPS=30000
-#                                       THREADS=1 with G_STEPS=0 H_STEPS=0, on the 396 v2 plans
-#                                       packed then; its samples were made by 2 torchrun
-#                                       processes, the same samples as one process makes: each
-#                                       case's seed is its patient; width and steps from a
-#                                       comparison on one set of samples in
+#   J_STEPS=0 J_HIDDEN=64 N_J_PHYSICS=396 J_DECAY=J_STEPS/4   Stage J (the shipped model:
+#                                       J_STEPS=40000 THREADS=1 with G_STEPS=0 H_STEPS=0, on the
+#                                       396 v2 plans packed then; its samples were made by 2
+#                                       torchrun processes, the same samples as one process
+#                                       makes: each case's seed is its patient; width and steps
+#                                       from a comparison on one set of samples in
 #                                       benchmarks/RESULTS.md; band 100 mm, the quick plan on
 #                                       pyRadPlan's kernel, since 2026-12-07 night; style input
-#                                       and beam pairs since 2026-12-08)
+#                                       and beam pairs since 2026-12-08; the class solution
+#                                       shown to the DiT and the lr decay since 2026-12-08
+#                                       night, fitted as 30,000 constant-lr steps resumed to
+#                                       40,000 with the decay, which the trainer makes the
+#                                       same as one 40,000-step run)
 #   I_STEPS=0 N_I=40                    Stage I (not in the shipped model: see its card)
 #   NICE=10 THREADS=2                   niceness and CPU threads of the training processes
 #   PRESET=.../default-cpu.toml CROP="33, 64, 64"   the preset and the volume stages' crop
@@ -149,6 +157,7 @@ N_H_CLINICAL=${N_H_CLINICAL:-169}
 N_H_PHYSICS=${N_H_PHYSICS:-236}
 J_STEPS=${J_STEPS:-0}
 J_HIDDEN=${J_HIDDEN:-64}
+J_DECAY=${J_DECAY:-$((J_STEPS / 4))}
 N_J_PHYSICS=${N_J_PHYSICS:-396}
 I_STEPS=${I_STEPS:-0}
 N_I=${N_I:-40}
@@ -303,7 +312,8 @@ if [ "$J_STEPS" -gt 0 ]; then
     [ -f "$LAST/bundle.json" ] || train dose-refiner stage-j "$RUNS/data-j" \
         "${REFINER[@]}" --set "run.max_steps=$J_STEPS" --set refiner.beam_plate=true \
         --set refiner.quick_plan=true --set "refiner.hidden=$J_HIDDEN" --set refiner.band_mm=100 \
-        --set refiner.clinical_style=true --set beam_pairs.enabled=true --set beam_pairs.weight=1
+        --set refiner.clinical_style=true --set beam_pairs.enabled=true --set beam_pairs.weight=1 \
+        --set refiner.dit_class_solution=true --set "optim.decay_steps=$J_DECAY"
 fi
 if [ "$I_STEPS" -eq 0 ]; then echo "model bundle: $LAST"; exit 0; fi
 
