@@ -68,7 +68,12 @@ from engine.models.dose_refiner import (
     dit_plan,
     target_geometry,
 )
-from engine.physics.quick_plan import DOSE_MODEL, QuickPlanner, optimise_quick_plan
+from engine.physics.quick_plan import (
+    DOSE_MODEL,
+    QuickPlanner,
+    QuickPlanSettings,
+    optimise_quick_plan,
+)
 from engine.resources import resources_dir
 
 log = logging.getLogger(__name__)
@@ -223,21 +228,30 @@ def _double(coarse: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return coarse
 
 
+def quick_plan_settings(config: RefinerConfig) -> QuickPlanSettings:
+    """The settings of the quick plan a refiner reads (its config records them)."""
+    return QuickPlanSettings(samples=config.quick_plan_samples,
+                             target_samples=config.quick_plan_samples // 3,
+                             max_iter=config.quick_plan_max_iter)
+
+
 def refiner_quick_plan(case: Case, plan: Plan, inputs: ModelInputs, geometry: TargetGeometry,
-                       planner: QuickPlanner | None = None) -> np.ndarray:
+                       planner: QuickPlanner | None = None,
+                       settings: QuickPlanSettings | None = None) -> np.ndarray:
     """The quick-plan dose (Gy) of ``plan`` (:mod:`engine.physics.quick_plan`, optimised on
     the case's own grid) at the refiner's voxels of the model grid: evaluated on every other
     model-grid voxel along each axis and linearly interpolated in between. The quick plan
     varies over a bixel (7 mm), and a moved beam's preview cannot wait for its dose at every
     voxel (8x the points). ``planner``: the case's :class:`QuickPlanner`, which keeps what
-    other plans of the case already computed."""
+    other plans of the case already computed (and its settings); ``settings``: those of the
+    quick plan without one (default: :class:`QuickPlanSettings`'s)."""
     transform = inputs.transform
     voxels = np.zeros(geometry.shape, bool)
     voxels.ravel()[geometry.index] = True
     needed = _halve(voxels)
     points = transform.patient.lps_to_index(transform.model.index_to_lps(2 * np.argwhere(needed)))
     if planner is None:
-        values = optimise_quick_plan(case, plan).dose_at(points)
+        values = optimise_quick_plan(case, plan, settings or QuickPlanSettings()).dose_at(points)
     else:
         key = f"refiner voxels around {tuple(transform.isocenter_mm)}"
         values = planner.optimise(plan).dose_at(points, key)
@@ -445,7 +459,8 @@ class DoseEngine:
         quick = self._quick.get(key)
         if quick is None:
             if state.planner is None:
-                state.planner = QuickPlanner(state.case)
+                state.planner = QuickPlanner(
+                    state.case, quick_plan_settings(self.model.refiner.config))
             quick = refiner_quick_plan(state.case, plan, grid.inputs, grid.refiner_geometry,
                                        state.planner)
             self._quick[key] = quick

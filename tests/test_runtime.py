@@ -424,6 +424,37 @@ def test_every_other_voxel_is_read_and_interpolated_linearly_between():
         np.testing.assert_array_equal(needed, expected)
 
 
+def test_the_engine_computes_the_quick_plan_with_the_settings_its_refiner_records(
+        bundle, case, monkeypatch):
+    import engine.runtime as runtime
+    from engine.models.dose_refiner import DoseRefiner, RefinerConfig
+    from engine.physics.quick_plan import QuickPlanSettings
+
+    made = []
+    real = runtime.QuickPlanner.__init__
+
+    def spy(self, case, settings=None, *args, **kwargs):
+        settings = settings or QuickPlanSettings()
+        made.append(settings)
+        real(self, case, settings, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.QuickPlanner, "__init__", spy)
+    for config, expected in (
+            (RefinerConfig(band_mm=20.0, quick_plan=True, quick_plan_model=runtime.DOSE_MODEL),
+             QuickPlanSettings()),
+            (RefinerConfig(band_mm=20.0, quick_plan=True, quick_plan_model=runtime.DOSE_MODEL,
+                           quick_plan_samples=900, quick_plan_max_iter=5),
+             QuickPlanSettings(samples=900, target_samples=300, max_iter=5))):
+        engine = DoseEngine(load_dose_model(bundle), threads=1)
+        engine.model.refiner = DoseRefiner(config).eval()
+        engine.preview(case)
+        assert made.pop() == expected
+    # a bundle written before the settings were recorded reads them as the defaults
+    old = RefinerConfig(quick_plan=True).to_dict()
+    del old["quick_plan_samples"], old["quick_plan_max_iter"]
+    assert runtime.quick_plan_settings(RefinerConfig.from_dict(old)) == QuickPlanSettings()
+
+
 def test_the_refiners_quick_plan_is_one_function_of_a_voxel_for_the_engine_and_the_trainer(
         engine, case):
     from engine.models.dose_refiner import RefinerConfig, TargetGeometry
@@ -446,3 +477,11 @@ def test_the_refiners_quick_plan_is_one_function_of_a_voxel_for_the_engine_and_t
     np.testing.assert_allclose(every[even], optimise_quick_plan(case).dose_at(points),
                                rtol=1e-5, atol=1e-4)
     assert len(even) > 100 and every.max() > 30.0
+    # with other settings, the quick plan of those settings
+    from engine.physics.quick_plan import QuickPlanSettings
+
+    coarse = QuickPlanSettings(samples=900, target_samples=300, max_iter=5)
+    other = refiner_quick_plan(case, case.plan, inputs, geometry, settings=coarse)
+    np.testing.assert_allclose(other[even], optimise_quick_plan(case, settings=coarse).dose_at(
+        points), rtol=1e-5, atol=1e-4)
+    assert np.abs(other - every).max() > 0.1

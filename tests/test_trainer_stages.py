@@ -391,6 +391,32 @@ def test_the_refiners_samples_read_the_preview_of_the_plan_the_dit_is_shown(
     assert not np.allclose(doses[True], doses[False], rtol=1e-6)  # (the tiny DiT: ~1e-4 Gy)
 
 
+def test_the_refiners_samples_read_the_quick_plan_of_its_recorded_settings(
+        openkbp_dir, tiny_dose_bundle, monkeypatch):
+    import engine.runtime as runtime
+    from engine.io.openkbp import load_openkbp
+    from engine.physics.quick_plan import QuickPlanSettings
+    from trainer.stages.dose_refiner import case_samples
+
+    used = []
+    real = runtime.optimise_quick_plan
+
+    def spy(case, plan=None, settings=None):
+        settings = settings or QuickPlanSettings()
+        used.append(settings)
+        return real(case, plan, settings)
+
+    monkeypatch.setattr(runtime, "optimise_quick_plan", spy)
+    model = load_dose_model(tiny_dose_bundle)
+    model.refiner = None
+    engine = runtime.DoseEngine(model, threads=1)
+    case = load_openkbp(openkbp_dir / "train" / "pt_1.npz")
+    config = RefinerConfig(quick_plan=True, quick_plan_samples=900, quick_plan_max_iter=5)
+    rows, _, _ = case_samples(engine, case, config, np.random.default_rng(0))
+    assert used == [QuickPlanSettings(samples=900, target_samples=300, max_iter=5)]
+    assert rows.shape[1] == len(config.features) and rows[:, -1].max() * 70.0 > 30.0
+
+
 def test_the_refiner_stage_weighs_patients_not_plans(openkbp_dir, tmp_path):
     """A patient's physics plans join its clinical plan: the fit draws the patient, then a plan."""
     first, second = sorted((openkbp_dir / "train").glob("pt_*.npz"))[:2]

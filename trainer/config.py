@@ -164,6 +164,8 @@ class RefinerTrainConfig:
     quick_plan: bool = False        # the plan's quick-plan dose is an input (engine.physics)
     clinical_style: bool = False    # clinical (1) or physics (0) plan is an input
     dit_class_solution: bool = False  # the DiT sees the class solution, not the plan's beams
+    quick_plan_samples: int = 6000  # the quick plan's voxel sample (+ a third per target)
+    quick_plan_max_iter: int = 50   # and its optimiser's iteration cap
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,8 @@ _POSITIVE = {("run", "max_steps"), ("run", "log_every"), ("run", "eval_every"),
              ("diffusion", "timesteps"), ("diffusion", "sample_steps"), ("vae_adapt", "lora_rank"),
              ("lora", "rank"), ("lora", "alpha"), ("scardnft", "group_size"),
              ("scardnft", "beta"), ("scardnft", "adv_clip_max"), ("scardnft", "train_timesteps"),
-             ("refiner", "hidden"), ("refiner", "band_mm")}
+             ("refiner", "hidden"), ("refiner", "band_mm"), ("refiner", "quick_plan_samples"),
+             ("refiner", "quick_plan_max_iter")}
 _NON_NEGATIVE = {("run", "seed"), ("run", "threads"), ("model", "dit_dim"), ("model", "dit_layers"),
                  ("model", "dit_heads"), ("model", "dit_ffn_dim"), ("optim", "weight_decay"),
                  ("optim", "warmup_steps"), ("optim", "decay_steps"), ("optim", "grad_clip"),

@@ -99,7 +99,11 @@ class RefinerConfig:
     record which, as bundles made before 2026-12-07 do not);
     ``dit_class_solution``: the DiT is given the class-solution arrangement
     (:func:`dit_plan`) instead of the plan's own beams, so that the plan's arrangement reaches
-    the dose through the refiner's beam inputs only.
+    the dose through the refiner's beam inputs only;
+    ``quick_plan_samples`` / ``quick_plan_max_iter``: with ``quick_plan``, the quick plan's
+    voxel sample (a third as many again per target) and iteration cap
+    (:class:`engine.physics.quick_plan.QuickPlanSettings`); the engine computes the quick plan
+    the refiner was fitted on.
     """
 
     hidden: int = 32
@@ -111,9 +115,12 @@ class RefinerConfig:
     quick_plan_model: str = ""
     clinical_style: bool = False
     dit_class_solution: bool = False
+    quick_plan_samples: int = 6000
+    quick_plan_max_iter: int = 50
 
     def __post_init__(self) -> None:
-        if self.hidden < 1 or self.reference_gy <= 0 or self.near_mm <= 0 or self.band_mm <= 0:
+        if (self.hidden < 1 or self.reference_gy <= 0 or self.near_mm <= 0 or self.band_mm <= 0
+                or self.quick_plan_samples < 3 or self.quick_plan_max_iter < 1):
             raise ValueError(f"invalid refiner config {self}")
 
     @property

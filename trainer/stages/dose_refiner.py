@@ -61,7 +61,13 @@ from engine.models.dose_refiner import (
     refiner_inputs,
 )
 from engine.physics.quick_plan import DOSE_MODEL
-from engine.runtime import DoseEngine, model_plates, refiner_geometry, refiner_quick_plan
+from engine.runtime import (
+    DoseEngine,
+    model_plates,
+    quick_plan_settings,
+    refiner_geometry,
+    refiner_quick_plan,
+)
 
 from .. import loop
 from ..caches import case_key
@@ -105,7 +111,8 @@ def case_samples(engine: DoseEngine, case: Case, config: RefinerConfig,
     sampled = TargetGeometry(geometry.shape, geometry.index[rows], geometry.features[rows])
     quick = None
     if config.quick_plan:  # the plan's own quick plan, evaluated at the sampled voxels only
-        quick = refiner_quick_plan(case, case.plan, inputs, sampled)
+        quick = refiner_quick_plan(case, case.plan, inputs, sampled,
+                                   settings=quick_plan_settings(config))
     return (refiner_inputs(preview, sampled, config, None if beam is None else beam[rows], quick),
             error.astype(np.float32), sampled.index)
 
@@ -221,7 +228,9 @@ def run(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, ctx: Dist
                            beam_plate=cfg.refiner.beam_plate, quick_plan=cfg.refiner.quick_plan,
                            quick_plan_model=DOSE_MODEL if cfg.refiner.quick_plan else "",
                            clinical_style=cfg.refiner.clinical_style,
-                           dit_class_solution=cfg.refiner.dit_class_solution)
+                           dit_class_solution=cfg.refiner.dit_class_solution,
+                           quick_plan_samples=cfg.refiner.quick_plan_samples,
+                           quick_plan_max_iter=cfg.refiner.quick_plan_max_iter)
     samples = Path(run_dir) / "refiner-samples"
     samples.mkdir(parents=True, exist_ok=True)
     _sample_cases(list(manifest.cases), bundle, samples, config, ctx, cfg.run.threads)
