@@ -418,16 +418,16 @@ class DoseEngine:
                 refiner_beam = None
                 if grid.refiner_geometry is not None and config.beam_plate:
                     refiner_beam = beam_fraction(beam, n_angles, grid.refiner_geometry)
-                plates = np.stack([norm.beam_plate(beam, n_angles), norm.binary(angle)])
             refiner_quick = None
             if grid.refiner_geometry is not None and self.model.refiner.config.quick_plan:
                 # before the DiT, not beside it: on two cores, beside the DiT's two threads, its
                 # 0.12 s slowed a 10-step prediction by 0.3-0.4 s (benchmarks/RESULTS.md)
                 with timer("quick_plan"):
                     refiner_quick = self._quick_plan(state, plan, grid)
-            latents = None
+            latents = None  # the DiT shown the class solution: DoseEngine._shown_latents
             if dit_plan(plan, config) is plan:
                 with timer("encode"):
+                    plates = np.stack([norm.beam_plate(beam, n_angles), norm.binary(angle)])
                     latents = self._encode(plates, fast=fast)
             planned = _PlanState(latents, refiner_beam, refiner_quick)
             self._plates[key] = planned
