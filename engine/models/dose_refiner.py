@@ -68,6 +68,7 @@ from scipy import ndimage
 from torch import nn
 
 from engine.case import Beam, Plan
+from engine.io.openkbp import GANTRY_ANGLES_DEG
 
 FEATURES: tuple[str, ...] = ("dose", "prescription", "nearest_prescription", "max_prescription",
                              "distance_to_targets", "distance_to_primary")
@@ -78,9 +79,9 @@ N_GEOMETRY = len(FEATURES) - 1
 # rows of the network evaluated at once: keeps the hidden activations (rows x hidden floats)
 # in cache; one 1M-row call is 3x slower on a 2-core VM
 CHUNK = 65536
-# the class solution a refiner with ``dit_class_solution`` shows the DiT: nine equispaced
-# fields from 0 degrees, the arrangement of every OpenKBP clinical plan
-CLASS_SOLUTION_DEG: tuple[float, ...] = tuple(float(a) for a in range(0, 360, 40))
+# the class solution a refiner with ``dit_class_solution`` shows the DiT: the arrangement of
+# every OpenKBP clinical plan (nine equispaced fields from 0 degrees), on which it is fitted
+CLASS_SOLUTION_DEG: tuple[float, ...] = GANTRY_ANGLES_DEG
 
 
 @dataclass(frozen=True)
